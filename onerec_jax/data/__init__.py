@@ -1,0 +1,1 @@
+"""Data: MovieLens download, readers, leave-one-out sequences, synthetic data, Grain pipelines."""

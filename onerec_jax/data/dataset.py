@@ -1,0 +1,91 @@
+"""From `config.data` to (SequenceData, ItemInfo): download or generate, read, cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import ml_collections
+
+from onerec_jax.data import download, movielens, sequences
+from onerec_jax.errors import ConfigError, DataFormatError
+
+# Which file of each layout holds the interactions (its identity keys the sequence cache).
+_INTERACTION_FILES = {
+    "movielens_csv": "ratings.csv",
+    "movielens_dat": "ratings.dat",
+    "movielens_100k": "u.data",
+}
+
+
+def resolve_source(cfg: ml_collections.ConfigDict) -> Path:
+    """The directory (or file) to read: `data.path`, a synthetic preset, or a release."""
+    root = Path(cfg.root).expanduser()
+    if cfg.path:
+        return Path(cfg.path).expanduser()
+    if cfg.synthetic:
+        from onerec_jax.data import synthetic  # numpy-heavy generator, only when asked
+
+        presets = {"demo": synthetic.SyntheticConfig.demo, "ml25m": synthetic.SyntheticConfig.ml25m}
+        if cfg.synthetic not in presets:
+            raise ConfigError(
+                f"data.synthetic={cfg.synthetic!r} is not a preset: use one of {tuple(presets)}."
+            )
+        syn_cfg = dataclasses.replace(presets[cfg.synthetic](), seed=cfg.synthetic_seed)
+        out = root / f"synthetic-{cfg.synthetic}-seed{cfg.synthetic_seed}"
+        synthetic.write_synthetic(syn_cfg, out)
+        return out
+    if cfg.release:
+        return download.fetch(cfg.release, root, progress=cfg.progress)
+    raise ConfigError(
+        "config.data names no data: set data.release (e.g. ml-25m), data.synthetic (demo) or "
+        "data.path (a directory or file of your own, with data.format)."
+    )
+
+
+def sequence_options(cfg: ml_collections.ConfigDict) -> sequences.SequenceOptions:
+    return sequences.SequenceOptions(
+        min_rating=cfg.min_rating,
+        min_user_interactions=cfg.min_user_interactions,
+        min_item_interactions=cfg.min_item_interactions,
+    )
+
+
+def interaction_files(source: Path, fmt: str) -> tuple[str, ...]:
+    """The files whose identity (path, size, mtime) keys the cache, without parsing them."""
+    if fmt == "auto":
+        fmt = movielens.detect_format(source)
+    if fmt in _INTERACTION_FILES:
+        return (os.fspath(source / _INTERACTION_FILES[fmt]),)
+    if fmt == "recbole" and source.is_dir():
+        return tuple(os.fspath(p) for p in sorted(source.glob("*.inter")))
+    return (os.fspath(source),)
+
+
+def load_data(
+    cfg: ml_collections.ConfigDict, with_items: bool = True
+) -> tuple[sequences.SequenceData, movielens.ItemInfo | None]:
+    """SequenceData (from the cache when valid) and, if asked, the ItemInfo of `cfg` (data)."""
+    source = resolve_source(cfg)
+    fmt = cfg.format
+    if fmt == "auto":
+        fmt = movielens.detect_format(source)
+    raw = None
+
+    def read():
+        nonlocal raw
+        raw = movielens.read_dataset(source, fmt, cfg.on_bad_rows, cfg.encoding)
+        return raw.interactions
+
+    files = interaction_files(source, fmt)
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise DataFormatError(f"{missing[0]}: file not found. Check --config.data.path.")
+    cache_dir = None if cfg.cache_dir == "none" else (cfg.cache_dir or Path(cfg.root) / "cache")
+    data = sequences.load_or_build(read, files, sequence_options(cfg), cache_dir)
+    if with_items and raw is None:
+        raw = movielens.read_dataset(
+            source, fmt, cfg.on_bad_rows, cfg.encoding, with_interactions=False
+        )
+    return data, (raw.items if with_items else None)

@@ -1,0 +1,285 @@
+"""Grain input pipelines over `SequenceData`: next-item training windows and padded eval batches.
+
+Training examples are windows of a user's training history: inputs `h[a:b]`, targets
+`h[a+1:b+1]`, left-padded with item 0. Window indices are computed once with numpy; examples are
+gathered lazily from the CSR arrays. Every pipeline cuts GLOBAL batches first and gives process
+`p` its share of each, so the union of the processes' g-th batches does not depend on the process
+count, and every process yields the same number of batches (no hangs in collectives).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import grain
+import jax
+import numpy as np
+
+from onerec_jax.data.sequences import SequenceData
+
+
+@dataclasses.dataclass(frozen=True)
+class Windows:
+    """Training windows: window `w` has inputs `items[lo:lo+n]`, targets `items[lo+1:lo+n+1]`."""
+
+    user: np.ndarray  # [n_windows] int32 dense user id
+    lo: np.ndarray  # [n_windows] int64 index into SequenceData.items of the first input
+    length: np.ndarray  # [n_windows] int64 number of (input, target) pairs, 1..max_len
+
+    def __len__(self) -> int:
+        return len(self.user)
+
+
+def training_windows(data: SequenceData, *, max_len: int, stride: int | None = None) -> Windows:
+    """Next-item windows of every user's training history, user by user, latest window first.
+
+    With `m = n - 1` pairs in a history of `n` items, window `k` ends at `b_k = m - k*stride` and
+    starts at `a_k = max(0, b_k - max_len)`; windows are emitted until the first with `a_k == 0`.
+    """
+    stride = max_len if stride is None else stride
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    if not 1 <= stride <= max_len:
+        raise ValueError(f"stride must be in 1..max_len={max_len} (or None), got {stride}")
+    split = data.train
+    pairs = np.maximum(split.lengths - 1, 0)  # [n_users] m
+    count = np.where(pairs > 0, 1 + -(-np.maximum(pairs - max_len, 0) // stride), 0)
+    user = np.repeat(np.arange(data.n_users, dtype=np.int32), count)  # [n_windows]
+    first = np.cumsum(count) - count  # [n_users] position of each user's window 0
+    k = np.arange(len(user), dtype=np.int64) - np.repeat(first, count)
+    b = pairs[user] - k * stride
+    a = np.maximum(b - max_len, 0)
+    return Windows(user=user, lo=split.starts[user] + a, length=b - a)
+
+
+def _left_padded(
+    items: np.ndarray, lo: np.ndarray, length: np.ndarray, width: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows `items[lo[r]:lo[r]+length[r]]` right-aligned in zeros: ([rows, width] int32, valid)."""
+    offset = np.arange(width) - (width - length)[:, None]  # [rows, width], < 0 on padding
+    valid = offset >= 0
+    gathered = np.take(items, lo[:, None] + np.maximum(offset, 0), mode="clip")
+    return np.where(valid, gathered, 0).astype(np.int32), valid
+
+
+def _window_rows(
+    items: np.ndarray, windows: Windows, ids: np.ndarray, width: int
+) -> dict[str, np.ndarray]:
+    """The training rows of windows `ids`, left-padded to `width` (>= each window's length)."""
+    lo, length = windows.lo[ids], windows.length[ids]
+    inputs, mask = _left_padded(items, lo, length, width)
+    targets, _ = _left_padded(items, lo + 1, length, width)
+    # inputs, targets, mask: [rows, width]; user: [rows]
+    return {"inputs": inputs, "targets": targets, "mask": mask, "user": windows.user[ids]}
+
+
+class _WindowSource:
+    """Random-access source of single training examples, built on demand from the CSR arrays."""
+
+    def __init__(self, items: np.ndarray, windows: Windows, max_len: int):
+        self._items, self._windows, self._max_len = items, windows, max_len
+
+    def __len__(self) -> int:
+        return len(self._windows)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        lo, n = int(self._windows.lo[index]), int(self._windows.length[index])
+        pad = self._max_len - n  # left padding; scalar slicing is ~15x faster than a gather
+        inputs = np.zeros(self._max_len, np.int32)  # [L]
+        targets = np.zeros(self._max_len, np.int32)  # [L]
+        mask = np.zeros(self._max_len, np.bool_)  # [L]
+        inputs[pad:] = self._items[lo : lo + n]
+        targets[pad:] = self._items[lo + 1 : lo + n + 1]
+        mask[pad:] = True
+        user = self._windows.user[index]  # [] int32
+        return {"inputs": inputs, "targets": targets, "mask": mask, "user": user}
+
+
+def _bucket_widths(boundaries: Sequence[int], max_len: int) -> np.ndarray:
+    """Sorted pad widths: the boundaries below max_len, then max_len for all longer windows."""
+    widths = [int(w) for w in boundaries]
+    if not widths or min(widths) < 1 or np.any(np.diff(widths) <= 0):
+        raise ValueError(
+            f"bucket_boundaries must be positive and strictly increasing, got {boundaries}"
+        )
+    return np.array([w for w in widths if w < max_len] + [max_len], np.int64)
+
+
+class _BucketBatches:
+    """Global batches of windows from one length bucket each; epoch plans depend on (seed, epoch).
+
+    Per epoch each bucket's windows are shuffled and cut into global batches; a bucket's leftover
+    (< batch_size windows) joins the next wider bucket, so only the widest bucket drops a
+    remainder, as plain `drop_remainder` would. Batch order is then shuffled across buckets.
+    Used with `map_with_index` over `range(batches_per_epoch).repeat(...)`: index -> batch.
+    """
+
+    def __init__(
+        self,
+        items: np.ndarray,
+        windows: Windows,
+        widths: np.ndarray,
+        *,
+        batch_size: int,
+        rows: slice,
+        seed: int,
+        shuffle: bool,
+    ):
+        self._items, self._windows, self._widths = items, windows, widths
+        self._batch_size, self._rows, self._seed, self._shuffle = batch_size, rows, seed, shuffle
+        bucket = np.searchsorted(widths, windows.length)  # [n_windows] first width >= length
+        self._members = [np.flatnonzero(bucket == k) for k in range(len(widths))]
+        self.batches_per_epoch = len(windows) // batch_size
+        self._plans: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """([batches, batch_size] window ids, [batches] bucket index) for one epoch."""
+        rng = np.random.default_rng([self._seed, epoch])
+        carry = np.zeros(0, np.int64)
+        batches, buckets = [], []
+        for k, members in enumerate(self._members):
+            pool = np.concatenate([carry, members])
+            if self._shuffle:
+                pool = rng.permutation(pool)
+            full = len(pool) // self._batch_size * self._batch_size
+            batches.append(pool[:full].reshape(-1, self._batch_size))
+            buckets.append(np.full(full // self._batch_size, k))
+            carry = pool[full:]
+        batch_ids, bucket_ids = np.concatenate(batches), np.concatenate(buckets)
+        order = rng.permutation(len(batch_ids)) if self._shuffle else np.arange(len(batch_ids))
+        return batch_ids[order], bucket_ids[order]
+
+    def __call__(self, index: int, _: int) -> dict[str, np.ndarray]:
+        epoch, g = divmod(index, self.batches_per_epoch)
+        plan = self._plans.get(epoch)
+        if plan is None:  # threads may race here; both compute the same plan
+            plan = self._plan(epoch)
+            self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1} | {epoch: plan}
+        batch_ids, bucket_ids = plan
+        width = int(self._widths[bucket_ids[g]])
+        return _window_rows(self._items, self._windows, batch_ids[g, self._rows], width)
+
+
+def _process_share(
+    batch_size: int, process_index: int | None, process_count: int | None
+) -> tuple[int, int, int]:
+    """(process index, process count, per-process batch size) for a GLOBAL batch size."""
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if not 0 <= index < count:
+        raise ValueError(f"process_index must be in 0..{count - 1}, got {index}")
+    if batch_size < 1 or batch_size % count:
+        raise ValueError(
+            f"batch_size={batch_size} is the global batch size and must be a positive multiple "
+            f"of the process count ({count}); pick e.g. {count * max(1, batch_size // count)}"
+        )
+    return index, count, batch_size // count
+
+
+def train_dataset(
+    data: SequenceData,
+    *,
+    max_len: int,
+    batch_size: int,
+    seed: int,
+    stride: int | None = None,
+    num_epochs: int | None = None,
+    shuffle: bool = True,
+    bucket_boundaries: Sequence[int] | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    worker_count: int = 0,
+) -> grain.IterDataset:
+    """This process's training batches (`batch_size` is global), `num_epochs=None` = forever.
+
+    Each batch: `inputs`, `targets` [b, W] int32, `mask` [b, W] bool (True on real targets),
+    `user` [b] int32, with b = batch_size // process_count and W = max_len, or the width of the
+    batch's bucket when `bucket_boundaries` is given (e.g. (16, 32, 64, 128, 200)). Batches may
+    span an epoch boundary; with finite epochs the stream is cut to whole global batches.
+    """
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
+    p, count, local = _process_share(batch_size, process_index, process_count)
+    windows = training_windows(data, max_len=max_len, stride=stride)
+    if len(windows) < batch_size:
+        raise ValueError(
+            f"only {len(windows)} training windows, fewer than one batch of {batch_size}: "
+            "lower batch_size"
+        )
+    if bucket_boundaries is None:
+        ds = grain.MapDataset.source(_WindowSource(data.items, windows, max_len)).seed(seed)
+        if shuffle:
+            ds = ds.shuffle()  # before slicing: global order is the same for any process count
+        ds = ds.repeat(num_epochs)
+        if num_epochs is not None:
+            ds = ds[: len(ds) // batch_size * batch_size]  # equal batch counts on all processes
+        ds = ds[p::count].batch(local, drop_remainder=True)
+    else:
+        widths = _bucket_widths(bucket_boundaries, max_len)
+        rows = slice(p * local, (p + 1) * local)
+        batches = _BucketBatches(
+            data.items,
+            windows,
+            widths,
+            batch_size=batch_size,
+            rows=rows,
+            seed=seed,
+            shuffle=shuffle,
+        )
+        ds = grain.MapDataset.range(batches.batches_per_epoch).repeat(num_epochs)
+        ds = ds.map_with_index(batches)
+    out = ds.to_iter_dataset()
+    if worker_count > 0:
+        out = out.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return out
+
+
+class _EvalBatches:
+    """Global eval batch g, rows of this process; rows past the last user are weight-0 padding."""
+
+    def __init__(
+        self, data: SequenceData, split_name: str, *, max_len: int, batch_size: int, rows: slice
+    ):
+        split = data.split(split_name)
+        self._items, self._targets = data.items, split.targets
+        self._length = np.clip(split.lengths, 0, max_len)  # [n_users]
+        self._lo = split.ends - self._length  # [n_users]
+        self._n_users, self._max_len, self._batch_size = data.n_users, max_len, batch_size
+        self._rows = np.arange(batch_size)[rows]  # [b] row positions inside a global batch
+
+    def __call__(self, g: int) -> dict[str, np.ndarray]:
+        row = g * self._batch_size + self._rows  # [b] global row = dense user id if real
+        real = row < self._n_users
+        user = np.where(real, row, 0)
+        length = np.where(real, self._length[user], 0)
+        inputs, _ = _left_padded(self._items, self._lo[user], length, self._max_len)
+        return {
+            "inputs": inputs,  # [b, L] int32, the last L history items, left-padded
+            "target": np.where(real, self._targets[user], 0).astype(np.int32),  # [b]
+            "user": user.astype(np.int32),  # [b]; 0 on padding rows
+            "weight": real.astype(np.float32),  # [b]; 1 for real users, 0 for padding
+        }
+
+
+def eval_dataset(
+    data: SequenceData,
+    split_name: str,
+    *,
+    max_len: int,
+    batch_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.IterDataset:
+    """Users in order, each exactly once, in ceil(n_users / batch_size) batches on every process.
+
+    Global batch g holds users g*batch_size ... ; process p gets its rows
+    [p*b:(p+1)*b] (b = batch_size // process_count). The last batch is padded with weight-0 rows.
+    """
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    p, _, local = _process_share(batch_size, process_index, process_count)
+    rows = slice(p * local, (p + 1) * local)
+    batches = _EvalBatches(data, split_name, max_len=max_len, batch_size=batch_size, rows=rows)
+    n_batches = -(-data.n_users // batch_size)
+    return grain.MapDataset.range(n_batches).map(batches).to_iter_dataset()
