@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from onerec_jax.data import dataset, sequences
@@ -49,7 +49,6 @@ def main(argv):
         if _MODE.value == "prepare":
             prepare(config, str(workdir))
     except UserError as e:
-        logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

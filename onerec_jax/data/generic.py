@@ -33,7 +33,8 @@ def _codes(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray | None]:
     return to_numpy(encoded.indices, np.int64), vocab
 
 
-def _recbole_header(path: Path) -> list[tuple[str, str]]:
+def _recbole_header(path: Path) -> tuple[list[tuple[str, str]], list[str]]:
+    """((name, kind) per column, the raw header fields) of a RecBole atomic file."""
     with open(path, encoding="utf8") as f:
         first = f.readline().rstrip("\r\n")
     columns = []
@@ -46,7 +47,7 @@ def _recbole_header(path: Path) -> list[tuple[str, str]]:
                 "'user_id:token'."
             )
         columns.append((name, _RECBOLE_KINDS[kind]))
-    return columns
+    return columns, first.split("\t")
 
 
 def _recbole_files(path: Path) -> tuple[Path, Path | None]:
@@ -67,7 +68,7 @@ def _recbole_files(path: Path) -> tuple[Path, Path | None]:
 def read_recbole(path: str | os.PathLike, on_bad_rows: str = "error") -> RawDataset:
     """RecBole atomic files: NAME.inter (user_id, item_id, [rating], [timestamp]) + NAME.item."""
     inter_path, item_path = _recbole_files(Path(path))
-    columns = _recbole_header(inter_path)
+    columns, header = _recbole_header(inter_path)
     names = [n for n, _ in columns]
     for required in (_USER, _ITEM):
         if required not in names:
@@ -75,9 +76,8 @@ def read_recbole(path: str | os.PathLike, on_bad_rows: str = "error") -> RawData
                 f"{inter_path}, line 1: no {required!r} field in the header {names}. Rename "
                 f"the id columns to RecBole's defaults ({_USER}:token, {_ITEM}:token)."
             )
-    table, _ = read_table(
-        inter_path, columns, delimiter="\t", quoting=False, on_bad_rows=on_bad_rows
-    )
+    table, _ = read_table(inter_path, columns, delimiter="\t", quoting=False,
+                          on_bad_rows=on_bad_rows, header_fields=header)  # fmt: skip
     users, user_vocab = _codes(table.column(_USER))
     items, item_vocab = _codes(table.column(_ITEM))
     n = table.num_rows
@@ -98,11 +98,12 @@ def _recbole_items(path: Path | None, item_vocab, on_bad_rows: str) -> ItemInfo:
     empty = ItemInfo(np.zeros(0, np.int64), [], np.zeros(0, np.int32), [], [])
     if path is None:
         return empty
-    columns = _recbole_header(path)
+    columns, header = _recbole_header(path)
     names = [n for n, _ in columns]
     if _ITEM not in names:
         raise DataFormatError(f"{path}, line 1: no {_ITEM!r} field in the header {names}.")
-    table, _ = read_table(path, columns, delimiter="\t", quoting=False, on_bad_rows=on_bad_rows)
+    table, _ = read_table(path, columns, delimiter="\t", quoting=False,
+                          on_bad_rows=on_bad_rows, header_fields=header)  # fmt: skip
     raw_ids, vocab = _codes(table.column(_ITEM))
     ids = raw_ids if vocab is None else vocab[raw_ids]
     if item_vocab is None and vocab is not None:

@@ -358,6 +358,8 @@ def read_dataset(
 
 def detect_format(p: Path) -> str:
     """The layout of `p`, from the files present; DataFormatError if none matches."""
+    if not p.exists():
+        raise DataFormatError(f"{p}: no such file or directory. Check --config.data.path.")
     if p.is_file():
         if p.suffix == ".inter":
             return "recbole"

@@ -8,7 +8,6 @@ import json
 import os
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +155,19 @@ def _dense(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes.astype(np.int64), uniques
 
 
+def _sorted(vocab: np.ndarray | None) -> np.ndarray | None:
+    return None if vocab is None else np.sort(vocab)
+
+
+def _sorted_codes(codes: np.ndarray, vocab: np.ndarray | None) -> np.ndarray:
+    """Codes into `vocab` -> codes into the sorted vocab, so dense ids follow source order."""
+    if vocab is None:
+        return codes
+    rank = np.empty(len(vocab), np.int64)
+    rank[np.argsort(vocab, kind="stable")] = np.arange(len(vocab))
+    return rank[codes]
+
+
 def _kcore(users, items, keep, min_user: int, min_item: int) -> np.ndarray:
     """Iterative k-core: drops users and items below their threshold until nothing changes."""
     n_users, n_items = int(users.max()) + 1, int(items.max()) + 1
@@ -174,8 +186,8 @@ def build_sequences(inter: Interactions, options: SequenceOptions) -> SequenceDa
     """PROTOCOL.md steps 1-5: threshold, k-core, dense ids, stable chronological order."""
     if len(inter) == 0:
         raise DataFormatError(f"{inter.files}: no interactions were read. Is the file empty?")
-    user_codes, user_uniques = _dense(inter.users)
-    item_codes, item_uniques = _dense(inter.items)
+    user_codes, user_uniques = _dense(_sorted_codes(inter.users, inter.user_vocab))
+    item_codes, item_uniques = _dense(_sorted_codes(inter.items, inter.item_vocab))
     keep = np.ones(len(inter), bool)
     if options.min_rating is not None:
         keep &= inter.ratings >= options.min_rating
@@ -208,14 +220,14 @@ def build_sequences(inter: Interactions, options: SequenceOptions) -> SequenceDa
         ids = uniques[kept]
         return vocab[ids] if vocab is not None else ids
 
-    item_ids = source_ids(item_uniques, item_kept, inter.item_vocab)
+    item_ids = source_ids(item_uniques, item_kept, _sorted(inter.item_vocab))
     pad = np.array([""], dtype=item_ids.dtype) if item_ids.dtype.kind == "U" else np.array([-1])
     return SequenceData(
         offsets=offsets,
         items=(item_dense[order] + 1).astype(np.int32),
         timestamps=ts[order].astype(np.int64),
         ratings=take(inter.ratings)[order].astype(np.float32),
-        user_ids=source_ids(user_uniques, user_kept, inter.user_vocab),
+        user_ids=source_ids(user_uniques, user_kept, _sorted(inter.user_vocab)),
         item_ids=np.concatenate([pad.astype(item_ids.dtype), item_ids]),
         options=dataclasses.asdict(options),
     )
@@ -258,7 +270,7 @@ def load_sequences(path: str | os.PathLike, key: str | None = None) -> SequenceD
         with np.load(path, allow_pickle=False) as npz:
             meta = json.loads(str(npz["meta"]))
             arrays = {k: npz[k] for k in _ARRAYS}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as e:
+    except Exception as e:  # noqa: BLE001 - any failure to read means "corrupt: rebuild"
         raise ValueError(f"unreadable ({type(e).__name__}: {e})") from e
     if key is not None and meta.get("key") != key:
         raise ValueError(f"built for key {meta.get('key')}, not {key}")

@@ -62,6 +62,7 @@ def read_table(
     encoding: str = "utf8",
     on_bad_rows: str = "error",
     data: bytes | None = None,
+    header_fields: Sequence[str] | None = None,
 ) -> tuple[pa.Table, int]:
     """Reads a delimited file whose columns are exactly `columns` ((name, kind) pairs).
 
@@ -75,6 +76,8 @@ def read_table(
       on_bad_rows: "error" raises DataFormatError naming the first bad line; "skip" drops
         rows with a wrong field count, an empty or non-numeric value in a numeric column.
       data: the file's bytes, already transformed (e.g. "::" separators made single).
+      header_fields: the header line's fields when they differ from the column names
+        (RecBole's typed "user_id:token").
 
     Returns:
       (table with the given column names and types, number of rows skipped).
@@ -91,7 +94,7 @@ def read_table(
     names = [n for n, _ in columns]
     if header:
         if data is None:
-            check_header(path, names, delimiter, encoding)
+            check_header(path, header_fields or names, delimiter, encoding)
         elif data.split(b"\n", 1)[0].rstrip(b"\r").split(delimiter.encode()) != [
             n.encode() for n in names
         ]:
@@ -181,6 +184,8 @@ def _locate_bad_row(path, columns, delimiter, header, quoting, encoding, data, a
     _error(path, None, f"could not be parsed ({arrow_msg})")
 
 
-def to_numpy(column: pa.ChunkedArray, dtype) -> np.ndarray:
+def to_numpy(column: pa.Array | pa.ChunkedArray, dtype) -> np.ndarray:
     """A table column as one contiguous numpy array of `dtype`."""
-    return np.asarray(column.combine_chunks().to_numpy(zero_copy_only=False), dtype=dtype)
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return np.asarray(column.to_numpy(zero_copy_only=False), dtype=dtype)
