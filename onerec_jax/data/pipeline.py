@@ -44,7 +44,7 @@ def training_windows(data: SequenceData, *, max_len: int, stride: int | None = N
         raise ValueError(f"stride must be in 1..max_len={max_len} (or None), got {stride}")
     split = data.train
     pairs = np.maximum(split.lengths - 1, 0)  # [n_users] m
-    count = np.where(pairs > 0, 1 + np.maximum(pairs - max_len, 0) // stride, 0)
+    count = np.where(pairs > 0, 1 + -(-np.maximum(pairs - max_len, 0) // stride), 0)
     user = np.repeat(np.arange(data.n_users, dtype=np.int32), count)  # [n_windows]
     first = np.cumsum(count) - count  # [n_users] position of each user's window 0
     k = np.arange(len(user), dtype=np.int64) - np.repeat(first, count)
@@ -282,4 +282,5 @@ def eval_dataset(
     rows = slice(p * local, (p + 1) * local)
     batches = _EvalBatches(data, split_name, max_len=max_len, batch_size=batch_size, rows=rows)
     n_batches = -(-data.n_users // batch_size)
-    return grain.MapDataset.range(n_batches).map(batches).to_iter_dataset()
+    read = grain.ReadOptions(prefetch_buffer_size=16)  # eval batches are large; keep few ahead
+    return grain.MapDataset.range(n_batches).map(batches).to_iter_dataset(read)
