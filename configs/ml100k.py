@@ -1,9 +1,9 @@
-"""MovieLens ml-100k (downloaded and verified on first use) under the PROTOCOL.md defaults."""
+"""MovieLens ml-100k (downloaded and verified on first use), PROTOCOL.md defaults."""
 
 from onerec_jax.defaults import base_config
 
 
 def get_config(arg: str | None = None):
     c = base_config()
-    c.data.release = "ml-100k"  # GroupLens release fetched into <data.root>/ by data/download.py
+    c.data.release = "ml-100k"  # release fetched into <data.root>/ by data/download.py
     return c

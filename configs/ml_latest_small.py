@@ -1,9 +1,9 @@
-"""MovieLens ml-latest-small (downloaded and verified on first use) under the PROTOCOL.md defaults."""
+"""MovieLens ml-latest-small (downloaded and verified on first use), PROTOCOL.md defaults."""
 
 from onerec_jax.defaults import base_config
 
 
 def get_config(arg: str | None = None):
     c = base_config()
-    c.data.release = "ml-latest-small"  # GroupLens release fetched into <data.root>/ by data/download.py
+    c.data.release = "ml-latest-small"  # release fetched into <data.root>/ by data/download.py
     return c

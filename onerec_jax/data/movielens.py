@@ -136,20 +136,22 @@ def _aggregate_tags(ids: np.ndarray, tag_items: np.ndarray, tag_text: pa.Chunked
     return tags
 
 
+def read_ratings_csv(path: str | os.PathLike, on_bad_rows: str = "error") -> Interactions:
+    """A MovieLens `ratings.csv` (userId,movieId,rating,timestamp) as Interactions."""
+    ratings, _ = read_table(
+        path,
+        [("userId", "int"), ("movieId", "int"), ("rating", "float"), ("timestamp", "int")],
+        on_bad_rows=on_bad_rows,
+    )
+    return _interactions(ratings, [path], user="userId", item="movieId")
+
+
 def read_movielens_csv(
     path: str | os.PathLike, on_bad_rows: str = "error", with_interactions: bool = True
 ) -> RawDataset:
     """ML-20M/25M/32M/latest layout: ratings.csv, movies.csv and optional tags, genome."""
     d = Path(path)
-    inter = None
-    if with_interactions:
-        ratings, _ = read_table(
-            d / "ratings.csv",
-            [("userId", "int"), ("movieId", "int"), ("rating", "float"), ("timestamp", "int")],
-            on_bad_rows=on_bad_rows,
-        )
-        inter = _interactions(ratings, [d / "ratings.csv"], user="userId", item="movieId")
-        del ratings
+    inter = read_ratings_csv(d / "ratings.csv", on_bad_rows) if with_interactions else None
     movies, _ = read_table(
         d / "movies.csv", [("movieId", "int"), ("title", "str"), ("genres", "str")],
         on_bad_rows=on_bad_rows,

@@ -54,6 +54,10 @@ class SequenceData:
     item_ids: np.ndarray  # [n_items + 1] source item ids (int64 or str); [0] is padding
     options: dict  # the preprocessing options that built this data (recorded in results)
 
+    def __post_init__(self):
+        if len(self.offsets) > 1 and np.diff(self.offsets).min() < 3:
+            raise ValueError("every user needs >= 3 interactions for leave-one-out")
+
     @property
     def n_users(self) -> int:
         return len(self.offsets) - 1

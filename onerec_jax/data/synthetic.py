@@ -89,7 +89,11 @@ class SyntheticConfig:
             problems.append("n_tags_rows must be >= 0")
         if not 0 <= self.n_neighbours <= self.n_clusters - 1:
             problems.append("n_neighbours must be in 0..n_clusters - 1")
-        if self.stay_prob < 0 or self.neighbour_prob < 0 or self.stay_prob + self.neighbour_prob >= 1:
+        if (
+            self.stay_prob < 0
+            or self.neighbour_prob < 0
+            or self.stay_prob + self.neighbour_prob >= 1
+        ):
             problems.append("stay_prob, neighbour_prob must be >= 0 with a sum < 1")
         if self.zipf_exponent < 0 or self.length_sigma < 0:
             problems.append("zipf_exponent and length_sigma must be >= 0")
@@ -358,7 +362,9 @@ def generate_sequences(model: Synthetic, lengths: np.ndarray) -> np.ndarray:
                     cand = by_cluster[seg[c] : seg[c + 1]]
                     w1 = sorted_pop[seg[c] : seg[c + 1]] * ~is_seen(np.full_like(cand, r), cand)
                     cum1 = np.cumsum(w1)
-                    j = min(np.searchsorted(cum1, u * cum1[-1], side="right"), np.flatnonzero(w1)[-1])
+                    j = min(
+                        np.searchsorted(cum1, u * cum1[-1], side="right"), np.flatnonzero(w1)[-1]
+                    )
                     item[r] = cand[j]
             seen[act * n_bytes + (item >> 3)] |= (1 << (item & 7)).astype(np.uint8)
             unseen_mass[act, cluster] -= model.item_popularity[item]
@@ -366,3 +372,252 @@ def generate_sequences(model: Synthetic, lengths: np.ndarray) -> np.ndarray:
             state[:n_act] = cluster
             out[base[:n_act] + t] = item
     return out
+
+
+def ratings_and_timestamps(
+    config: SyntheticConfig, lengths: np.ndarray, items: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rating codes (stars * 2, int8 in 1..10) and timestamps, in generation order.
+
+    Timestamps are int64 seconds, strictly increasing inside each user: the row's index within
+    its user is added to a non-decreasing session clock, so sorting by time recovers the order.
+    """
+    rng = _rng(config, 3)
+    n, starts = len(items), np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    user = np.repeat(np.arange(config.n_users), lengths)
+    value = rng.normal(3.55, 0.85, n)
+    value += rng.normal(0.0, 0.45, config.n_items)[items]
+    value += rng.normal(0.0, 0.35, config.n_users)[user]
+    half_stars = rng.random(n) < 0.35  # older MovieLens only had whole stars
+    codes = np.where(half_stars, np.rint(value * 2), 2 * np.rint(value)).clip(1, 10)
+    codes = codes.astype(np.int8)
+    del value, half_stars
+    gap = rng.exponential(1.0, n) * np.where(rng.random(n) < 0.08, 200.0, 1.0)  # session breaks
+    gap[starts] = 0.0
+    clock = np.cumsum(gap)
+    del gap
+    clock -= np.repeat(clock[starts], lengths)
+    total = clock[starts + lengths - 1]
+    clock /= np.repeat(np.where(total > 0, total, 1.0), lengths)  # [0, 1] within each user
+    room = _T_END - _T_START - lengths
+    span = np.minimum(rng.lognormal(np.log(60 * 86_400), 1.8, config.n_users), room)
+    first = _T_START + np.floor(rng.random(config.n_users) * (room - span)).astype(np.int64)
+    timestamps = np.floor(clock * np.repeat(span, lengths)).astype(np.int64)
+    del clock
+    timestamps += np.arange(n) - np.repeat(starts - first, lengths)
+    return codes, timestamps
+
+
+def _write_csv(path: str, header: str, columns: dict[str, pa.Array | np.ndarray]) -> None:
+    """Write columns without quotes (none may hold a comma or quote) under a literal header."""
+    with pa.OSFile(path, "wb") as sink:
+        sink.write((header + "\n").encode())
+        options = pacsv.WriteOptions(include_header=False, quoting_style="none")
+        pacsv.write_csv(pa.table(columns), sink, options)
+
+
+def _csv_field(text: str) -> str:
+    """RFC 4180 quoting, only where needed (as in MovieLens' own files)."""
+    if any(ch in text for ch in ',"\n\r'):
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
+def _write_movies_and_links(model: Synthetic, out: str) -> None:
+    rng, n = _rng(model.config, 4), model.config.n_movies
+    years = np.clip(2019 - np.floor(rng.exponential(18.0, n)), 1902, 2019).astype(np.int64)
+    comma, no_genres = rng.random(n) < 0.05, rng.random(n) < 0.01
+    keep, extra = rng.random((n, 3)) < 0.8, rng.random(n) < 0.15
+    extra_genre = rng.integers(0, len(GENRES), n)
+    lines = ["movieId,title,genres"]
+    for m in range(n):
+        mid, own = int(model.movie_ids[m]), model.cluster_genres[model.movie_cluster[m]]
+        genres = {g for g, k in zip(own, keep[m], strict=False) if k} or {own[0]}
+        if extra[m]:
+            genres.add(GENRES[extra_genre[m]])
+        text = "(no genres listed)" if no_genres[m] else "|".join(sorted(genres))
+        title = f"Synthetic Movie {mid}{', The' if comma[m] else ''} ({years[m]})"
+        lines.append(f"{mid},{_csv_field(title)},{text}")
+    with open(os.path.join(out, "movies.csv"), "w", encoding="utf-8", newline="\n") as f:
+        f.write("\n".join(lines) + "\n")
+    imdb = np.sort(rng.choice(9_999_999, n, replace=False) + 1)
+    tmdb = rng.choice(700_000, n, replace=False) + 1
+    imdb_text = pa.array(np.char.zfill(imdb.astype(str), 7))
+    tmdb_arr = pa.array(tmdb, mask=rng.random(n) < 0.002)  # a few blanks, as in ML-25M
+    _write_csv(
+        os.path.join(out, "links.csv"),
+        "movieId,imdbId,tmdbId",
+        {"movieId": model.movie_ids, "imdbId": imdb_text, "tmdbId": tmdb_arr},
+    )
+
+
+def _write_genome(model: Synthetic, out: str) -> None:
+    config, rng = model.config, _rng(model.config, 5)
+    n_tags = config.n_genome_tags
+    _write_csv(
+        os.path.join(out, "genome-tags.csv"),
+        "tagId,tag",
+        {"tagId": np.arange(1, n_tags + 1), "tag": pa.array(model.genome_tags)},
+    )
+    items = np.sort(rng.choice(config.n_items, config.n_genome_items, replace=False))
+    relevance = model.genome_centroids[model.item_cluster[items]]  # [n_genome_items, n_tags]
+    relevance += rng.normal(0.0, 0.08, relevance.shape)
+    relevance = np.round(np.clip(relevance, 0.00025, 0.99975), 5).ravel()
+    _write_csv(
+        os.path.join(out, "genome-scores.csv"),
+        "movieId,tagId,relevance",
+        {
+            "movieId": np.repeat(model.item_movie_ids[items], n_tags),
+            "tagId": np.tile(np.arange(1, n_tags + 1), len(items)),
+            "relevance": relevance,
+        },
+    )
+
+
+def _write_ratings_and_tags(model: Synthetic, out: str) -> None:
+    config = model.config
+    lengths = user_lengths(config)
+    items = generate_sequences(model, lengths)
+    unrated = config.n_items - np.count_nonzero(np.bincount(items, minlength=config.n_items))
+    if unrated:
+        raise ValueError(
+            f"{unrated} of n_items={config.n_items} items got no rating under this config; "
+            "raise n_ratings, lower n_items or lower zipf_exponent"
+        )
+    codes, timestamps = ratings_and_timestamps(config, lengths, items)
+    user = np.repeat(np.arange(config.n_users, dtype=np.int32), lengths)
+    rng = _rng(config, 6)  # tags: a rated (user, movie), a word of the movie's cluster
+    rows = rng.integers(0, len(items), config.n_tags_rows)
+    by_cluster = np.argsort(model.tag_cluster, kind="stable")
+    seg = np.searchsorted(model.tag_cluster[by_cluster], np.arange(config.n_clusters + 1))
+    cluster = model.item_cluster[items[rows]]
+    word = by_cluster[seg[cluster] + (rng.random(len(rows)) * np.diff(seg)[cluster]).astype(int)]
+    noise = rng.random(len(rows)) < 0.1
+    word[noise] = rng.integers(0, config.n_genome_tags, noise.sum())
+    tag_time = timestamps[rows] + rng.integers(1, 3_600, len(rows))
+    tag_order = np.lexsort((tag_time, items[rows], user[rows]))
+    _write_csv(
+        os.path.join(out, "tags.csv"),
+        "userId,movieId,tag,timestamp",
+        {
+            "userId": user[rows][tag_order] + 1,
+            "movieId": model.item_movie_ids[items[rows][tag_order]],
+            "tag": pa.DictionaryArray.from_arrays(word[tag_order], pa.array(model.genome_tags)),
+            "timestamp": tag_time[tag_order],
+        },
+    )
+    # The file is sorted by (userId, movieId) like ML-25M; a user's rows are contiguous already.
+    order = np.argsort(user.astype(np.int64) * config.n_items + items)
+    del user
+    stars = pa.array([f"{k / 2:.1f}" for k in range(11)])
+    _write_csv(
+        os.path.join(out, "ratings.csv"),
+        "userId,movieId,rating,timestamp",
+        {
+            "userId": np.repeat(np.arange(1, config.n_users + 1, dtype=np.int32), lengths),
+            "movieId": model.item_movie_ids.astype(np.int32)[items[order]],
+            "rating": pa.DictionaryArray.from_arrays(codes[order], stars),
+            "timestamp": timestamps[order],
+        },
+    )
+
+
+def _meta(config: SyntheticConfig) -> dict:
+    return {"format_version": _FORMAT_VERSION, "config": dataclasses.asdict(config)}
+
+
+def _is_complete(out_dir: str, config: SyntheticConfig) -> bool:
+    try:
+        with open(os.path.join(out_dir, META_FILE), encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return False
+    files_there = all(os.path.isfile(os.path.join(out_dir, name)) for name in FILES)
+    return meta == _meta(config) and files_there
+
+
+def write_synthetic(config: SyntheticConfig, out_dir: str | os.PathLike) -> Synthetic:
+    """Write the ML-25M-layout CSV files and `synthetic.json` to `out_dir`, atomically.
+
+    The files are written into a temporary directory next to `out_dir` and renamed into place.
+    If `out_dir` already holds every file and a `synthetic.json` for the same config, nothing is
+    rewritten. A directory holding a different synthetic dataset is replaced; any other non-empty
+    directory is refused.
+
+    Returns:
+        The planted model, with `path` set to `out_dir`.
+    """
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    model = build_model(config, out_dir)
+    if _is_complete(out_dir, config):
+        return model
+    if os.path.exists(out_dir):
+        if not os.path.isdir(out_dir):
+            raise ValueError(f"{out_dir} exists and is not a directory: choose another out_dir")
+        if os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, META_FILE)):
+            raise ValueError(
+                f"{out_dir} is a non-empty directory without {META_FILE}: refusing to replace "
+                "it; choose another out_dir or empty it"
+            )
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        _write_movies_and_links(model, tmp)
+        _write_genome(model, tmp)
+        _write_ratings_and_tags(model, tmp)
+        with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
+            json.dump(_meta(config), f, indent=2)
+        os.chmod(tmp, 0o755)
+        old = None
+        if os.path.exists(out_dir):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return model
+
+
+def load_synthetic(out_dir: str | os.PathLike) -> Synthetic:
+    """The planted model of a directory written by `write_synthetic` (from its synthetic.json)."""
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    meta_path = os.path.join(out_dir, META_FILE)
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"no {META_FILE} in {out_dir}: write the dataset first with write_synthetic() or "
+            "`python -m onerec_jax.data.synthetic --preset demo --out DIR`"
+        ) from None
+    except ValueError as e:
+        raise ValueError(f"{meta_path} is not valid JSON ({e}): delete the directory") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != _FORMAT_VERSION:
+        raise ValueError(
+            f"{meta_path} was written by another generator version: regenerate it with "
+            "write_synthetic()"
+        )
+    try:
+        config = SyntheticConfig(**meta["config"])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{meta_path} holds no valid config ({e}): regenerate it") from None
+    return build_model(config, out_dir)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=("ml25m", "demo"), required=True)
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    config = getattr(SyntheticConfig, args.preset)(seed=args.seed)
+    model = write_synthetic(config, args.out)
+    print(f"wrote {config.n_ratings:,} ratings of {config.n_users:,} users to {model.path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -33,9 +33,9 @@ HAND = make_data([list(range(1, 13)), [5, 3, 8], [7, 2, 9, 4, 6]])
 
 
 def random_data(seed: int, n_users: int = 40, max_items: int = 40) -> SequenceData:
-    """Random lengths 2..max_items; every interaction has its own item id, so windows are unique."""
+    """Random lengths 3..max_items; every interaction has its own item id, so windows are unique."""
     rng = np.random.default_rng(seed)
-    lengths = rng.integers(2, max_items + 1, n_users)
+    lengths = rng.integers(3, max_items + 1, n_users)
     ids = rng.permutation(np.arange(1, lengths.sum() + 1))
     return make_data(np.split(ids, np.cumsum(lengths)[:-1]))
 
