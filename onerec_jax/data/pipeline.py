@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from onerec_jax.data.sequences import SequenceData
+from onerec_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,9 +40,9 @@ def training_windows(data: SequenceData, *, max_len: int, stride: int | None = N
     """
     stride = max_len if stride is None else stride
     if max_len < 1:
-        raise ValueError(f"max_len must be >= 1, got {max_len}")
+        raise ConfigError(f"max_len must be >= 1, got {max_len}")
     if not 1 <= stride <= max_len:
-        raise ValueError(f"stride must be in 1..max_len={max_len} (or None), got {stride}")
+        raise ConfigError(f"stride must be in 1..max_len={max_len} (or None), got {stride}")
     split = data.train
     pairs = np.maximum(split.lengths - 1, 0)  # [n_users] m
     count = np.where(pairs > 0, 1 + -(-np.maximum(pairs - max_len, 0) // stride), 0)
@@ -100,7 +101,7 @@ def _bucket_widths(boundaries: Sequence[int], max_len: int) -> np.ndarray:
     """Sorted pad widths: the boundaries below max_len, then max_len for all longer windows."""
     widths = [int(w) for w in boundaries]
     if not widths or min(widths) < 1 or np.any(np.diff(widths) <= 0):
-        raise ValueError(
+        raise ConfigError(
             f"bucket_boundaries must be positive and strictly increasing, got {boundaries}"
         )
     return np.array([w for w in widths if w < max_len] + [max_len], np.int64)
@@ -168,9 +169,9 @@ def _process_share(
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
     if not 0 <= index < count:
-        raise ValueError(f"process_index must be in 0..{count - 1}, got {index}")
+        raise ConfigError(f"process_index must be in 0..{count - 1}, got {index}")
     if batch_size < 1 or batch_size % count:
-        raise ValueError(
+        raise ConfigError(
             f"batch_size={batch_size} is the global batch size and must be a positive multiple "
             f"of the process count ({count}); pick e.g. {count * max(1, batch_size // count)}"
         )
@@ -199,11 +200,11 @@ def train_dataset(
     span an epoch boundary; with finite epochs the stream is cut to whole global batches.
     """
     if seed < 0:
-        raise ValueError(f"seed must be non-negative, got {seed}")
+        raise ConfigError(f"seed must be non-negative, got {seed}")
     p, count, local = _process_share(batch_size, process_index, process_count)
     windows = training_windows(data, max_len=max_len, stride=stride)
     if len(windows) < batch_size:
-        raise ValueError(
+        raise ConfigError(
             f"only {len(windows)} training windows, fewer than one batch of {batch_size}: "
             "lower batch_size"
         )
@@ -277,7 +278,7 @@ def eval_dataset(
     [p*b:(p+1)*b] (b = batch_size // process_count). The last batch is padded with weight-0 rows.
     """
     if max_len < 1:
-        raise ValueError(f"max_len must be >= 1, got {max_len}")
+        raise ConfigError(f"max_len must be >= 1, got {max_len}")
     p, _, local = _process_share(batch_size, process_index, process_count)
     rows = slice(p * local, (p + 1) * local)
     batches = _EvalBatches(data, split_name, max_len=max_len, batch_size=batch_size, rows=rows)

@@ -1,0 +1,64 @@
+"""`python -m onerec_jax.main --mode prepare` end to end, and its one-line errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "onerec_jax.main", *args],
+        capture_output=True, text=True, cwd=cwd, timeout=300,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def ml_dir(tmp_path):
+    d = tmp_path / "mine"
+    d.mkdir()
+    rows = [(u, m, 3.0, 100 * u + k) for u in (1, 2, 3) for k, m in enumerate(range(10, 10 + 3 + u))]
+    rows.append((4, 10, 5.0, 1))  # users 1, 2, 3 have 4, 5, 6 ratings; user 4 has 1
+    (d / "ratings.csv").write_text(
+        "userId,movieId,rating,timestamp\n" + "".join(f"{u},{m},{r},{t}\n" for u, m, r, t in rows)
+    )
+    (d / "movies.csv").write_text("movieId,title,genres\n" + "".join(
+        f'{m},"Film {m}, The (2000)",Drama\n' for m in range(10, 17)))  # fmt: skip
+    return d
+
+
+def test_prepare_builds_then_reuses_the_cache(tmp_path, ml_dir):
+    args = ["--config", "configs/custom.py", "--mode", "prepare", f"--workdir={tmp_path / 'wd'}",
+            f"--config.data.path={ml_dir}", f"--config.data.root={tmp_path / 'root'}",
+            "--config.data.min_user_interactions=4"]  # fmt: skip
+    first = _run(*args, cwd=REPO)
+    assert first.returncode == 0, first.stderr
+    # With min_user_interactions=4, user 4 goes: 15 ratings of items 10..15 remain.
+    stats = json.loads((tmp_path / "wd" / "data_stats.json").read_text())
+    assert (stats["users"], stats["items"], stats["interactions"]) == (3, 6, 15)
+    assert "interactions" in first.stdout and "15" in first.stdout
+    assert len(list((tmp_path / "root" / "cache").glob("sequences-*.npz"))) == 1
+    config = json.loads((tmp_path / "wd" / "config.json").read_text())
+    assert config["data"]["min_user_interactions"] == 4
+    second = _run(*args, cwd=REPO)
+    assert second.returncode == 0 and second.stdout.splitlines()[:3] == first.stdout.splitlines()[:3]
+    assert len(list((tmp_path / "root" / "cache").glob("sequences-*.npz"))) == 1
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--config.data.path=/no/such/dir"], "/no/such/dir: no such file or directory"),
+        (["--config.data.min_user_interactions=2"], "at least 3 interactions"),
+        (["--config.data.on_bad_rows=ignore"], "data.on_bad_rows='ignore' is not one of"),
+    ],
+)
+def test_user_errors_are_one_line(tmp_path, ml_dir, extra, message):
+    out = _run("--config", "configs/custom.py", f"--workdir={tmp_path / 'wd'}",
+               f"--config.data.path={ml_dir}", f"--config.data.root={tmp_path}", *extra, cwd=REPO)  # fmt: skip
+    assert out.returncode == 1
+    assert message in out.stderr and "Traceback" not in out.stderr
