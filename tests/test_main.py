@@ -21,7 +21,7 @@ def _run(*args, cwd):
 def ml_dir(tmp_path):
     d = tmp_path / "mine"
     d.mkdir()
-    rows = [(u, m, 3.0, 100 * u + k) for u in (1, 2, 3) for k, m in enumerate(range(10, 10 + 3 + u))]
+    rows = [(u, 10 + k, 3.0, 100 * u + k) for u in (1, 2, 3) for k in range(3 + u)]
     rows.append((4, 10, 5.0, 1))  # users 1, 2, 3 have 4, 5, 6 ratings; user 4 has 1
     (d / "ratings.csv").write_text(
         "userId,movieId,rating,timestamp\n" + "".join(f"{u},{m},{r},{t}\n" for u, m, r, t in rows)
@@ -45,7 +45,8 @@ def test_prepare_builds_then_reuses_the_cache(tmp_path, ml_dir):
     config = json.loads((tmp_path / "wd" / "config.json").read_text())
     assert config["data"]["min_user_interactions"] == 4
     second = _run(*args, cwd=REPO)
-    assert second.returncode == 0 and second.stdout.splitlines()[:3] == first.stdout.splitlines()[:3]
+    assert second.returncode == 0
+    assert second.stdout.splitlines()[:3] == first.stdout.splitlines()[:3]
     assert len(list((tmp_path / "root" / "cache").glob("sequences-*.npz"))) == 1
 
 
@@ -58,7 +59,8 @@ def test_prepare_builds_then_reuses_the_cache(tmp_path, ml_dir):
     ],
 )
 def test_user_errors_are_one_line(tmp_path, ml_dir, extra, message):
-    out = _run("--config", "configs/custom.py", f"--workdir={tmp_path / 'wd'}",
-               f"--config.data.path={ml_dir}", f"--config.data.root={tmp_path}", *extra, cwd=REPO)  # fmt: skip
+    args = ["--config", "configs/custom.py", f"--workdir={tmp_path / 'wd'}",
+            f"--config.data.path={ml_dir}", f"--config.data.root={tmp_path}"]  # fmt: skip
+    out = _run(*args, *extra, cwd=REPO)
     assert out.returncode == 1
     assert message in out.stderr and "Traceback" not in out.stderr
