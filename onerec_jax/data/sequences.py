@@ -148,19 +148,13 @@ class SequenceOptions:
 
 
 def _dense(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(codes, uniques) with uniques sorted and codes[k] = index of ids[k] in uniques."""
+    """(int32 codes, sorted uniques) with codes[k] = index of ids[k] in uniques."""
     if len(ids) and ids.dtype.kind in "iu" and ids.min() >= 0 and ids.max() < 4 * len(ids) + 2**20:
-        present = np.bincount(ids)
-        uniques = np.flatnonzero(present)
-        lookup = np.zeros(len(present), np.int64)
-        lookup[uniques] = np.arange(len(uniques))
-        return lookup[ids], uniques  # O(n): no sort for MovieLens-sized integer ids
+        present = np.bincount(ids) > 0  # O(n), no sort, for MovieLens-sized integer ids
+        lookup = np.cumsum(present, dtype=np.int32) - 1
+        return lookup[ids], np.flatnonzero(present)
     uniques, codes = np.unique(ids, return_inverse=True)
-    return codes.astype(np.int64), uniques
-
-
-def _sorted(vocab: np.ndarray | None) -> np.ndarray | None:
-    return None if vocab is None else np.sort(vocab)
+    return codes.astype(np.int32), uniques
 
 
 def _sorted_codes(codes: np.ndarray, vocab: np.ndarray | None) -> np.ndarray:
@@ -172,67 +166,79 @@ def _sorted_codes(codes: np.ndarray, vocab: np.ndarray | None) -> np.ndarray:
     return rank[codes]
 
 
-def _kcore(users, items, keep, min_user: int, min_item: int) -> np.ndarray:
-    """Iterative k-core: drops users and items below their threshold until nothing changes."""
+def _kcore(users, items, keep, min_user: int, min_item: int) -> np.ndarray | None:
+    """Iterative k-core over dense codes: drops users and items below their threshold until
+    nothing changes. Returns the mask of kept rows, or None when every row is kept."""
     n_users, n_items = int(users.max()) + 1, int(items.max()) + 1
     while True:
-        user_count = np.bincount(users[keep], minlength=n_users)
-        new_keep = keep & (user_count[users] >= min_user)
+        user_count = np.bincount(users if keep is None else users[keep], minlength=n_users)
+        drop = (user_count < min_user)[users]
         if min_item > 0:
-            item_count = np.bincount(items[new_keep], minlength=n_items)
-            new_keep &= item_count[items] >= min_item
-        if np.array_equal(new_keep, keep):
+            item_count = np.bincount(items if keep is None else items[keep], minlength=n_items)
+            drop |= (item_count < min_item)[items]
+        new_keep = ~drop if keep is None else keep & ~drop
+        if new_keep.all():
+            return None
+        if keep is not None and np.array_equal(new_keep, keep):
             return keep
         keep = new_keep
 
 
 def build_sequences(inter: Interactions, options: SequenceOptions) -> SequenceData:
-    """PROTOCOL.md steps 1-5: threshold, k-core, dense ids, stable chronological order."""
+    """PROTOCOL.md steps 1-5: threshold, k-core, dense ids, stable chronological order.
+
+    Written for ML-25M on small machines: int32 codes, in-place arithmetic, and no second pass
+    over the rows when no filter removes anything.
+    """
     if len(inter) == 0:
         raise DataFormatError(f"{inter.files}: no interactions were read. Is the file empty?")
-    user_codes, user_uniques = _dense(_sorted_codes(inter.users, inter.user_vocab))
-    item_codes, item_uniques = _dense(_sorted_codes(inter.items, inter.item_vocab))
-    keep = np.ones(len(inter), bool)
-    if options.min_rating is not None:
-        keep &= inter.ratings >= options.min_rating
+    # Dense ids in ascending source-id order (item 0 = padding comes later).
+    user_codes, user_ids = _dense(_sorted_codes(inter.users, inter.user_vocab))
+    item_codes, item_ids = _dense(_sorted_codes(inter.items, inter.item_vocab))
+    ts, ratings = inter.timestamps, inter.ratings
+    keep = None if options.min_rating is None else inter.ratings >= options.min_rating
     keep = _kcore(user_codes, item_codes, keep, options.min_user_interactions,
                   options.min_item_interactions)  # fmt: skip
-    if not keep.any():
-        raise DataFormatError(
-            f"{inter.files}: no user keeps >= {options.min_user_interactions} interactions after "
-            "filtering. Lower data.min_user_interactions / min_item_interactions / min_rating."
-        )
-    rows = np.flatnonzero(keep) if not keep.all() else None
-    take = (lambda a: a[rows]) if rows is not None else (lambda a: a)
-    user_codes, item_codes = take(user_codes), take(item_codes)
-    # Dense ids in ascending source-id order; item 0 is padding.
-    user_dense, user_kept = _dense(user_codes)
-    item_dense, item_kept = _dense(item_codes)
-    # Stable sort by (user, timestamp): one int64 key, ties keep source-file order.
-    ts = take(inter.timestamps)
+    if keep is not None:
+        if not keep.any():
+            raise DataFormatError(
+                f"{inter.files}: no user keeps >= {options.min_user_interactions} interactions "
+                "after filtering. Lower data.min_user_interactions/min_item_interactions/min_rating."
+            )
+        rows = np.flatnonzero(keep)
+        user_codes, kept = _dense(user_codes[rows])
+        user_ids = user_ids[kept]
+        item_codes, kept = _dense(item_codes[rows])
+        item_ids = item_ids[kept]
+        ts, ratings = ts[rows], ratings[rows]
+    n_users = len(user_ids)
+    # Stable sort by (user, timestamp) on one int64 key: ties keep source-file order.
     ts_min, ts_span = int(ts.min()), int(ts.max()) - int(ts.min()) + 1
-    if ts_span * (len(user_kept) + 1) < 2**62:
-        key = user_dense * ts_span + (ts - ts_min)
+    if ts_span * (n_users + 1) < 2**62:
+        key = user_codes.astype(np.int64)
+        key *= ts_span
+        key += ts
+        key -= ts_min
         order = np.argsort(key, kind="stable")
         del key
     else:
-        order = np.lexsort((ts, user_dense))
-    offsets = np.zeros(len(user_kept) + 1, np.int64)
-    np.cumsum(np.bincount(user_dense, minlength=len(user_kept)), out=offsets[1:])
-
-    def source_ids(uniques, kept, vocab):
-        ids = uniques[kept]
-        return vocab[ids] if vocab is not None else ids
-
-    item_ids = source_ids(item_uniques, item_kept, _sorted(inter.item_vocab))
-    pad = np.array([""], dtype=item_ids.dtype) if item_ids.dtype.kind == "U" else np.array([-1])
+        order = np.lexsort((ts, user_codes))
+    offsets = np.zeros(n_users + 1, np.int64)
+    np.cumsum(np.bincount(user_codes, minlength=n_users), out=offsets[1:])
+    items = item_codes[order]
+    items += 1
+    if inter.user_vocab is not None:
+        user_ids = np.sort(inter.user_vocab)[user_ids]
+    if inter.item_vocab is not None:
+        item_ids = np.sort(inter.item_vocab)[item_ids]
+    pad = np.array([""] if item_ids.dtype.kind == "U" else [-1], dtype=item_ids.dtype)
     return SequenceData(
         offsets=offsets,
-        items=(item_dense[order] + 1).astype(np.int32),
-        timestamps=ts[order].astype(np.int64),
-        ratings=take(inter.ratings)[order].astype(np.float32),
-        user_ids=source_ids(user_uniques, user_kept, _sorted(inter.user_vocab)),
-        item_ids=np.concatenate([pad.astype(item_ids.dtype), item_ids]),
+        items=items,
+        timestamps=ts[order].astype(np.int64, copy=False),
+        ratings=ratings[order].astype(np.float32, copy=False),
+        user_ids=user_ids,
+        item_ids=np.concatenate([pad, item_ids]),
         options=dataclasses.asdict(options),
     )
 

@@ -115,7 +115,7 @@ class SyntheticConfig:
         return cls(
             n_users=2_000, n_items=1_000, n_ratings=60_000, n_movies=1_060, n_clusters=8,
             n_genome_items=400, n_genome_tags=64, n_tags_rows=2_000, seed=seed,
-            max_user_ratings=500,
+            max_user_ratings=500, zipf_exponent=0.7,  # flatter: every item must get a rating
         )  # fmt: skip
 
 
@@ -174,7 +174,10 @@ class Synthetic:
         row = self.item_cluster[history[-1]] if history.size else len(self.start)
         probs = self._score_row(row)
         probs[history] = 0.0
-        return probs / probs.sum()
+        total = probs.sum()
+        if total == 0:
+            raise ValueError("the history holds every item: there is no next item to predict")
+        return probs / total
 
     def oracle_ndcg_at_k(
         self, histories: Sequence[np.ndarray], targets: np.ndarray, k: int = 10
@@ -192,20 +195,20 @@ class Synthetic:
         sorted_scores = np.sort(scores, axis=1)
         lengths = np.array([len(h) for h in histories], dtype=np.int64)
         flat = self.dense_items(np.concatenate([np.asarray(h) for h in histories] + [[]]))
-        last = np.concatenate([[0], np.cumsum(lengths)])[1:] - 1
-        rows = np.where(lengths > 0, self.item_cluster[flat[np.maximum(last, 0)]], n_states - 1)
-        if flat.size == 0:
-            rows = np.full(n_users, n_states - 1)
+        rows = np.full(n_users, n_states - 1)  # the start state for empty histories
+        has = lengths > 0
+        rows[has] = self.item_cluster[flat[np.cumsum(lengths)[has] - 1]]
         target_score = scores[rows, targets]
-        n_ge = self.n_items - np.array(
-            [np.searchsorted(sorted_scores[r], s) for r, s in zip(rows, target_score, strict=True)]
-        )
+        n_ge = np.zeros(n_users, np.int64)  # items (history included) scoring >= the target
+        for r in np.unique(rows):
+            sel = rows == r
+            n_ge[sel] = self.n_items - np.searchsorted(sorted_scores[r], target_score[sel])
         keys = np.unique(np.repeat(np.arange(n_users), lengths) * self.n_items + flat)
         users, items = keys // self.n_items, keys % self.n_items
         hist_ge = np.bincount(
             users, scores[rows[users], items] >= target_score[users], minlength=n_users
         )
-        rank = n_ge - hist_ge
+        rank = np.maximum(n_ge - hist_ge, 1)
         gain = np.where(rank <= k, 1.0 / np.log2(rank + 1.0), 0.0)
         gain[np.isin(np.arange(n_users) * self.n_items + targets, keys)] = 0.0
         return float(gain.mean()) if n_users else 0.0
@@ -217,18 +220,6 @@ def build_model(config: SyntheticConfig, path: str | None = None) -> Synthetic:
     max_id = max(config.n_movies, round(config.n_movies * _MAX_MOVIE_ID_RATIO))
     movie_ids = np.sort(rng.choice(max_id, config.n_movies, replace=False) + 1).astype(np.int64)
     rated = np.sort(rng.choice(config.n_movies, config.n_items, replace=False))
-    sizes = rng.dirichlet(np.full(c_num, 4.0))
-    item_cluster = rng.choice(c_num, config.n_items, p=sizes)
-    item_cluster[rng.permutation(config.n_items)[:c_num]] = np.arange(c_num)  # none empty
-    movie_cluster = rng.choice(c_num, config.n_movies, p=sizes)
-    movie_cluster[rated] = item_cluster
-    # Popularity rank inside the cluster, in random order so it is unrelated to movieId.
-    by_cluster = np.lexsort((rng.random(config.n_items), item_cluster))
-    seg = np.searchsorted(item_cluster[by_cluster], np.arange(c_num + 1))
-    rank = np.empty(config.n_items, np.int64)
-    rank[by_cluster] = np.arange(config.n_items) - np.repeat(seg[:-1], np.diff(seg))
-    pop = (rank + 1.0) ** -config.zipf_exponent
-    pop /= np.bincount(item_cluster, pop, minlength=c_num)[item_cluster]
     floor = (1.0 - config.stay_prob - config.neighbour_prob) / c_num
     transition = np.full((c_num, c_num), floor) + config.stay_prob * np.eye(c_num)
     for c in range(c_num):
@@ -241,6 +232,20 @@ def build_model(config: SyntheticConfig, path: str | None = None) -> Synthetic:
     for _ in range(10_000):  # power iteration; T > 0 everywhere, so this converges fast
         start = start @ transition
     start /= start.sum()
+    # Cluster sizes ∝ the chain's stationary mass, so ratings per item do not depend on the cluster.
+    counts = np.maximum(np.floor(start * (config.n_items - c_num)).astype(np.int64), 0) + 1
+    deficit_first = np.argsort(counts - start * config.n_items, kind="stable")
+    counts[deficit_first[: config.n_items - counts.sum()]] += 1
+    item_cluster = rng.permutation(np.repeat(np.arange(c_num), counts))
+    movie_cluster = rng.choice(c_num, config.n_movies, p=start)
+    movie_cluster[rated] = item_cluster
+    # Popularity rank inside the cluster, in random order so it is unrelated to movieId.
+    by_cluster = np.lexsort((rng.random(config.n_items), item_cluster))
+    seg = np.searchsorted(item_cluster[by_cluster], np.arange(c_num + 1))
+    rank = np.empty(config.n_items, np.int64)
+    rank[by_cluster] = np.arange(config.n_items) - np.repeat(seg[:-1], np.diff(seg))
+    pop = (rank + 1.0) ** -config.zipf_exponent
+    pop /= np.bincount(item_cluster, pop, minlength=c_num)[item_cluster]
     cluster_genres = tuple(
         tuple(GENRES[g] for g in sorted(rng.choice(len(GENRES), rng.integers(1, 4), replace=False)))
         for _ in range(c_num)
@@ -424,6 +429,7 @@ def _csv_field(text: str) -> str:
 
 
 def _write_movies_and_links(model: Synthetic, out: str) -> None:
+    """movies.csv (titles, genres drawn around the cluster's genres) and links.csv."""
     rng, n = _rng(model.config, 4), model.config.n_movies
     years = np.clip(2019 - np.floor(rng.exponential(18.0, n)), 1902, 2019).astype(np.int64)
     comma, no_genres = rng.random(n) < 0.05, rng.random(n) < 0.01
@@ -452,6 +458,7 @@ def _write_movies_and_links(model: Synthetic, out: str) -> None:
 
 
 def _write_genome(model: Synthetic, out: str) -> None:
+    """genome-tags.csv and genome-scores.csv (cluster centroid + noise, clipped to [0, 1])."""
     config, rng = model.config, _rng(model.config, 5)
     n_tags = config.n_genome_tags
     _write_csv(
@@ -475,6 +482,7 @@ def _write_genome(model: Synthetic, out: str) -> None:
 
 
 def _write_ratings_and_tags(model: Synthetic, out: str) -> None:
+    """ratings.csv (sorted by userId, movieId) and tags.csv, from one generation pass."""
     config = model.config
     lengths = user_lengths(config)
     items = generate_sequences(model, lengths)
@@ -609,6 +617,7 @@ def load_synthetic(out_dir: str | os.PathLike) -> Synthetic:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """CLI: write a preset dataset (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=("ml25m", "demo"), required=True)
     parser.add_argument("--out", required=True, help="output directory")

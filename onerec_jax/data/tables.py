@@ -108,7 +108,7 @@ def read_table(
 
     kinds = {n: ("str" if on_bad_rows == "skip" else k) for n, k in columns}
     read_opts = pcsv.ReadOptions(
-        column_names=names, skip_rows=1 if header else 0, encoding=encoding, block_size=1 << 24
+        column_names=names, skip_rows=1 if header else 0, encoding=encoding
     )
     parse_opts = pcsv.ParseOptions(
         delimiter=delimiter,
@@ -185,7 +185,6 @@ def _locate_bad_row(path, columns, delimiter, header, quoting, encoding, data, a
 
 
 def to_numpy(column: pa.Array | pa.ChunkedArray, dtype) -> np.ndarray:
-    """A table column as one contiguous numpy array of `dtype`."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    return np.asarray(column.to_numpy(zero_copy_only=False), dtype=dtype)
+    """A column as one contiguous numpy array of `dtype` (one copy for chunked columns)."""
+    out = column.to_numpy() if isinstance(column, pa.ChunkedArray) else column.to_numpy(False)
+    return out.astype(dtype, copy=False)
