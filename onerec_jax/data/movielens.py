@@ -140,7 +140,7 @@ def read_ratings_csv(path: str | os.PathLike, on_bad_rows: str = "error") -> Int
     """A MovieLens `ratings.csv` (userId,movieId,rating,timestamp) as Interactions."""
     ratings, _ = read_table(
         path,
-        [("userId", "int"), ("movieId", "int"), ("rating", "float"), ("timestamp", "int")],
+        [("userId", "int"), ("movieId", "int"), ("rating", "float32"), ("timestamp", "int")],
         on_bad_rows=on_bad_rows,
     )
     return _interactions(ratings, [path], user="userId", item="movieId")
@@ -178,7 +178,7 @@ def _read_genome(d: Path, on_bad_rows: str) -> dict:
     gtags, _ = read_table(d / "genome-tags.csv", [("tagId", "int"), ("tag", "str")])
     scores, _ = read_table(
         d / "genome-scores.csv",
-        [("movieId", "int"), ("tagId", "int"), ("relevance", "float")],
+        [("movieId", "int"), ("tagId", "int"), ("relevance", "float32")],
         on_bad_rows=on_bad_rows,
     )
     tag_ids = to_numpy(gtags.column("tagId"), np.int64)
@@ -248,7 +248,7 @@ def read_movielens_dat(
         raw = (d / "ratings.dat").read_bytes().replace(b"::", b"\x1f")
         ratings, _ = read_table(
             d / "ratings.dat",
-            [("user", "int"), ("item", "int"), ("rating", "float"), ("timestamp", "int")],
+            [("user", "int"), ("item", "int"), ("rating", "float32"), ("timestamp", "int")],
             delimiter="\x1f", header=False, quoting=False, encoding=encoding,
             on_bad_rows=on_bad_rows, data=raw,
         )  # fmt: skip
@@ -293,7 +293,7 @@ def read_movielens_100k(
     if with_interactions:
         ratings, _ = read_table(
             d / "u.data",
-            [("user", "int"), ("item", "int"), ("rating", "float"), ("timestamp", "int")],
+            [("user", "int"), ("item", "int"), ("rating", "float32"), ("timestamp", "int")],
             delimiter="\t", header=False, quoting=False, encoding=encoding,
             on_bad_rows=on_bad_rows,
         )  # fmt: skip

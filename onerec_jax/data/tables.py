@@ -21,11 +21,13 @@ from absl import logging
 
 from onerec_jax.errors import ConfigError, DataFormatError
 
-# Column kinds: "int" (int64 id or count), "float" (float64), "str" (utf-8 text).
-_ARROW_TYPES = {"int": pa.int64(), "float": pa.float64(), "str": pa.string()}
+# Column kinds: "int" (int64 id or count), "float" (float64), "float32", "str" (utf-8 text).
+_ARROW_TYPES = {"int": pa.int64(), "float": pa.float64(), "float32": pa.float32(),
+                "str": pa.string()}  # fmt: skip
 _INT_RE = r"^\s*[+-]?\d+\s*$"
 _FLOAT_RE = r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$"
-_PY_PATTERNS = {"int": re.compile(_INT_RE), "float": re.compile(_FLOAT_RE)}
+_PY_PATTERNS = {"int": re.compile(_INT_RE), "float": re.compile(_FLOAT_RE),
+                "float32": re.compile(_FLOAT_RE)}  # fmt: skip
 BAD_ROW_POLICIES = ("error", "skip")
 
 
@@ -68,7 +70,7 @@ def read_table(
 
     Args:
       path: the file (also used in error messages when `data` is given).
-      columns: every column of the file in order, kind in "int", "float", "str".
+      columns: every column of the file in order, kind in "int", "float", "float32", "str".
       delimiter: one-character field separator.
       header: whether line 1 is a header; it must then equal the column names.
       quoting: whether fields may be double-quoted (MovieLens CSVs) or not (.dat, RecBole).
