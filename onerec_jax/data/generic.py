@@ -86,7 +86,9 @@ def read_recbole(path: str | os.PathLike, on_bad_rows: str = "error") -> RawData
         t = to_numpy(table.column(_TIME), np.float64)
         # Integral seconds stay as they are; fractional times become their order-preserving
         # dense rank, which keeps ties tied.
-        ts = t.astype(np.int64) if np.all(t == np.floor(t)) else np.unique(t, return_inverse=True)[1]
+        ts = (
+            t.astype(np.int64) if np.all(t == np.floor(t)) else np.unique(t, return_inverse=True)[1]
+        )
     else:
         ts = np.arange(n, dtype=np.int64)
     inter = Interactions(users, items, ratings.astype(np.float32), ts.astype(np.int64),

@@ -203,7 +203,8 @@ def build_sequences(inter: Interactions, options: SequenceOptions) -> SequenceDa
         if not keep.any():
             raise DataFormatError(
                 f"{inter.files}: no user keeps >= {options.min_user_interactions} interactions "
-                "after filtering. Lower data.min_user_interactions/min_item_interactions/min_rating."
+                "after filtering. Lower data.min_user_interactions, min_item_interactions "
+                "or min_rating."
             )
         rows = np.flatnonzero(keep)
         user_codes, kept = _dense(user_codes[rows])

@@ -203,14 +203,18 @@ class Synthetic:
         for r in np.unique(rows):
             sel = rows == r
             n_ge[sel] = self.n_items - np.searchsorted(sorted_scores[r], target_score[sel])
-        keys = np.unique(np.repeat(np.arange(n_users), lengths) * self.n_items + flat)
+        keys = np.sort(np.repeat(np.arange(n_users), lengths) * self.n_items + flat)
+        keys = keys[np.concatenate([[True], np.diff(keys) > 0])]  # (user, item), deduplicated
         users, items = keys // self.n_items, keys % self.n_items
         hist_ge = np.bincount(
             users, scores[rows[users], items] >= target_score[users], minlength=n_users
         )
         rank = np.maximum(n_ge - hist_ge, 1)
         gain = np.where(rank <= k, 1.0 / np.log2(rank + 1.0), 0.0)
-        gain[np.isin(np.arange(n_users) * self.n_items + targets, keys)] = 0.0
+        target_keys = np.arange(n_users) * self.n_items + targets
+        found = np.minimum(np.searchsorted(keys, target_keys), max(len(keys) - 1, 0))
+        if len(keys):
+            gain[keys[found] == target_keys] = 0.0  # the target is in the history
         return float(gain.mean()) if n_users else 0.0
 
 

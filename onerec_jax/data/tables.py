@@ -131,7 +131,9 @@ def read_table(
         table, dropped = _drop_non_numeric(table, columns)
         skipped += dropped
         if skipped:
-            logging.warning("%s: skipped %d malformed rows (data.on_bad_rows='skip')", path, skipped)
+            logging.warning(
+                "%s: skipped %d malformed rows (data.on_bad_rows='skip')", path, skipped
+            )
     elif any(table.column(n).null_count for n, k in columns if k != "str"):
         _locate_bad_row(path, columns, delimiter, header, quoting, encoding, data, "empty value")
     return table, skipped
@@ -150,8 +152,9 @@ def _drop_non_numeric(table: pa.Table, columns) -> tuple[pa.Table, int]:
         return table, 0
     kept = table.filter(keep)
     arrays = [
-        pc.cast(pc.utf8_trim_whitespace(kept.column(n)), _ARROW_TYPES[k]) if k != "str" else
-        kept.column(n)
+        pc.cast(pc.utf8_trim_whitespace(kept.column(n)), _ARROW_TYPES[k])
+        if k != "str"
+        else kept.column(n)
         for n, k in columns
     ]
     return pa.table(arrays, names=[n for n, _ in columns]), table.num_rows - kept.num_rows

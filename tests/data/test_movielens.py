@@ -83,7 +83,9 @@ def test_split_title(title, expected):
 
 def test_movielens_dat_latin1_and_colons(tmp_path):
     d = tmp_path / "ml-1m"
-    _write(d / "ratings.dat", "1::1193::5::978300760\n1::661::3::978302109\n2::1193::4::978298413\n")
+    _write(
+        d / "ratings.dat", "1::1193::5::978300760\n1::661::3::978302109\n2::1193::4::978298413\n"
+    )
     _write(d / "movies.dat", "1193::One Flew Over the Cuckoo's Nest (1975)::Drama\n"
            "661::Star Wars: Episode I - The Phantom Menace (1999)::Action|Sci-Fi\n"
            "3::Misérables, Les (1995)::Drama|Musical\n", encoding="latin-1")  # fmt: skip
@@ -189,8 +191,14 @@ def test_user_sequence_line_without_items(tmp_path):
     "body, problem",
     [
         ("1,10,4.0,5\n1,10,4.0,5,9\n", r"line 3: expected 4 fields, found 5"),
-        ("1,10,4.0,5\n1,abc,4.0,5\n", r"line 3: column 'movieId' should be an integer, found 'abc'"),
-        ("1,10,4.0,5\n1,10,,5\n1,10,4,5\n", r"line 3: column 'rating' should be a number, found ''"),
+        (
+            "1,10,4.0,5\n1,abc,4.0,5\n",
+            r"line 3: column 'movieId' should be an integer, found 'abc'",
+        ),
+        (
+            "1,10,4.0,5\n1,10,,5\n1,10,4,5\n",
+            r"line 3: column 'rating' should be a number, found ''",
+        ),
         ("1,10\n", r"line 2: expected 4 fields, found 2"),
     ],
 )

@@ -31,7 +31,7 @@ def reference(rows, min_rating=None, min_user=5, min_item=0):
             break
         rows = kept
     seqs = {}
-    for _, u, i, _, t in sorted(rows, key=lambda r: (r[1], r[4], r[0])):  # time, then file order
+    for _, u, i, _, _ in sorted(rows, key=lambda r: (r[1], r[4], r[0])):  # time, then file order
         seqs.setdefault(u, []).append(i)
     return seqs
 

@@ -70,6 +70,14 @@ def test_invalid_config_names_the_field():
         dataclasses.replace(SMALL, n_movies=10)
 
 
+def test_too_sparse_config_fails_cleanly(tmp_path):
+    # 400 ratings over 400 Zipf-popular items leave many items unrated.
+    sparse = dataclasses.replace(SMALL, n_users=20, n_items=400, n_ratings=400, n_movies=400)
+    with pytest.raises(ValueError, match="got no rating"):
+        write_synthetic(sparse, tmp_path / "sparse")
+    assert list(tmp_path.iterdir()) == []  # the temporary directory is gone
+
+
 def test_files_have_exact_counts_and_layout(demo):
     model, out, tables = demo
     for name, header in HEADERS.items():
