@@ -39,8 +39,10 @@ def _stage(results: dict, name: str, fn):
     start = time.perf_counter()
     out = fn()
     results[name] = {"seconds": time.perf_counter() - start, "peak_rss_mb": _peak_mb()}
-    print(f"  {name:<16} {results[name]['seconds']:7.2f} s  {results[name]['peak_rss_mb']:7.0f} MB",
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"  {name:<16} {results[name]['seconds']:7.2f} s  {results[name]['peak_rss_mb']:7.0f} MB",
+        file=sys.stderr,
+    )
     return out
 
 
@@ -90,9 +92,26 @@ def _subprocess(kind: str, *args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _median_runs(runs: list[dict]) -> dict:
+    """Per stage: median seconds, (min, max) seconds, and the largest peak RSS over runs."""
+    out = {}
+    for name, first in runs[0].items():
+        if not isinstance(first, dict):
+            out[name] = first
+            continue
+        secs = sorted(r[name]["seconds"] for r in runs)
+        out[name] = {
+            "seconds": secs[len(secs) // 2],
+            "range": (secs[0], secs[-1]),
+            "peak_rss_mb": max(r[name]["peak_rss_mb"] for r in runs),
+        }
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="/tmp/synth25m", help="ML-25M-layout folder")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each; medians reported")
     parser.add_argument("--_child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
@@ -105,28 +124,48 @@ def main() -> None:
 
         print(f"writing synthetic ML-25M to {args.data} (once) ...", file=sys.stderr)
         synthetic.write_synthetic(synthetic.SyntheticConfig.ml25m(), args.data)
+    ours_runs, base_runs = [], []
     with tempfile.TemporaryDirectory() as tmp:
         cache = os.path.join(tmp, "sequences.npz")
-        print("onerec_jax:", file=sys.stderr)
-        ours = _subprocess("ours", args.data, cache)
-        ours.update(_subprocess("reload", cache))
-        print("pandas baseline:", file=sys.stderr)
-        base = _subprocess("pandas", args.data)
-    build = sum(ours[k]["seconds"] for k in ("parse", "build sequences", "write cache"))
-    pandas_total = sum(v["seconds"] for v in base.values())
-    peak = max(v["peak_rss_mb"] for k, v in ours.items() if isinstance(v, dict))
+        for r in range(args.repeats):  # interleaved, so drift in the machine hits both sides
+            print(f"run {r + 1}/{args.repeats} onerec_jax:", file=sys.stderr)
+            ours_runs.append(_subprocess("ours", args.data, cache))
+            ours_runs[-1].update(_subprocess("reload", cache))
+            print(f"run {r + 1}/{args.repeats} pandas baseline:", file=sys.stderr)
+            base_runs.append(_subprocess("pandas", args.data))
+    ours, base = _median_runs(ours_runs), _median_runs(base_runs)
+    build_runs = [
+        sum(r[k]["seconds"] for k in ("parse", "build sequences", "write cache")) for r in ours_runs
+    ]
+    pandas_runs = [sum(v["seconds"] for v in r.values()) for r in base_runs]
+    build, pandas_total = (
+        sorted(build_runs)[len(build_runs) // 2],
+        sorted(pandas_runs)[len(pandas_runs) // 2],
+    )
+    peak = max(v["peak_rss_mb"] for v in ours.values() if isinstance(v, dict))
     rows = [(f"onerec_jax {k}", v) for k, v in ours.items() if isinstance(v, dict)]
     rows += [(f"pandas {k}", v) for k, v in base.items()]
-    print(f"\n{ours['rows']:,} interactions, {ours['users']:,} users, {ours['items']:,} items; "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores\n")  # fmt: skip
-    print("| stage | wall s | peak RSS MB |\n|---|---|---|")
+    print(
+        f"\n{ours['rows']:,} interactions, {ours['users']:,} users, {ours['items']:,} items; "
+        f"{platform.machine()}, {os.cpu_count()} cores; median of {args.repeats} runs\n"
+    )
+    print("| stage | wall s (median) | min - max | peak RSS MB |\n|---|---|---|---|")
     for name, v in rows:
-        print(f"| {name} | {v['seconds']:.2f} | {v['peak_rss_mb']:,.0f} |")
-    print(f"| **onerec_jax full build** (parse + build + write) | **{build:.2f}** | {peak:,.0f} |")
-    print(f"| **pandas baseline** (read + sort + remap) | **{pandas_total:.2f}** | |")
-    print(f"\nratio full build / pandas = {build / pandas_total:.2f} (goal <= 0.7); "
-          f"peak RSS {peak / 1024:.2f} GB (goal <= 2.5); "
-          f"reload {ours['reload cache']['seconds']:.2f} s (goal < 1)")  # fmt: skip
+        lo, hi = v["range"]
+        print(f"| {name} | {v['seconds']:.2f} | {lo:.2f} - {hi:.2f} | {v['peak_rss_mb']:,.0f} |")
+    print(
+        f"| **onerec_jax full build** (parse + build + write) | **{build:.2f}** | "
+        f"{min(build_runs):.2f} - {max(build_runs):.2f} | {peak:,.0f} |"
+    )
+    print(
+        f"| **pandas baseline** (read + sort + remap) | **{pandas_total:.2f}** | "
+        f"{min(pandas_runs):.2f} - {max(pandas_runs):.2f} | |"
+    )
+    print(
+        f"\nratio full build / pandas = {build / pandas_total:.2f} (goal <= 0.7); "
+        f"peak RSS {peak / 1024:.2f} GB (goal <= 2.5); "
+        f"reload {ours['reload cache']['seconds']:.2f} s (goal < 1)"
+    )
 
 
 if __name__ == "__main__":

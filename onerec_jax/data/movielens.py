@@ -110,14 +110,20 @@ def _item_table(ids, raw_titles, genres, tags=None, years=None, **genome) -> Ite
 
 
 def _interactions(table, files, *, user="user", item="item", rating="rating", ts="timestamp"):
+    """Table columns -> Interactions, one column at a time: each Arrow column is released as
+    soon as it is copied, so peak memory stays near one copy of the data (ML-25M scale)."""
     n = table.num_rows
-    return Interactions(
-        users=to_numpy(table.column(user), np.int64),
-        items=to_numpy(table.column(item), np.int64),
-        ratings=to_numpy(table.column(rating), np.float32) if rating else np.ones(n, np.float32),
-        timestamps=to_numpy(table.column(ts), np.int64) if ts else np.arange(n, dtype=np.int64),
-        files=tuple(os.fspath(f) for f in files),
-    )
+    out = {}
+    fields = (("users", user, np.int64), ("items", item, np.int64),
+              ("ratings", rating, np.float32), ("timestamps", ts, np.int64))  # fmt: skip
+    for field, column, dtype in fields:
+        if column:
+            out[field] = to_numpy(table.column(column), dtype)
+            table = table.drop_columns([column])
+            pa.default_memory_pool().release_unused()
+    out.setdefault("ratings", np.ones(n, np.float32))
+    out.setdefault("timestamps", np.arange(n, dtype=np.int64))
+    return Interactions(**out, files=tuple(os.fspath(f) for f in files))
 
 
 def _aggregate_tags(ids: np.ndarray, tag_items: np.ndarray, tag_text: pa.ChunkedArray):
@@ -138,12 +144,10 @@ def _aggregate_tags(ids: np.ndarray, tag_items: np.ndarray, tag_text: pa.Chunked
 
 def read_ratings_csv(path: str | os.PathLike, on_bad_rows: str = "error") -> Interactions:
     """A MovieLens `ratings.csv` (userId,movieId,rating,timestamp) as Interactions."""
-    ratings, _ = read_table(
-        path,
-        [("userId", "int"), ("movieId", "int"), ("rating", "float32"), ("timestamp", "int")],
-        on_bad_rows=on_bad_rows,
-    )
-    return _interactions(ratings, [path], user="userId", item="movieId")
+    columns = [("userId", "int"), ("movieId", "int"), ("rating", "float32"), ("timestamp", "int")]
+    # The table is passed without a name so that _interactions can release it column by column.
+    return _interactions(read_table(path, columns, on_bad_rows=on_bad_rows)[0], [path],
+                         user="userId", item="movieId")  # fmt: skip
 
 
 def read_movielens_csv(
@@ -254,6 +258,7 @@ def read_movielens_dat(
         )  # fmt: skip
         del raw
         inter = _interactions(ratings, [d / "ratings.dat"])
+        del ratings
     movies = _read_dat_lines(d / "movies.dat", 3, encoding)
     ids = [_int(d / "movies.dat", i + 1, r[0], "MovieID") for i, r in enumerate(movies)]
     genres = [tuple(g for g in r[2].split("|") if g and g != "(no genres listed)") for r in movies]
