@@ -71,11 +71,12 @@ def load_data(
     fmt = cfg.format
     if fmt == "auto":
         fmt = movielens.detect_format(source)
-    raw = None
+    items = None
 
     def read():
-        nonlocal raw
+        nonlocal items
         raw = movielens.read_dataset(source, fmt, cfg.on_bad_rows, cfg.encoding)
+        items = raw.items  # keep the item side; the raw interactions go once built
         return raw.interactions
 
     files = interaction_files(source, fmt)
@@ -84,8 +85,8 @@ def load_data(
         raise DataFormatError(f"{missing[0]}: file not found. Check --config.data.path.")
     cache_dir = None if cfg.cache_dir == "none" else (cfg.cache_dir or Path(cfg.root) / "cache")
     data = sequences.load_or_build(read, files, sequence_options(cfg), cache_dir)
-    if with_items and raw is None:
-        raw = movielens.read_dataset(
+    if with_items and items is None:
+        items = movielens.read_dataset(
             source, fmt, cfg.on_bad_rows, cfg.encoding, with_interactions=False
-        )
-    return data, (raw.items if with_items else None)
+        ).items
+    return data, (items if with_items else None)

@@ -29,6 +29,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from onerec_jax.errors import ConfigError
+
 GENRES = (
     "Action", "Adventure", "Animation", "Children", "Comedy", "Crime", "Documentary", "Drama",
     "Fantasy", "Film-Noir", "Horror", "IMAX", "Musical", "Mystery", "Romance", "Sci-Fi",
@@ -98,7 +100,7 @@ class SyntheticConfig:
         if self.zipf_exponent < 0 or self.length_sigma < 0:
             problems.append("zipf_exponent and length_sigma must be >= 0")
         if problems:
-            raise ValueError("invalid SyntheticConfig: " + "; ".join(problems))
+            raise ConfigError("invalid SyntheticConfig: " + "; ".join(problems))
 
     @classmethod
     def ml25m(cls, seed: int = 0) -> SyntheticConfig:
@@ -492,7 +494,7 @@ def _write_ratings_and_tags(model: Synthetic, out: str) -> None:
     items = generate_sequences(model, lengths)
     unrated = config.n_items - np.count_nonzero(np.bincount(items, minlength=config.n_items))
     if unrated:
-        raise ValueError(
+        raise ConfigError(
             f"{unrated} of n_items={config.n_items} items got no rating under this config; "
             "raise n_ratings, lower n_items or lower zipf_exponent"
         )
@@ -565,9 +567,9 @@ def write_synthetic(config: SyntheticConfig, out_dir: str | os.PathLike) -> Synt
         return model
     if os.path.exists(out_dir):
         if not os.path.isdir(out_dir):
-            raise ValueError(f"{out_dir} exists and is not a directory: choose another out_dir")
+            raise ConfigError(f"{out_dir} exists and is not a directory: choose another out_dir")
         if os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, META_FILE)):
-            raise ValueError(
+            raise ConfigError(
                 f"{out_dir} is a non-empty directory without {META_FILE}: refusing to replace "
                 "it; choose another out_dir or empty it"
             )
@@ -607,16 +609,16 @@ def load_synthetic(out_dir: str | os.PathLike) -> Synthetic:
             "`python -m onerec_jax.data.synthetic --preset demo --out DIR`"
         ) from None
     except ValueError as e:
-        raise ValueError(f"{meta_path} is not valid JSON ({e}): delete the directory") from None
+        raise ConfigError(f"{meta_path} is not valid JSON ({e}): delete the directory") from None
     if not isinstance(meta, dict) or meta.get("format_version") != _FORMAT_VERSION:
-        raise ValueError(
+        raise ConfigError(
             f"{meta_path} was written by another generator version: regenerate it with "
             "write_synthetic()"
         )
     try:
         config = SyntheticConfig(**meta["config"])
     except (KeyError, TypeError) as e:
-        raise ValueError(f"{meta_path} holds no valid config ({e}): regenerate it") from None
+        raise ConfigError(f"{meta_path} holds no valid config ({e}): regenerate it") from None
     return build_model(config, out_dir)
 
 

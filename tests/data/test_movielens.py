@@ -242,3 +242,21 @@ def test_unknown_layout_and_format(tmp_path):
         movielens.read_dataset(tmp_path, "parquet")
     with pytest.raises(DataFormatError, match="no such file or directory"):
         movielens.read_dataset(tmp_path / "absent")
+
+
+def test_genome_unsorted_file_takes_the_general_path(ml25m_dir):
+    # Same scores as the fixture, rows shuffled: the reshape fast path must not be taken.
+    (ml25m_dir / "genome-scores.csv").write_text(
+        "movieId,tagId,relevance\n2571,2,0.75\n10,1,0.99\n2571,1,0.01\n10,2,0.5\n"
+    )
+    items = movielens.read_dataset(ml25m_dir).items
+    np.testing.assert_array_equal(items.genome_item_ids, [10, 2571])
+    np.testing.assert_allclose(items.genome, [[0.99, 0.5], [0.01, 0.75]])
+
+
+def test_genome_with_a_missing_score_is_an_error(ml25m_dir):
+    (ml25m_dir / "genome-scores.csv").write_text(
+        "movieId,tagId,relevance\n10,1,0.99\n10,2,0.5\n2571,1,0.01\n"
+    )
+    with pytest.raises(DataFormatError, match="1 \\(movie, tag\\) relevance values are missing"):
+        movielens.read_dataset(ml25m_dir)
