@@ -1,6 +1,7 @@
 """End to end on the real ml-latest-small in ../shared (skipped where it is absent)."""
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -8,9 +9,14 @@ import pytest
 
 from onerec_jax.data import movielens, sequences
 
-ML_LATEST_SMALL = Path(__file__).resolve().parents[3] / "shared" / "data" / "ml-latest-small"
+# ../shared beside the checkout, or wherever $ONEREC_ML_LATEST_SMALL points.
+ML_LATEST_SMALL = Path(
+    os.environ.get("ONEREC_ML_LATEST_SMALL")
+    or Path(__file__).resolve().parents[3] / "shared" / "data" / "ml-latest-small"
+)
 pytestmark = pytest.mark.skipif(
-    not (ML_LATEST_SMALL / "ratings.csv").exists(), reason="../shared/data/ml-latest-small absent"
+    not (ML_LATEST_SMALL / "ratings.csv").exists(),
+    reason=f"{ML_LATEST_SMALL} absent (set ONEREC_ML_LATEST_SMALL)",
 )
 
 
