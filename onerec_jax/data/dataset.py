@@ -75,6 +75,8 @@ def load_data(
 
     def read():
         nonlocal items
+        if fmt == "movielens_csv":  # the item side (genome: 15.6M rows) is read after the build
+            return movielens.read_ratings_csv(source / "ratings.csv", cfg.on_bad_rows)
         raw = movielens.read_dataset(source, fmt, cfg.on_bad_rows, cfg.encoding)
         items = raw.items  # keep the item side; the raw interactions go once built
         return raw.interactions
