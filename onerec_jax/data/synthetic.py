@@ -184,10 +184,11 @@ class Synthetic:
     def oracle_ndcg_at_k(
         self, histories: Sequence[np.ndarray], targets: np.ndarray, k: int = 10
     ) -> float:
-        """Mean NDCG@k of ranking all items by `next_item_probs` (one target, ties pessimistic).
+        """Mean NDCG@k of ranking all items by `next_item_probs` (one target per user).
 
-        Rank of the target = number of non-history items whose probability is >= the target's;
-        the gain is 1 / log2(rank + 1) when rank <= k, and 0 when the target is in the history.
+        As PROTOCOL.md ranks models: rank = 1 + number of non-history items whose probability
+        is strictly higher than the target's; the gain is 1 / log2(rank + 1) when rank <= k,
+        and 0 when the target is in the history.
         """
         targets = self.dense_items(targets)
         if len(histories) != len(targets):
@@ -201,17 +202,19 @@ class Synthetic:
         has = lengths > 0
         rows[has] = self.item_cluster[flat[np.cumsum(lengths)[has] - 1]]
         target_score = scores[rows, targets]
-        n_ge = np.zeros(n_users, np.int64)  # items (history included) scoring >= the target
+        n_gt = np.zeros(n_users, np.int64)  # items (history included) scoring > the target
         for r in np.unique(rows):
             sel = rows == r
-            n_ge[sel] = self.n_items - np.searchsorted(sorted_scores[r], target_score[sel])
+            n_gt[sel] = self.n_items - np.searchsorted(
+                sorted_scores[r], target_score[sel], side="right"
+            )
         keys = np.sort(np.repeat(np.arange(n_users), lengths) * self.n_items + flat)
         keys = keys[np.concatenate([[True], np.diff(keys) > 0])]  # (user, item), deduplicated
         users, items = keys // self.n_items, keys % self.n_items
-        hist_ge = np.bincount(
-            users, scores[rows[users], items] >= target_score[users], minlength=n_users
+        hist_gt = np.bincount(
+            users, scores[rows[users], items] > target_score[users], minlength=n_users
         )
-        rank = np.maximum(n_ge - hist_ge, 1)
+        rank = 1 + n_gt - hist_gt
         gain = np.where(rank <= k, 1.0 / np.log2(rank + 1.0), 0.0)
         target_keys = np.arange(n_users) * self.n_items + targets
         found = np.minimum(np.searchsorted(keys, target_keys), max(len(keys) - 1, 0))

@@ -201,7 +201,7 @@ def test_oracle_ndcg_matches_brute_force():
     for history, target in zip(histories, targets, strict=True):
         probs = model.next_item_probs(history)
         p_t = probs[model.item_movie_ids == target][0]
-        rank = np.count_nonzero(probs >= p_t)  # pessimistic ties: the target counts itself
+        rank = 1 + np.count_nonzero(probs > p_t)  # PROTOCOL.md: 1 + strictly higher
         gains.append(1 / np.log2(rank + 1) if p_t > 0 and rank <= 10 else 0.0)
     assert gains[-1] == 0.0
     assert model.oracle_ndcg_at_k(histories, targets, k=10) == pytest.approx(np.mean(gains), 1e-12)
@@ -245,7 +245,7 @@ def _ndcg(score_rows, histories, targets):
     for scores, history, target in zip(score_rows, histories, targets, strict=True):
         scores = scores.astype(float)
         scores[history] = -np.inf
-        rank = np.count_nonzero(scores >= scores[target])
+        rank = 1 + np.count_nonzero(scores > scores[target])  # PROTOCOL.md rank
         gains.append(1 / np.log2(rank + 1) if rank <= 10 else 0.0)
     return float(np.mean(gains))
 
