@@ -1,0 +1,1 @@
+"""Evaluation: full-ranking scorer, metrics with confidence intervals."""

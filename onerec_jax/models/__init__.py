@@ -1,0 +1,1 @@
+"""Models, one file each, picked by `config.model.name`."""

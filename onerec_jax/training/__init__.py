@@ -1,0 +1,1 @@
+"""Training: mesh and sharding, optimizer, losses, checkpoints, the train loop."""
