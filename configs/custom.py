@@ -6,11 +6,12 @@ Formats: movielens_csv, movielens_dat, movielens_100k, recbole (NAME.inter + NAM
 typed headers) and user_sequence (one "user item item ..." line per user, in order).
 """
 
-from onerec_jax.defaults import base_config
+from onerec_jax.defaults import apply_variant, base_config
 
 
 def get_config(arg: str | None = None):
+    """`arg`: the model variant, sasrec (default) or onerec."""
     c = base_config()
     c.data.path = ""  # REQUIRED: the directory or file to read (--config.data.path=...)
     c.data.format = "auto"  # set explicitly for files: recbole or user_sequence
-    return c
+    return apply_variant(c, arg)

@@ -1,11 +1,12 @@
 """Small synthetic data (built in, no download): the newcomer's first run and the smoke test."""
 
-from onerec_jax.defaults import base_config
+from onerec_jax.defaults import apply_variant, base_config
 
 
 def get_config(arg: str | None = None):
+    """`arg`: the model variant, sasrec (default) or onerec."""
     c = base_config()
     c.data.synthetic = "demo"  # 2,000 users x 1,000 items written by data/synthetic.py
     c.data.max_len = 50  # demo sequences are short; fewer padded positions
     c.train.batch_size = 64
-    return c
+    return apply_variant(c, arg)

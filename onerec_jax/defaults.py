@@ -6,6 +6,8 @@ import os
 
 import ml_collections
 
+from onerec_jax.training.sharding import DEFAULT_RULES
+
 
 def base_config() -> ml_collections.ConfigDict:
     """Defaults shared by all dataset configs (PROTOCOL.md defaults)."""
@@ -31,9 +33,74 @@ def base_config() -> ml_collections.ConfigDict:
     d.bucket_boundaries = ()  # length buckets for padding-saving batches, e.g. (32, 64, 128, 200)
     d.worker_count = 0  # Grain worker processes for the training pipeline (0: in-process)
 
+    c.model = m = ml_collections.ConfigDict()
+    m.name = "sasrec"  # a file in onerec_jax/models/: sasrec, onerec
+    m.dim = 64  # embedding and hidden width
+    m.num_layers = 2  # Transformer blocks
+    m.num_heads = 1  # attention heads (dim must divide by it)
+    m.mlp_dim = 64  # feed-forward width (SASRec: dim; OneRec SwiGLU: about 2*dim)
+    m.dropout = 0.2  # dropout on embeddings, attention weights and feed-forward
+    m.prenorm = True  # SASRec: pre-LN (public code) or post-LN (paper)
+    m.positions = "rotary"  # OneRec: rotary, learned or none
+    m.side_features = ("genres", "year")  # OneRec: item side features fused with the id
+    m.fusion = "sum"  # OneRec: fuse side features by "sum" or "concat" (then a projection)
+    m.aux_weight = 0.0  # OneRec: weight of the masked-input reconstruction loss (0: off)
+    m.aux_mask_prob = 0.2  # OneRec: share of input items masked for that loss
+
+    c.loss = lo = ml_collections.ConfigDict()
+    lo.name = "full_softmax"  # full_softmax (chunked), sampled_softmax or bce (one negative)
+    lo.chunk_size = 8192  # items per chunk of the full softmax's running logsumexp
+    lo.label_smoothing = 0.0  # full softmax only
+    lo.n_negatives = 256  # sampled softmax: shared sampled negatives per step
+    lo.sampler = "uniform"  # sampled softmax: "uniform" or "popularity" (training counts)
+    lo.in_batch = True  # sampled softmax: the other positions' targets are negatives too
+    lo.logq = True  # sampled softmax: subtract log Q (sampling-bias correction)
+    lo.hard_negatives = 0  # sampled softmax: top-scoring non-targets mixed in per position
+    lo.hard_pool_size = 2048  # uniformly drawn candidates the hard negatives are picked from
+
+    c.optim = o = ml_collections.ConfigDict()
+    o.learning_rate = 1e-3  # peak learning rate
+    o.warmup_steps = 100  # linear warmup from 0, in optimizer updates
+    o.schedule = "constant"  # after warmup: cosine, linear (to end_lr_ratio) or constant
+    o.end_lr_ratio = 0.0  # final learning rate / peak, for cosine and linear
+    o.b1 = 0.9  # Adam beta1
+    o.b2 = 0.98  # Adam beta2
+    o.eps = 1e-9  # Adam epsilon
+    o.weight_decay = 0.0  # decoupled (AdamW) weight decay
+    o.decay_embeddings = False  # also decay embedding tables
+    o.clip_norm = 1.0  # global gradient-norm clip (0: off)
+    o.accumulate_steps = 1  # micro-batches per optimizer update (optax.MultiSteps)
+
     c.train = t = ml_collections.ConfigDict()
     t.batch_size = 128  # global batch size (sequences per step, over all processes)
+    t.num_epochs = 200  # upper bound on epochs (early stopping usually ends sooner)
+    t.num_steps = 0  # if > 0: stop after this many steps instead of num_epochs
+    t.eval_every_steps = 0  # validate every this many steps (0: once per epoch)
+    t.patience = 10  # early stopping: validations without a better val NDCG@10
+    t.log_every_steps = 50  # metrics.jsonl / TensorBoard / progress bar updates
+    t.compute_dtype = "float32"  # activations: float32 or bfloat16 (params stay float32)
+    t.progress = True  # tqdm progress bar
     c.eval = e = ml_collections.ConfigDict()
     e.batch_size = 256  # users per evaluation batch (global)
     e.mask_history = True  # mask every item of the user's prefix before ranking (PROTOCOL.md)
+    e.k = 50  # length of the top-K lists kept (metrics use K in 1, 5, 10, 20, 50)
+    e.chunk_size = 8192  # items scored at a time
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = (-1, 1, 1)  # devices over (data, fsdp, model); one -1 is filled in
+    c.mesh.num_devices = 0  # use the first N devices (0: all of them)
+    c.mesh.rules = DEFAULT_RULES  # logical axis -> mesh axes (training/sharding.py)
+    return c
+
+
+def apply_variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+    """`configs/<dataset>.py:<variant>`: the model families every dataset config offers."""
+    if arg in (None, "", "sasrec"):
+        c.model.name = "sasrec"
+    elif arg == "onerec":
+        c.model.name = "onerec"
+        c.model.num_heads = 2
+        c.model.mlp_dim = 2 * c.model.dim
+    else:
+        raise ValueError(f"unknown config variant {arg!r}: use sasrec or onerec")
     return c

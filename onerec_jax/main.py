@@ -13,13 +13,13 @@ from ml_collections import config_flags
 from onerec_jax.data import dataset, sequences
 from onerec_jax.errors import UserError
 
-MODES = ("prepare",)  # train, eval, tokenize, recommend and report arrive with later issues
+MODES = ("prepare", "train", "eval")  # tokenize, recommend, report arrive with later issues
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/ml25m.py[:variant].", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Where the run writes its outputs.")
-_MODE = flags.DEFINE_enum("mode", "prepare", MODES, "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", MODES, "What to run.")
 
 
 def prepare(config, workdir: str) -> sequences.SequenceData:
@@ -36,6 +36,32 @@ def prepare(config, workdir: str) -> sequences.SequenceData:
     return data
 
 
+def _line(name: str, m: dict) -> str:
+    return (
+        f"{name}: HR@10 {m['hr@10']:.4f} +- {m['hr@10_ci95']:.4f}  "
+        f"NDCG@10 {m['ndcg@10']:.4f} +- {m['ndcg@10_ci95']:.4f}  "
+        f"MRR {m['mrr']:.4f} +- {m['mrr_ci95']:.4f}  ({int(m['n_users']):,} users)"
+    )
+
+
+def _print_results(results: dict, workdir: Path) -> None:
+    print(_line("validation (best step)", results["val"]))
+    print(_line("test", results["test"]))
+    print(
+        f"best step {results['best_step']} of {results['steps']}; {results['params']:,} params; "
+        f"train {results['train_seconds']:.0f}s; results in {workdir / 'results.json'}"
+    )
+
+
+def _print_eval(out: dict, workdir: Path) -> None:
+    print(_line(f"test (step {out['best_step']})", out["test"]))
+    recorded = workdir / "results.json"
+    if recorded.exists():
+        test = json.loads(recorded.read_text())["test"]
+        same = all(test[k] == out["test"][k] for k in test if "@" in k or k == "mrr")
+        print("matches the recorded results.json" if same else "DIFFERS from results.json")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -48,6 +74,15 @@ def main(argv):
     try:
         if _MODE.value == "prepare":
             prepare(config, str(workdir))
+        elif _MODE.value == "train":
+            from onerec_jax.training import train  # JAX start-up only when training
+
+            results = train.train_and_evaluate(config, workdir)
+            _print_results(results, workdir)
+        elif _MODE.value == "eval":
+            from onerec_jax.training import train
+
+            _print_eval(train.evaluate_checkpoint(config, workdir), workdir)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

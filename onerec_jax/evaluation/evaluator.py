@@ -1,0 +1,69 @@
+"""Full-ranking evaluation of a model on the validation or test split (PROTOCOL.md scoring)."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from onerec_jax.data import pipeline
+from onerec_jax.data.sequences import SequenceData
+from onerec_jax.evaluation import metrics, ranking
+from onerec_jax.training import sharding
+
+
+class Evaluator:
+    """Scores every user of a split against the whole catalogue, users sharded over the mesh."""
+
+    def __init__(self, model, data: SequenceData, config: ml_collections.ConfigDict, mesh, rules):
+        self.model, self.data, self.config, self.mesh, self.rules = model, data, config, mesh, rules
+        e = config.eval
+        self._ranker = ranking.make_ranker(
+            mesh, k=e.k, chunk_size=e.chunk_size, mask_history=e.mask_history
+        )
+        self._user_state = jax.jit(model.user_state)
+        self._item_table = jax.jit(model.item_table)
+
+    def evaluate(self, params, split: str) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        """(metrics, per-user arrays: users, ranks, top_items) for `split` ("valid" or "test")."""
+        start = time.perf_counter()
+        e = self.config.eval
+        table = self._item_table(params)
+        ds = pipeline.eval_dataset(
+            self.data, split, max_len=self.config.data.max_len, batch_size=e.batch_size
+        )
+        users, ranks, weights, tops = [], [], [], []
+        for batch in ds:
+            history = ranking.history_batch(self.data, split, batch["user"])
+            local = {"inputs": batch["inputs"], "target": batch["target"], "history": history}
+            glob = sharding.global_batch(local, self.mesh, self.rules)
+            states = self._user_state(params, {"inputs": glob["inputs"]})
+            r, top_items, _ = self._ranker(states, table, glob["target"], glob["history"])
+            ranks.append(_to_host(r))
+            tops.append(_to_host(top_items))
+            users.append(
+                _to_host(sharding.global_batch({"u": batch["user"]}, self.mesh, self.rules)["u"])
+            )
+            weights.append(
+                _to_host(sharding.global_batch({"w": batch["weight"]}, self.mesh, self.rules)["w"])
+            )
+        ranks, weights = np.concatenate(ranks), np.concatenate(weights)
+        result = metrics.metrics_from_ranks(ranks, weights)
+        result["seconds"] = time.perf_counter() - start
+        real = weights > 0
+        per_user = {
+            "users": np.concatenate(users)[real],
+            "ranks": ranks[real],
+            "top_items": np.concatenate(tops)[real],
+        }
+        return result, per_user
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    """A global array on the host of every process."""
+    if jax.process_count() > 1:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)

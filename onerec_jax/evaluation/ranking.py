@@ -1,0 +1,240 @@
+"""Full-catalogue ranking on device: each target's rank and the top-k items, chunk by chunk.
+
+PROTOCOL.md "Scoring": every item is ranked (never sampled negatives); the user's whole prefix
+before the target is masked; rank = 1 + number of unmasked items scoring strictly higher than
+the target (ties count as not higher); item 0 (padding) is never ranked or returned.
+
+The catalogue is scored in chunks of `chunk_size` items inside one `lax.fori_loop`, so at most
+[B, chunk] scores exist at a time, whatever the catalogue size. `rank_and_topk_with` is that
+single loop for any scorer; `rank_and_topk` plugs in the dot-product scorer of embedding models.
+
+Rules for broken scores, so that a model emitting NaN or inf never looks good:
+- a target whose own score is not finite gets the worst rank, `n_items`;
+- an unmasked item whose score is NaN counts as scoring higher than the target (it is kept out
+  of the top-k list).
+
+The target's score is computed once, up front, and compared as-is. The protocol never puts the
+target in its own history, but if it were there the target would still be ranked by its own
+score (its column is masked like any history item, and it is never counted against itself).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from onerec_jax.data.sequences import SequenceData
+
+BATCH_AXES = ("data", "fsdp")  # mesh axes the eval batch is split over; the rest replicate
+
+# (user_state pytree, item_ids [C] int32) -> scores [B, C]; ids are all valid (0 = padding).
+ScoreChunkFn = Callable[[Any, jax.Array], jax.Array]
+
+
+def _check_static(n_items: int, k: int, chunk_size: int) -> None:
+    if n_items < 1:
+        raise ValueError(f"the catalogue has no item to rank (n_items={n_items})")
+    if not 1 <= k <= n_items:
+        raise ValueError(f"k={k} must be in 1..n_items={n_items}: lower eval k")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+
+def rank_and_topk_with(
+    score_chunk_fn: ScoreChunkFn,
+    user_state: Any,
+    n_items: int,
+    targets: jax.Array,
+    history: jax.Array,
+    *,
+    target_scores: jax.Array | None = None,
+    k: int = 50,
+    chunk_size: int = 8192,
+    mask_history: bool = True,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Ranks every user's target among items 1..n_items and returns the top-k, for any scorer.
+
+    Args:
+      score_chunk_fn: `(user_state, item_ids [C]) -> [B, C]` scores of a chunk of items.
+        It only ever receives ids in 0..n_items (ids past the catalogue are passed as 0).
+      user_state: a pytree with whatever the scorer needs for the B users.
+      n_items: number of real items; ids 1..n_items are ranked, 0 is padding.
+      targets: [B] int32 target ids (0 on padding rows: the rank is then finite, meaningless).
+      history: [B, H] int32 ids seen before the target, 0-padded; masked when `mask_history`.
+      target_scores: [B] the targets' scores, if the caller has a cheaper way to get them;
+        by default the diagonal of `score_chunk_fn(user_state, targets)` ([B, B] work).
+      k: length of the returned list (static).
+      chunk_size: items scored at once (static); clipped to n_items + 1.
+      mask_history: mask the history items (static); the protocol's default is True.
+
+    Returns:
+      ranks [B] int32 in 1..n_items (1 + unmasked items scoring strictly higher than the
+      target), top_items [B, k] int32 (best first, ties by lower id; 0 fills slots whose score
+      is -inf, i.e. when fewer than k items are unmasked), top_scores [B, k] float32.
+    """
+    _check_static(n_items, k, chunk_size)
+    n_rows = n_items + 1  # ids 0..n_items, item 0 never ranked
+    chunk = min(chunk_size, n_rows)
+    n_chunks = -(-n_rows // chunk)
+    targets = targets.astype(jnp.int32)
+    history = history.astype(jnp.int32)
+    batch = targets.shape[0]
+    if target_scores is None:
+        diagonal = score_chunk_fn(user_state, jnp.clip(targets, 0, n_items))  # [B, B]
+        target_scores = jnp.diagonal(diagonal)
+    target_scores = target_scores.astype(jnp.float32)  # [B]
+    rows = jnp.arange(batch, dtype=jnp.int32)[:, None]  # [B, 1]
+    neg_inf = jnp.float32(-jnp.inf)
+
+    def body(c, carry):
+        count, top_scores, top_items = carry  # [B], [B, k], [B, k]
+        start = c * chunk
+        ids = start + jnp.arange(chunk, dtype=jnp.int32)  # [C]
+        valid = (ids >= 1) & (ids <= n_items)  # [C]
+        scores = score_chunk_fn(user_state, jnp.where(valid, ids, 0)).astype(jnp.float32)
+        scores = jnp.where(valid[None, :], scores, neg_inf)  # [B, C]
+        if mask_history and history.shape[1]:
+            local = history - start  # [B, H]
+            inside = (history > 0) & (local >= 0) & (local < chunk)
+            # Out-of-chunk and padding entries point past the end and are dropped (never a
+            # negative index, which would wrap around).
+            local = jnp.where(inside, local, chunk)
+            scores = scores.at[rows, local].set(neg_inf, mode="drop")
+        # `~(s <= t)` is `s > t` for numbers and True for a NaN s: NaN never helps the target.
+        higher = ~(scores <= target_scores[:, None]) & (ids[None, :] != targets[:, None])
+        count = count + higher.sum(axis=1, dtype=jnp.int32)
+        scores = jnp.where(jnp.isnan(scores), neg_inf, scores)
+        both_scores = jnp.concatenate([top_scores, scores], axis=1)  # [B, k + C]
+        both_items = jnp.concatenate([top_items, jnp.broadcast_to(ids, scores.shape)], axis=1)
+        # top_k keeps the lower position first among ties; running entries (earlier, lower ids)
+        # come first, so ties are broken by lower item id.
+        top_scores, pos = jax.lax.top_k(both_scores, k)
+        top_items = jnp.take_along_axis(both_items, pos, axis=1)
+        return count, top_scores, top_items
+
+    init = (
+        jnp.zeros((batch,), jnp.int32),
+        jnp.full((batch, k), neg_inf),
+        jnp.zeros((batch, k), jnp.int32),
+    )
+    count, top_scores, top_items = jax.lax.fori_loop(0, n_chunks, body, init)
+    ranks = jnp.where(True, 1 + count, n_items).astype(jnp.int32)
+    top_items = jnp.where(top_scores == neg_inf, 0, top_items)
+    return ranks, top_items, top_scores
+
+
+def _dot_scores(state: tuple[jax.Array, jax.Array], ids: jax.Array) -> jax.Array:
+    """Scores [B, C] = user_states [B, D] @ item_table[ids].T, accumulated in float32."""
+    user_states, item_table = state
+    items = jnp.take(item_table, ids, axis=0)  # [C, D]
+    # HIGHEST: the same float32 products as the up-front target score (no TF32 on GPUs).
+    return jnp.einsum(
+        "bd,cd->bc",
+        user_states,
+        items,
+        preferred_element_type=jnp.float32,
+        precision=jax.lax.Precision.HIGHEST,
+    )
+
+
+def rank_and_topk(
+    user_states: jax.Array,
+    item_table: jax.Array,
+    targets: jax.Array,
+    history: jax.Array,
+    *,
+    k: int = 50,
+    chunk_size: int = 8192,
+    mask_history: bool = True,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Full ranking of a dot-product model: score(u, i) = user_states[u] . item_table[i].
+
+    Args:
+      user_states: [B, D] float32 or bfloat16.
+      item_table: [V, D] item embeddings, V = n_items + 1; row 0 (padding) is never ranked.
+      targets: [B] int32 ids in 1..V-1 (0 on padding rows).
+      history: [B, H] int32 the user's whole prefix before the target, 0-padded.
+      k, chunk_size, mask_history: static; see `rank_and_topk_with`.
+
+    Returns:
+      ranks [B] int32 (1-based), top_items [B, k] int32, top_scores [B, k] float32.
+    """
+    n_items = item_table.shape[0] - 1
+    target_rows = jnp.take(item_table, jnp.clip(targets, 0, n_items), axis=0)  # [B, D]
+    target_scores = jnp.sum(
+        user_states.astype(jnp.float32) * target_rows.astype(jnp.float32), axis=-1
+    )  # [B]
+    return rank_and_topk_with(
+        _dot_scores,
+        (user_states, item_table),
+        n_items,
+        targets,
+        history,
+        target_scores=target_scores,
+        k=k,
+        chunk_size=chunk_size,
+        mask_history=mask_history,
+    )
+
+
+def make_ranker(
+    mesh: jax.sharding.Mesh | None = None,
+    *,
+    k: int = 50,
+    chunk_size: int = 8192,
+    mask_history: bool = True,
+) -> Callable[..., tuple[jax.Array, jax.Array, jax.Array]]:
+    """Jitted `rank_and_topk(user_states, item_table, targets, history)` with static options.
+
+    With a mesh, the batch dimension of the user inputs and of the outputs is split over the
+    mesh's ("data", "fsdp") axes (the global batch must be a multiple of their size) and the
+    item table is replicated.
+    """
+    fn = functools.partial(rank_and_topk, k=k, chunk_size=chunk_size, mask_history=mask_history)
+    if mesh is None:
+        return jax.jit(fn)
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names) or None
+    rows = NamedSharding(mesh, P(axes))  # [B]
+    rows2d = NamedSharding(mesh, P(axes, None))  # [B, *]
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(
+        fn,
+        in_shardings=(rows2d, replicated, rows, rows2d),
+        out_shardings=(rows, rows2d, rows2d),
+    )
+
+
+def history_batch(
+    data: SequenceData, split_name: str, users: np.ndarray, width: int | None = None
+) -> np.ndarray:
+    """[B, H] int32: each dense user's whole prefix before the `split_name` target, 0-padded.
+
+    H is `width`, or the longest prefix in the batch rounded up to a power of two (few distinct
+    shapes, few recompilations). Padding rows of an eval batch (user 0) get user 0's prefix;
+    their weight is 0.
+    """
+    split = data.split(split_name)
+    users = np.asarray(users, np.int64)
+    if users.ndim != 1 or (len(users) and (users.min() < 0 or users.max() >= data.n_users)):
+        raise ValueError(f"users must be a 1-D array of dense ids in 0..{data.n_users - 1}")
+    starts = split.starts[users]  # [B]
+    lengths = split.ends[users] - starts  # [B]
+    longest = int(lengths.max()) if len(users) else 0
+    if width is None:
+        width = 1 << max(longest - 1, 0).bit_length()  # next power of two >= longest, >= 1
+    elif longest > width:
+        raise ValueError(
+            f"history width {width} is shorter than a prefix of {longest} items in this batch: "
+            "masking would miss items; pass width=None or a larger width"
+        )
+    col = np.arange(width)  # [H]
+    inside = col[None, :] < lengths[:, None]  # [B, H]
+    idx = np.where(inside, starts[:, None] + col[None, :], 0)
+    return np.where(inside, data.items[idx], 0).astype(np.int32)

@@ -1,0 +1,138 @@
+"""The model contract the trainer and evaluator call, for models that score every item.
+
+A scoring model is a Flax module with `__call__(inputs, train) -> hidden [B, L, D]` and
+`item_table() -> [V, D]` (row 0 = padding). `ScoringModel` wraps it into the pure functions of
+ARCHITECTURE.md: `init`, `loss(params, batch, rng) -> (scalar, metrics)` and
+`user_state(params, batch) -> [B, D]`, scored against `item_table(params)` by the shared ranker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from onerec_jax.errors import ConfigError
+from onerec_jax.training import losses
+
+
+@dataclasses.dataclass(frozen=True)
+class DataInfo:
+    """What models may know about the data: sizes and per-item arrays (dense ids, row 0 = pad)."""
+
+    n_items: int  # real items; vocabulary V = n_items + 1
+    max_len: int
+    item_counts: np.ndarray  # [V] training interactions per item (0 for the padding row)
+    item_genres: np.ndarray | None = None  # [V, G] float32 multi-hot genres
+    item_year_bucket: np.ndarray | None = None  # [V] int32 year bucket, 0 = unknown
+
+    @property
+    def vocab_size(self) -> int:
+        return self.n_items + 1
+
+
+def next_item_loss(
+    cfg: ml_collections.ConfigDict, hidden, table, targets, mask, rng, item_log_probs
+) -> tuple[jax.Array, jax.Array]:
+    """(loss_sum, count) of `cfg.name` over flattened positions; see training/losses.py."""
+    d = hidden.shape[-1]
+    hidden, targets, mask = hidden.reshape(-1, d), targets.reshape(-1), mask.reshape(-1)
+    if cfg.name == "full_softmax":
+        return losses.full_softmax_xent(
+            hidden,
+            table,
+            targets,
+            mask,
+            chunk_size=cfg.chunk_size,
+            label_smoothing=cfg.label_smoothing,
+        )
+    if cfg.name == "sampled_softmax":
+        pool = None
+        rng, pool_rng = jax.random.split(rng)
+        if cfg.hard_negatives > 0:
+            pool = jax.random.randint(pool_rng, (cfg.hard_pool_size,), 1, table.shape[0])
+        return losses.sampled_softmax_xent(
+            hidden,
+            table,
+            targets,
+            mask,
+            rng,
+            n_negatives=cfg.n_negatives,
+            sampler=cfg.sampler,
+            item_log_probs=item_log_probs if cfg.sampler == "popularity" or cfg.logq else None,
+            in_batch=cfg.in_batch,
+            logq_correction=cfg.logq,
+            hard_negatives=cfg.hard_negatives,
+            hard_pool=pool,
+        )
+    if cfg.name == "bce":
+        return losses.bce_one_negative(hidden, table, targets, mask, rng)
+    raise ConfigError(f"loss.name={cfg.name!r}: use 'full_softmax', 'sampled_softmax' or 'bce'.")
+
+
+class ScoringModel:
+    """Pure functions over a scoring module; subclasses may add auxiliary losses."""
+
+    def __init__(self, module: nn.Module, config: ml_collections.ConfigDict, info: DataInfo):
+        self.module, self.config, self.info = module, config, info
+        counts = np.asarray(info.item_counts, np.float64)
+        probs = counts / max(counts.sum(), 1.0)
+        with np.errstate(divide="ignore"):
+            log_probs = np.where(counts > 0, np.log(np.maximum(probs, 1e-30)), -np.inf)
+        log_probs[0] = -np.inf
+        if not np.isfinite(log_probs[1:]).all():  # unseen items keep a tiny sampling chance
+            log_probs[1:] = np.where(np.isfinite(log_probs[1:]), log_probs[1:], np.log(1e-12))
+        self.item_log_probs = jnp.asarray(log_probs, jnp.float32)  # [V]
+
+    def init(self, rng: jax.Array, batch: dict[str, Any]):
+        """Boxed (logically partitioned) params for a batch of this shape."""
+        return self.module.init({"params": rng}, batch["inputs"], train=False)["params"]
+
+    def apply(self, params, inputs, *, train: bool, rng=None, method=None):
+        rngs = {"dropout": rng} if rng is not None else {}
+        return self.module.apply({"params": params}, inputs, train=train, rngs=rngs, method=method)
+
+    def item_table(self, params) -> jax.Array:
+        """[V, D] output embeddings, row 0 = padding."""
+        return self.module.apply({"params": params}, method=self.module.item_table)
+
+    def user_state(self, params, batch) -> jax.Array:
+        """[B, D]: the hidden state at the last (most recent) position of left-padded inputs."""
+        return self.apply(params, batch["inputs"], train=False)[:, -1]
+
+    def loss(self, params, batch, rng) -> tuple[jax.Array, dict[str, jax.Array]]:
+        drop_rng, loss_rng = jax.random.split(rng)
+        hidden = self.apply(params, batch["inputs"], train=True, rng=drop_rng)
+        table = self.item_table(params)
+        total, count = next_item_loss(
+            self.config.loss,
+            hidden,
+            table,
+            batch["targets"],
+            batch["mask"],
+            loss_rng,
+            self.item_log_probs,
+        )
+        loss = total / jnp.maximum(count, 1.0)
+        return loss, {"loss": loss, "tokens": count}
+
+
+def build_model(config: ml_collections.ConfigDict, info: DataInfo) -> ScoringModel:
+    """`onerec_jax.models.<config.model.name>.build(config, info)`: one file per model."""
+    name = config.model.name
+    try:
+        module = importlib.import_module(f"onerec_jax.models.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"onerec_jax.models.{name}":
+            raise
+        raise ConfigError(
+            f"model.name={name!r}: no file onerec_jax/models/{name}.py. Pick an existing model "
+            "(e.g. sasrec, onerec) or add that file."
+        ) from None
+    return module.build(config, info)

@@ -1,0 +1,176 @@
+"""OneRec, item head: behaviour sequence -> fused item embeddings -> causal Transformer -> items.
+
+Item embedding layer: an id embedding plus optional side-feature embeddings (genres as a mean of
+genre embeddings, release year as a bucket embedding; semantic ids arrive with the tokenizer
+issue), fused by sum or by concatenation and a projection. Encoder: pre-RMSNorm blocks with
+SwiGLU feed-forward and rotary or learned positions. The prediction layer scores the same fused
+item embeddings, so side features reach items with few interactions. An optional auxiliary loss
+reconstructs masked input items from the encoder (`model.aux_weight`, `model.aux_mask_prob`).
+The semantic-id decoder head of the generative-retrieval issue will join this file.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from onerec_jax.errors import ConfigError
+from onerec_jax.models import layers
+from onerec_jax.models.base import DataInfo, ScoringModel, next_item_loss
+from onerec_jax.training.optim import compute_dtype
+
+
+class OneRecItemHead(nn.Module):
+    vocab_size: int  # items + padding; the reconstruction mask token is id vocab_size
+    max_len: int
+    item_genres: np.ndarray | None = None  # [V, G] multi-hot, or None without genre features
+    item_year_bucket: np.ndarray | None = None  # [V] int32, or None without year features
+    n_year_buckets: int = 1
+    fusion: str = "sum"  # "sum" or "concat" (concatenate, then project to dim)
+    positions: str = "rotary"  # "rotary", "learned" or "none"
+    dim: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    mlp_dim: int = 128
+    dropout: float = 0.1
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        init = nn.with_logical_partitioning(
+            nn.initializers.normal(self.dim**-0.5), ("vocab", "embed")
+        )
+        # Row vocab_size is the [MASK] token of the reconstruction loss, never scored.
+        self.id_embedding = nn.Embed(
+            self.vocab_size + 1, self.dim, dtype=self.dtype, embedding_init=init
+        )
+        side = nn.with_logical_partitioning(nn.initializers.normal(self.dim**-0.5), (None, "embed"))
+        if self.item_genres is not None:
+            self.genre_embedding = self.param(
+                "genre_embedding", side, (self.item_genres.shape[1], self.dim)
+            )
+        if self.item_year_bucket is not None:
+            self.year_embedding = self.param(
+                "year_embedding", side, (self.n_year_buckets, self.dim)
+            )
+        if self.fusion == "concat":
+            self.fuse = nn.Dense(
+                self.dim,
+                dtype=self.dtype,
+                name="fuse",
+                kernel_init=layers.dense_init((None, "embed")),
+            )
+        elif self.fusion != "sum":
+            raise ConfigError(f"model.fusion={self.fusion!r}: use 'sum' or 'concat'.")
+        if self.positions == "learned":
+            self.position_embedding = self.param(
+                "position_embedding",
+                nn.with_logical_partitioning(nn.initializers.normal(0.02), ("length", "embed")),
+                (self.max_len, self.dim),
+            )
+        elif self.positions not in ("rotary", "none"):
+            raise ConfigError(f"model.positions={self.positions!r}: use rotary, learned or none.")
+        self.blocks = [
+            layers.Block(
+                self.num_heads,
+                self.mlp_dim,
+                self.dropout,
+                "rmsnorm",
+                True,
+                "swiglu",
+                self.positions == "rotary",
+                self.dtype,
+                name=f"block_{i}",
+            )
+            for i in range(self.num_layers)
+        ]
+        self.final_norm = nn.RMSNorm(dtype=self.dtype, epsilon=1e-6)
+        self.dropout_layer = nn.Dropout(self.dropout)
+
+    def embed_items(self, ids: jax.Array) -> jax.Array:
+        """[...] item ids (incl. padding 0 and the mask token) -> fused embeddings [..., D]."""
+        parts = [self.id_embedding(ids)]
+        real = ids < self.vocab_size  # the mask token has no side features
+        safe = jnp.where(real, ids, 0)
+        if self.item_genres is not None:
+            genres = jnp.asarray(self.item_genres)[safe]  # [..., G]
+            genres = genres / jnp.maximum(genres.sum(-1, keepdims=True), 1.0)
+            parts.append((genres @ self.genre_embedding).astype(self.dtype) * real[..., None])
+        if self.item_year_bucket is not None:
+            year = jnp.asarray(self.item_year_bucket)[safe]
+            parts.append(self.year_embedding[year].astype(self.dtype) * real[..., None])
+        if self.fusion == "concat":
+            return self.fuse(jnp.concatenate(parts, axis=-1))
+        return sum(parts[1:], parts[0])
+
+    def __call__(self, inputs, *, train: bool):
+        """inputs [B, L] left-padded item ids (may hold the mask token) -> hidden [B, L, D]."""
+        length = inputs.shape[1]
+        positions = layers.positions_from_end(length)
+        x = self.embed_items(inputs)  # [B, L, D]
+        if self.positions == "learned":
+            x = x + self.position_embedding[positions].astype(self.dtype)
+        x = self.dropout_layer(x, deterministic=not train)
+        x = x * (inputs > 0)[..., None]
+        mask = layers.attention_mask(inputs, causal=True)
+        for block in self.blocks:
+            x = block(x, mask, positions, train=train)
+        return self.final_norm(x)
+
+    def item_table(self):
+        """[V, D] fused embeddings of every item (row 0 = padding): the prediction layer."""
+        return self.embed_items(jnp.arange(self.vocab_size))
+
+
+class OneRecItemModel(ScoringModel):
+    """Next-item loss plus the optional masked-input reconstruction loss."""
+
+    def loss(self, params, batch, rng):
+        loss, metrics = super().loss(params, batch, rng)
+        m = self.config.model
+        if m.aux_weight <= 0:
+            return loss, metrics
+        mask_rng, drop_rng, loss_rng = jax.random.split(jax.random.fold_in(rng, 1), 3)
+        inputs = batch["inputs"]
+        masked = (jax.random.uniform(mask_rng, inputs.shape) < m.aux_mask_prob) & (inputs > 0)
+        corrupted = jnp.where(masked, self.info.vocab_size, inputs)  # the [MASK] token
+        hidden = self.apply(params, corrupted, train=True, rng=drop_rng)
+        table = self.item_table(params)
+        total, count = next_item_loss(
+            self.config.loss, hidden, table, inputs, masked, loss_rng, self.item_log_probs
+        )
+        aux = total / jnp.maximum(count, 1.0)
+        metrics = {**metrics, "next_item_loss": loss, "aux_loss": aux}
+        total_loss = loss + m.aux_weight * aux
+        metrics["loss"] = total_loss
+        return total_loss, metrics
+
+
+def build(config: ml_collections.ConfigDict, info: DataInfo) -> ScoringModel:
+    m = config.model
+    features = set(m.side_features)
+    unknown = features - {"genres", "year"}
+    if unknown:
+        raise ConfigError(f"model.side_features has unknown {sorted(unknown)}: use genres, year.")
+    genres = info.item_genres if "genres" in features else None
+    years = info.item_year_bucket if "year" in features else None
+    if ("genres" in features and genres is None) or ("year" in features and years is None):
+        raise ConfigError("model.side_features asks for item features this dataset lacks.")
+    module = OneRecItemHead(
+        vocab_size=info.vocab_size,
+        max_len=info.max_len,
+        item_genres=None if genres is None else np.asarray(genres, np.float32),
+        item_year_bucket=None if years is None else np.asarray(years, np.int32),
+        n_year_buckets=1 if years is None else int(np.max(years)) + 1,
+        fusion=m.fusion,
+        positions=m.positions,
+        dim=m.dim,
+        num_layers=m.num_layers,
+        num_heads=m.num_heads,
+        mlp_dim=m.mlp_dim,
+        dropout=m.dropout,
+        dtype=compute_dtype(config.train.compute_dtype),
+    )
+    return OneRecItemModel(module, config, info)

@@ -1,0 +1,357 @@
+"""Next-item losses over an item catalogue: full, sampled and one-negative softmax/BCE.
+
+Every loss is a pure, jittable function of
+
+  hidden   [N, D]  sequence outputs, flattened over batch * positions
+  table    [V, D]  item output embedding; row 0 is the padding item, never a target or negative
+  targets  [N]     int32 item ids in 0..V-1
+  mask     [N]     bool, False on padding positions
+
+and returns `(loss_sum, count)` as float32 scalars: the loss summed over valid positions and
+the number of valid positions, so callers can average over a global batch or accumulate
+exactly (`mean = loss_sum / max(count, 1)`). Masked rows are zeroed *before* any arithmetic,
+so a NaN or inf in a padding row reaches neither the loss nor the gradient. Logits are always
+computed in float32, also for bf16 inputs. Option arguments (sizes, names, flags) are static
+Python values; arrays may be traced.
+"""
+
+import inspect
+import math
+
+import jax
+import jax.numpy as jnp
+
+from onerec_jax.errors import ConfigError
+
+SAMPLERS = ("uniform", "popularity")
+
+
+def _valid_rows(hidden: jax.Array, mask: jax.Array) -> jax.Array:
+    # `where`, not a product: its gradient is a select, so 0 * inf cannot make a NaN.
+    return jnp.where(mask[:, None], hidden, jnp.zeros((), hidden.dtype))
+
+
+def _sum_and_count(row_loss: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    loss_sum = jnp.sum(jnp.where(mask, row_loss, 0.0)).astype(jnp.float32)
+    return loss_sum, jnp.sum(mask).astype(jnp.float32)
+
+
+def _row_dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Row-wise dot product in float32: [N, D] x [N, D] -> [N]."""
+    return jnp.sum(a.astype(jnp.float32) * b.astype(jnp.float32), axis=-1)
+
+
+def _check_vocab(vocab_size: int, minimum: int, loss: str) -> None:
+    if vocab_size < minimum:
+        raise ConfigError(
+            f"{loss} needs a table of at least {minimum} rows (padding + {minimum - 1} items), "
+            f"got {vocab_size}"
+        )
+
+
+# ----------------------------------------------------------------------------- full softmax
+
+
+def full_softmax_xent(
+    hidden: jax.Array,
+    table: jax.Array,
+    targets: jax.Array,
+    mask: jax.Array,
+    *,
+    chunk_size: int = 8192,
+    label_smoothing: float = 0.0,
+) -> tuple[jax.Array, jax.Array]:
+    """Cross-entropy over all real items 1..V-1, without materialising [N, V] logits.
+
+    The table is padded to a multiple of `chunk_size` and scanned chunk by chunk with an
+    online logsumexp (running max and rescaled running sum). The scan body is rematerialised
+    (`jax.checkpoint`), so the backward pass also holds one [N, chunk] block at a time; the
+    gradient equals the dense softmax's.
+
+    Args:
+      chunk_size: items scored per scan step (clipped to V).
+      label_smoothing: eps; the target distribution is (1 - eps) one-hot + eps uniform over
+        the V - 1 real items. The uniform part needs the sum of all logits, which is linear:
+        sum_j h . t_j = h . (sum_j t_j), one [D] vector instead of a running sum.
+    """
+    vocab_size = table.shape[0]
+    _check_vocab(vocab_size, 2, "full_softmax_xent")
+    dtype = jnp.promote_types(hidden.dtype, table.dtype)
+    h = _valid_rows(hidden, mask).astype(dtype)  # [N, D]
+    table = table.astype(dtype)
+
+    chunk = max(1, min(chunk_size, vocab_size))
+    n_chunks = -(-vocab_size // chunk)
+    padded = jnp.pad(table, ((0, n_chunks * chunk - vocab_size), (0, 0)))
+    chunks = padded.reshape(n_chunks, chunk, table.shape[1])  # [n_chunks, chunk, D]
+    starts = jnp.arange(n_chunks, dtype=jnp.int32) * chunk
+
+    @jax.checkpoint
+    def step(carry, xs):
+        run_max, run_sum = carry  # [N], [N]
+        rows, start = xs
+        ids = start + jnp.arange(chunk, dtype=jnp.int32)
+        # bf16 x bf16 products are exact in f32; preferred_element_type keeps the f32 accumulate.
+        logits = jnp.einsum("nd,cd->nc", h, rows, preferred_element_type=jnp.float32)
+        logits = jnp.where((ids >= 1) & (ids < vocab_size), logits, -jnp.inf)  # [N, chunk]
+        # The logsumexp does not depend on the shift, so the max carries no gradient.
+        new_max = jnp.maximum(run_max, jax.lax.stop_gradient(jnp.max(logits, axis=-1)))
+        run_sum = run_sum * jnp.exp(run_max - new_max) + jnp.sum(
+            jnp.exp(logits - new_max[:, None]), axis=-1
+        )
+        return (new_max, run_sum), None
+
+    n_rows = h.shape[0]
+    # A finite lowest start: exp(start - start) stays 1, never exp(-inf + inf) = NaN.
+    init = (
+        jnp.full((n_rows,), jnp.finfo(jnp.float32).min, jnp.float32),
+        jnp.zeros((n_rows,), jnp.float32),
+    )
+    (run_max, run_sum), _ = jax.lax.scan(step, init, (chunks, starts))
+    lse = run_max + jnp.log(run_sum)  # [N]
+
+    target_logit = _row_dot(h, table[targets])
+    row_loss = lse - (1.0 - label_smoothing) * target_logit
+    if label_smoothing:
+        item_sum = jnp.sum(table[1:].astype(jnp.float32), axis=0)  # [D]
+        mean_logit = (h.astype(jnp.float32) @ item_sum) / (vocab_size - 1)
+        row_loss = row_loss - label_smoothing * mean_logit
+    return _sum_and_count(row_loss, mask)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def sampler_log_probs(
+    vocab_size: int, sampler: str = "uniform", item_log_probs: jax.Array | None = None
+) -> jax.Array:
+    """[V] normalised log-probabilities of one draw of `sampler`; -inf for item 0."""
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"unknown negative sampler {sampler!r}; valid samplers: {SAMPLERS}")
+    if sampler == "uniform":
+        logq = jnp.full((vocab_size,), -math.log(vocab_size - 1), jnp.float32)
+        return logq.at[0].set(-jnp.inf)
+    if item_log_probs is None:
+        raise ConfigError("sampler='popularity' needs item_log_probs [V] (log item frequencies)")
+    return _normalised(item_log_probs, vocab_size)
+
+
+def _normalised(item_log_probs: jax.Array, vocab_size: int) -> jax.Array:
+    if item_log_probs.shape != (vocab_size,):
+        raise ConfigError(
+            f"item_log_probs must have shape ({vocab_size},) like the table, "
+            f"got {item_log_probs.shape}"
+        )
+    # Item 0 is never drawn, whatever the caller put there; counts need not be normalised.
+    logits = item_log_probs.astype(jnp.float32).at[0].set(-jnp.inf)
+    return jax.nn.log_softmax(logits)
+
+
+def sample_negatives(
+    rng: jax.Array,
+    n: int,
+    vocab_size: int,
+    *,
+    sampler: str = "uniform",
+    item_log_probs: jax.Array | None = None,
+) -> jax.Array:
+    """[n] int32 item ids drawn with replacement from 1..V-1, uniformly or by popularity."""
+    logq = sampler_log_probs(vocab_size, sampler, item_log_probs)
+    if sampler == "uniform":
+        return jax.random.randint(rng, (n,), 1, vocab_size, dtype=jnp.int32)
+    return jax.random.categorical(rng, logq, shape=(n,)).astype(jnp.int32)
+
+
+def select_hard_negatives(
+    hidden: jax.Array, table: jax.Array, targets: jax.Array, pool: jax.Array, k: int
+) -> jax.Array:
+    """Per row, the k highest-scoring pool items other than the row's target: [N, k] ids.
+
+    Pool entries equal to 0 or to the target are skipped; where fewer than k remain, the
+    slot holds 0 (the padding id), which the loss scores as -inf.
+    """
+    if k > pool.shape[0]:
+        raise ConfigError(f"hard_negatives={k} exceeds the hard_pool size {pool.shape[0]}")
+    pool_rows = table[pool]  # [P, D]
+    scores = jnp.einsum("nd,pd->np", hidden, pool_rows, preferred_element_type=jnp.float32)
+    excluded = (pool[None, :] == targets[:, None]) | (pool[None, :] == 0)
+    scores = jax.lax.stop_gradient(jnp.where(excluded, -jnp.inf, scores))
+    top, idx = jax.lax.top_k(scores, k)  # [N, k]
+    return jnp.where(jnp.isfinite(top), pool[idx], 0).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------- sampled softmax
+
+
+def sampled_softmax_xent(
+    hidden: jax.Array,
+    table: jax.Array,
+    targets: jax.Array,
+    mask: jax.Array,
+    rng: jax.Array | None,
+    *,
+    n_negatives: int | None = None,
+    sampler: str = "uniform",
+    item_log_probs: jax.Array | None = None,
+    in_batch: bool = True,
+    logq_correction: bool = True,
+    hard_negatives: int = 0,
+    hard_pool: jax.Array | None = None,
+    negatives: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Softmax over [target, shared sampled negatives, in-batch targets, hard negatives].
+
+    Each row's candidates are its target, `n_negatives` ids drawn once for the whole batch
+    (with replacement, from `sampler`) or the explicit `negatives [M]`, and if `in_batch` the
+    targets of the other valid positions. Accidental hits (a negative equal to the row's own
+    target, also a repeat of that item elsewhere in the batch) get -inf, as with TF's
+    `remove_accidental_hits`, and so does an explicit negative id 0; padding positions are
+    never in-batch negatives.
+
+    logQ correction (Yi et al. 2019; TF `subtract_log_q`): the shared and in-batch negatives
+    form one multiset, and every negative occurrence of item j has its logit lowered by
+    log E[count_j], its expected number of occurrences there:
+
+      E[count_j] = M * q(j) + B * p(j)
+
+    with M shared draws from the sampler distribution q, B = (valid positions - 1) in-batch
+    negatives per row, and p the in-batch frequency proxy: softmax(item_log_probs) when given,
+    else uniform 1/(V-1). Then sum over occurrences of exp(s_j) / E[count_j] is an unbiased
+    estimate of the full partition function without the target, and the loss estimates the
+    full softmax loss (with all items as explicit negatives, q uniform and
+    logq_correction=False it *is* the full softmax). Unlike TF, the target logit is not
+    corrected: it is always a candidate, not a draw. With a uniform sampler and no
+    item_log_probs the correction is the constant log((M + B) / (V - 1)).
+
+    Hard negatives (if `hard_negatives > 0`): per row, the `hard_negatives` highest-scoring
+    non-target items of `hard_pool [P]` under the current hidden (see
+    `select_hard_negatives`). Only the selection is under stop_gradient; the chosen items'
+    logits get gradients. They are deliberate, biased negatives and get no logQ correction.
+
+    Args:
+      rng: key for the shared draws; may be None when `negatives` is given.
+      n_negatives: number of shared draws; omitted (or equal to M) with `negatives`.
+      sampler: "uniform" over 1..V-1, or "popularity" from item_log_probs.
+      item_log_probs: [V] log item frequencies (any additive constant; item 0 is ignored).
+        Give every possible target a finite value (e.g. add-one counts): an item with zero
+        expected count is left uncorrected.
+      negatives: explicit shared negative ids [M], instead of drawing them.
+    """
+    vocab_size = table.shape[0]
+    _check_vocab(vocab_size, 2, "sampled_softmax_xent")
+    if negatives is None:
+        if n_negatives is None:
+            raise ConfigError("sampled_softmax_xent needs n_negatives (or explicit negatives)")
+        if n_negatives and rng is None:
+            raise ConfigError("sampled_softmax_xent needs an rng to draw its negatives")
+        negatives = sample_negatives(
+            rng, n_negatives, vocab_size, sampler=sampler, item_log_probs=item_log_probs
+        )
+    elif n_negatives is not None and n_negatives != negatives.shape[0]:
+        raise ConfigError(f"n_negatives={n_negatives} but {negatives.shape[0]} negatives given")
+    if hard_negatives and hard_pool is None:
+        raise ConfigError("hard_negatives > 0 needs hard_pool [P] (candidate item ids)")
+
+    h = _valid_rows(hidden, mask).astype(jnp.float32)  # [N, D]
+    target_rows = table[targets].astype(jnp.float32)  # [N, D]
+    pos = jnp.sum(h * target_rows, axis=-1)  # [N]
+    hit = (negatives[None, :] == targets[:, None]) | (negatives[None, :] == 0)  # [N, M]
+    shared = jnp.where(hit, -jnp.inf, h @ table[negatives].astype(jnp.float32).T)  # [N, M]
+    blocks = [pos[:, None], shared]
+
+    if in_batch:
+        # Columns: other positions' targets; drop padding columns and same-item accidental hits
+        # (this also drops the diagonal, the row's own positive).
+        usable = mask[None, :] & (targets[None, :] != targets[:, None])  # [N, N]
+        blocks.append(jnp.where(usable, h @ target_rows.T, -jnp.inf))
+
+    if logq_correction:
+        n_shared = negatives.shape[0]
+        expected = n_shared * jnp.exp(sampler_log_probs(vocab_size, sampler, item_log_probs))
+        if in_batch:
+            if item_log_probs is None:
+                freq = jnp.full((vocab_size,), 1.0 / (vocab_size - 1), jnp.float32)
+            else:
+                freq = jnp.exp(_normalised(item_log_probs, vocab_size))
+            n_in_batch = jnp.maximum(jnp.sum(mask) - 1, 0).astype(jnp.float32)
+            expected = expected + n_in_batch * freq
+        # An item with zero expected count (impossible under q and p) stays uncorrected
+        # rather than getting an infinite logit; the double `where` keeps gradients finite.
+        safe = jnp.where(expected > 0, expected, 1.0)
+        log_expected = jnp.where(expected > 0, jnp.log(safe), 0.0)  # [V]
+        blocks[1] = shared - log_expected[negatives][None, :]
+        if in_batch:
+            blocks[2] = blocks[2] - log_expected[targets][None, :]
+
+    if hard_negatives:
+        hard_ids = select_hard_negatives(h, table, targets, hard_pool, hard_negatives)  # [N, k]
+        hard = jnp.einsum("nd,nkd->nk", h, table[hard_ids].astype(jnp.float32))
+        blocks.append(jnp.where(hard_ids == 0, -jnp.inf, hard))
+
+    logits = jnp.concatenate(blocks, axis=1)  # [N, 1 + M (+ N) (+ k)]
+    row_loss = jax.nn.logsumexp(logits, axis=-1) - pos
+    return _sum_and_count(row_loss, mask)
+
+
+# ----------------------------------------------------------------------------- SASRec BCE
+
+
+def bce_one_negative(
+    hidden: jax.Array,
+    table: jax.Array,
+    targets: jax.Array,
+    mask: jax.Array,
+    rng: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """SASRec's loss: -log sigmoid(s_pos) - log(1 - sigmoid(s_neg)) per valid position.
+
+    One negative per position, uniform over the items 1..V-1 other than the target: draw r
+    uniformly from 1..V-2 and shift it past the target (r >= target -> r + 1).
+    """
+    vocab_size = table.shape[0]
+    _check_vocab(vocab_size, 3, "bce_one_negative")
+    h = _valid_rows(hidden, mask)
+    r = jax.random.randint(rng, targets.shape, 1, vocab_size - 1, dtype=jnp.int32)
+    neg = r + (r >= targets).astype(jnp.int32)
+    pos_logit = _row_dot(h, table[targets])
+    neg_logit = _row_dot(h, table[neg])
+    # -log sigmoid(x) = softplus(-x) and -log(1 - sigmoid(x)) = softplus(x), both stable.
+    row_loss = jax.nn.softplus(-pos_logit) + jax.nn.softplus(neg_logit)
+    return _sum_and_count(row_loss, mask)
+
+
+# ----------------------------------------------------------------------------- by name
+
+LOSSES = {
+    "full_softmax": full_softmax_xent,
+    "sampled_softmax": sampled_softmax_xent,
+    "bce": bce_one_negative,
+}
+
+
+def compute_loss(
+    name: str,
+    hidden: jax.Array,
+    table: jax.Array,
+    targets: jax.Array,
+    mask: jax.Array,
+    rng: jax.Array | None = None,
+    **options,
+) -> tuple[jax.Array, jax.Array]:
+    """Runs the loss `name` from LOSSES with its own options; rng only where it takes one.
+
+    Raises ConfigError (a ValueError) for an unknown loss or an option the loss does not take.
+    """
+    if name not in LOSSES:
+        raise ConfigError(f"unknown loss {name!r}; valid losses: {', '.join(LOSSES)}")
+    fn = LOSSES[name]
+    params = inspect.signature(fn).parameters
+    accepted = [p.name for p in params.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ConfigError(
+            f"loss {name!r} does not take option(s) {unknown}; it takes: {', '.join(accepted)}"
+        )
+    if "rng" in params:
+        return fn(hidden, table, targets, mask, rng, **options)
+    return fn(hidden, table, targets, mask, **options)

@@ -1,0 +1,268 @@
+"""`train_and_evaluate(config, workdir)`: the sharded train loop, validation, early stopping, test.
+
+One jitted step with donated state over the config's mesh; validation NDCG@10 every
+`train.eval_every_steps` (default: once an epoch) picks the checkpoint; test is computed once, on
+the best checkpoint. A run killed at any moment and restarted with the same command continues
+from its last checkpoint and produces the same later losses as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from onerec_jax.data import dataset, item_arrays, pipeline
+from onerec_jax.errors import UserError
+from onerec_jax.evaluation.evaluator import Evaluator
+from onerec_jax.models.base import DataInfo, build_model
+from onerec_jax.training import checkpointing, optim, sharding
+from onerec_jax.training.logger import MetricLogger
+
+SELECT_METRIC = "val/ndcg@10"
+
+
+class TrainingError(UserError):
+    """Training cannot go on (e.g. a non-finite loss); the message says what to change."""
+
+
+def data_info(data, items, max_len: int) -> DataInfo:
+    genres = years = None
+    if items is not None and len(items):
+        genres, _ = item_arrays.genre_multi_hot(data, items)
+        years = item_arrays.year_buckets(data, items)
+    return DataInfo(
+        n_items=data.n_items,
+        max_len=max_len,
+        item_counts=item_arrays.train_counts(data),
+        item_genres=genres,
+        item_year_bucket=years,
+    )
+
+
+def _count_params(params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+
+
+class Trainer:
+    """Holds the jitted step, the state and its shardings for one config."""
+
+    def __init__(self, config: ml_collections.ConfigDict, data, items):
+        self.config, self.data = config, data
+        c = config
+        devices = jax.devices()[: c.mesh.num_devices] if c.mesh.num_devices else None
+        self.mesh = sharding.make_mesh(c.mesh.shape, devices)
+        self.rules = sharding.rules_from_config(c.mesh.rules)
+        jax.set_mesh(self.mesh)
+        nn.set_logical_axis_rules(self.rules)  # global, before any trace (JAX_GUIDE.md)
+        self.info = data_info(data, items, c.data.max_len)
+        self.model = build_model(c, self.info)
+        windows = pipeline.training_windows(
+            data, max_len=c.data.max_len, stride=c.data.window_stride or None
+        )
+        self.steps_per_epoch = max(len(windows) // c.train.batch_size, 1)
+        self.total_steps = c.train.num_steps or c.train.num_epochs * self.steps_per_epoch
+        updates = max(self.total_steps // c.optim.accumulate_steps, 1)
+        self.tx, self.schedule = optim.make_optimizer(c.optim, updates)
+        self.eval_every = c.train.eval_every_steps or self.steps_per_epoch
+
+        local = c.train.batch_size // jax.process_count()
+        dummy = {"inputs": jnp.zeros((local, c.data.max_len), jnp.int32)}
+
+        def init_fn(rng):
+            params = self.model.init(rng, dummy)
+            return {"params": params, "opt_state": self.tx.init(params), "step": jnp.int32(0)}
+
+        self._init_fn = init_fn
+        abstract = jax.eval_shape(init_fn, jax.random.key(0))
+        self.state_sharding = sharding.state_shardings(abstract, self.mesh, self.rules)
+        self.abstract_state = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            nn.unbox(abstract),
+            nn.unbox(self.state_sharding),
+        )
+        self.train_step = jax.jit(self._train_step, donate_argnums=0)
+
+    def init_state(self, seed: int):
+        init = jax.jit(self._init_fn, out_shardings=self.state_sharding)
+        return nn.unbox(init(jax.random.key(seed)))
+
+    def _train_step(self, state, batch, rng):
+        rng = jax.random.fold_in(rng, state["step"])
+        grad_fn = jax.value_and_grad(self.model.loss, has_aux=True)
+        (loss, metrics), grads = grad_fn(state["params"], batch, rng)
+        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {
+            **metrics,
+            "grad_norm": optax.global_norm(grads),
+            "lr": self.schedule(state["step"] // self.config.optim.accumulate_steps),
+        }
+        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+    def batches(self, seed: int):
+        c = self.config
+        return pipeline.train_dataset(
+            self.data,
+            max_len=c.data.max_len,
+            batch_size=c.train.batch_size,
+            seed=seed,
+            stride=c.data.window_stride or None,
+            bucket_boundaries=tuple(c.data.bucket_boundaries) or None,
+            worker_count=c.data.worker_count,
+        )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Trains `config` in `workdir` (resuming if it holds checkpoints); returns results.json."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+    if is_main:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    data, items = dataset.load_data(config.data)
+    trainer = Trainer(config, data, items)
+    evaluator = Evaluator(trainer.model, data, config, trainer.mesh, trainer.rules)
+    ckpt = checkpointing.Checkpointer(workdir / "checkpoints", metric=SELECT_METRIC)
+    data_iter = iter(trainer.batches(config.seed))
+    rng = jax.random.key(config.seed)
+    meta = {
+        "best": -math.inf,
+        "best_step": None,
+        "bad_evals": 0,
+        "train_seconds": 0.0,
+        "eval_seconds": 0.0,
+        "history": [],
+    }
+    latest = ckpt.latest_step()
+    if latest is None:
+        state = trainer.init_state(config.seed)
+    else:
+        abstract = trainer.abstract_state
+        params, opt_state, meta = ckpt.restore(
+            latest,
+            abstract_params=abstract["params"],
+            abstract_opt_state=abstract["opt_state"],
+            data_iter=data_iter,
+        )
+        state = {
+            "params": params,
+            "opt_state": opt_state,
+            "step": jax.device_put(jnp.int32(latest)),
+        }
+        logging.info("resumed from step %d in %s", latest, workdir)
+    n_params = _count_params(state["params"])
+    logger = MetricLogger(workdir, enabled=is_main)
+    step = int(state["step"])
+    progress = logger.progress(trainer.total_steps, step, enabled=config.train.progress and is_main)
+    window = {"start": time.perf_counter(), "tokens": 0.0, "steps": 0}
+    stopped_early = meta["bad_evals"] >= config.train.patience  # a finished run stays finished
+    while step < trainer.total_steps and not stopped_early:
+        batch = sharding.global_batch(next(data_iter), trainer.mesh, trainer.rules)
+        state, step_metrics = trainer.train_step(state, batch, rng)
+        step += 1
+        window["steps"] += 1
+        is_eval = step % trainer.eval_every == 0 or step == trainer.total_steps
+        if step % config.train.log_every_steps == 0 or is_eval:
+            host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+            _check_finite(host, step, ckpt)
+            elapsed = time.perf_counter() - window["start"]
+            host["tokens_per_s"] = host["tokens"] * window["steps"] / max(elapsed, 1e-9)
+            meta["train_seconds"] += elapsed
+            logger.write(step, {f"train/{k}": v for k, v in host.items()})
+            progress.update(step, host["loss"], host["tokens_per_s"])
+            window = {"start": time.perf_counter(), "tokens": 0.0, "steps": 0}
+        if is_eval:
+            val, _ = evaluator.evaluate(state["params"], "valid")
+            meta["eval_seconds"] += val["seconds"]
+            score = val["ndcg@10"]
+            improved = score > meta["best"]
+            if improved:
+                meta.update(best=score, best_step=step, bad_evals=0)
+            else:
+                meta["bad_evals"] += 1
+            meta["history"].append([step, meta["train_seconds"], score])
+            logger.write(step, {f"val/{k}": v for k, v in val.items() if "@" in k or k == "mrr"})
+            ckpt.save(
+                step,
+                params=state["params"],
+                opt_state=state["opt_state"],
+                data_iter=data_iter,
+                meta=meta,
+                metrics={SELECT_METRIC: score},
+            )
+            stopped_early = meta["bad_evals"] >= config.train.patience
+            window["start"] = time.perf_counter()
+    progress.close()
+    ckpt.wait()
+    best_step = ckpt.best_step()
+    if best_step is None:
+        raise TrainingError(f"{workdir}: no validated checkpoint to test; train longer.")
+    params = ckpt.restore_params(best_step, trainer.abstract_state["params"])
+    test, _ = evaluator.evaluate(params, "test")
+    best_val, _ = evaluator.evaluate(params, "valid")
+    results = {
+        "model": config.model.name,
+        "data": {
+            **data.stats(),
+            "source": config.data.release or config.data.synthetic or config.data.path,
+        },
+        "protocol": {
+            "split": "leave-one-out",
+            "mask_history": bool(config.eval.mask_history),
+            "max_len": config.data.max_len,
+            **data.options,
+            "ranking": "full",
+        },
+        "best_step": best_step,
+        "steps": step,
+        "stopped_early": stopped_early,
+        "params": n_params,
+        "train_seconds": meta["train_seconds"],
+        "eval_seconds": meta["eval_seconds"] + test["seconds"],
+        "history": meta["history"],
+        "val": best_val,
+        "test": test,
+    }
+    if is_main:
+        (workdir / "results.json").write_text(json.dumps(results, indent=2))
+        logger.write(best_step, {f"test/{k}": v for k, v in test.items() if "@" in k or k == "mrr"})
+    logger.close()
+    ckpt.close()
+    return results
+
+
+def _check_finite(host: dict[str, float], step: int, ckpt) -> None:
+    if not math.isfinite(host["loss"]):
+        ckpt.wait()
+        raise TrainingError(
+            f"non-finite loss ({host['loss']}) at step {step} (grad norm {host['grad_norm']:.3g}, "
+            f"learning rate {host['lr']:.3g}). The last good checkpoint (step "
+            f"{ckpt.latest_step()}) is kept; lower optim.learning_rate, keep optim.clip_norm > 0 "
+            "or use train.compute_dtype=float32, then rerun."
+        )
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """`--mode eval`: best params onto the devices present, test metrics recomputed."""
+    workdir = Path(workdir)
+    data, items = dataset.load_data(config.data)
+    trainer = Trainer(config, data, items)
+    ckpt = checkpointing.Checkpointer(workdir / "checkpoints", metric=SELECT_METRIC)
+    best = ckpt.best_step()
+    if best is None:
+        raise UserError(f"{workdir / 'checkpoints'}: no checkpoint. Train first (--mode train).")
+    params = ckpt.restore_params(best, trainer.abstract_state["params"])
+    evaluator = Evaluator(trainer.model, data, config, trainer.mesh, trainer.rules)
+    test, _ = evaluator.evaluate(params, "test")
+    ckpt.close()
+    return {"best_step": best, "test": test}

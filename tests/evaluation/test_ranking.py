@@ -1,0 +1,274 @@
+"""Tests for onerec_jax.evaluation.ranking against a slow numpy reference and hand cases."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from onerec_jax.data.sequences import SequenceData
+from onerec_jax.evaluation.ranking import (
+    history_batch,
+    make_ranker,
+    rank_and_topk,
+    rank_and_topk_with,
+)
+
+B, V, D, H = 7, 1000, 16, 12
+
+
+def reference(users, table, targets, history, k, mask_history=True):
+    """Slow float64 numpy reference: ranks, top items (ties by lower id), top scores."""
+    scores = users.astype(np.float64) @ table.astype(np.float64).T  # [B, V]
+    ranks, items, values = [], [], []
+    for b in range(len(users)):
+        s = scores[b].copy()
+        target_score = s[targets[b]]  # as-is, even if masked
+        s[0] = -np.inf
+        if mask_history:
+            for h in history[b]:
+                if h > 0:
+                    s[h] = -np.inf
+        higher = [j for j in range(1, len(s)) if j != targets[b] and s[j] > target_score]
+        ranks.append(1 + len(higher))
+        order = sorted((j for j in range(1, len(s)) if s[j] > -np.inf), key=lambda j: (-s[j], j))
+        order = (order + [0] * k)[:k]
+        items.append(order)
+        values.append([s[j] if j else -np.inf for j in order])
+    return np.array(ranks), np.array(items), np.array(values)
+
+
+def random_case(seed, batch=B, n_rows=V, dim=D, width=H, low=-2, high=3):
+    """Integer-valued embeddings (exact in float32 and bfloat16, many exact ties)."""
+    rng = np.random.default_rng(seed)
+    users = rng.integers(low, high, (batch, dim)).astype(np.float32)
+    table = rng.integers(low, high, (n_rows, dim)).astype(np.float32)
+    targets = rng.integers(1, n_rows, batch).astype(np.int32)
+    history = rng.integers(1, n_rows, (batch, width)).astype(np.int32)
+    history[rng.random((batch, width)) < 0.3] = 0  # padding, anywhere in the row
+    history[history == targets[:, None]] = 0  # the protocol never has the target in history
+    return users, table, targets, history
+
+
+def run(users, table, targets, history, **kw):
+    return [np.asarray(x) for x in rank_and_topk(users, table, targets, history, **kw)]
+
+
+def assert_same(got, want):
+    np.testing.assert_array_equal(got[0], want[0])  # ranks
+    np.testing.assert_array_equal(got[1], want[1])  # top items, in order
+    np.testing.assert_array_equal(got[2], want[2].astype(np.float32))  # top scores
+
+
+@pytest.mark.parametrize(
+    "chunk_size, k",
+    [(8192, 50), (1000, 10), (250, 20), (128, 50), (37, 5), (16, 50), (1, 3)],
+)
+def test_matches_reference_for_chunkings(chunk_size, k):
+    case = random_case(0)
+    want = reference(*case, k)
+    assert_same(run(*case, k=k, chunk_size=chunk_size), want)
+    # The case has ties at the target and inside the top-k; check the test exercises them.
+    users, table, targets, _ = case
+    scores = users @ table.T
+    assert (scores[np.arange(B), targets][:, None] == scores).sum() > 2 * B
+
+
+@pytest.mark.parametrize("chunk_size", [1000, 96])
+def test_matches_reference_without_history_mask(chunk_size):
+    case = random_case(1)
+    want = reference(*case, 20, mask_history=False)
+    assert_same(run(*case, k=20, chunk_size=chunk_size, mask_history=False), want)
+    masked = reference(*case, 20)
+    assert (masked[0] <= want[0]).all() and (masked[0] < want[0]).any()
+
+
+def test_bfloat16_inputs():
+    case = random_case(2)
+    users, table, targets, history = case
+    got = run(jnp.bfloat16(users), jnp.bfloat16(table), targets, history, k=10, chunk_size=300)
+    assert got[2].dtype == np.float32
+    assert_same(got, reference(*case, 10))
+
+
+def hand_case():
+    """D=1, catalogue of 6 items: item scores are the table entries times user score 1."""
+    table = np.array([[100.0], [5.0], [3.0], [9.0], [3.0], [1.0], [7.0]], np.float32)
+    users = np.ones((1, 1), np.float32)
+    return users, table
+
+
+def test_hand_case_history_masking_ties_and_padding_item():
+    users, table = hand_case()
+    targets = np.array([2], np.int32)  # score 3; item 4 ties with it, item 0 scores 100
+    history = np.array([[3, 0, 0]], np.int32)  # item 3 (score 9) scores above the target
+    ranks, items, scores = run(users, table, targets, history, k=4, chunk_size=4)
+    # Masked: only items 1 (5) and 6 (7) are higher; tie item 4 and padding item 0 are not.
+    assert ranks.tolist() == [3]
+    assert items.tolist() == [[6, 1, 2, 4]]
+    assert scores.tolist() == [[7, 5, 3, 3]]
+    ranks, items, _ = run(users, table, targets, history, k=4, chunk_size=4, mask_history=False)
+    assert ranks.tolist() == [4]  # item 3 now counts
+    assert items.tolist() == [[3, 6, 1, 2]]
+
+
+def test_target_in_history_is_compared_as_is_and_empty_slots_are_zero():
+    users, table = hand_case()
+    targets = np.array([6], np.int32)  # score 7
+    history = np.array([[6, 3, 1]], np.int32)  # target itself masked, and items 3, 1
+    ranks, items, scores = run(users, table, targets, history, k=6, chunk_size=3)
+    assert ranks.tolist() == [1]  # item 3 (9) is masked; the target keeps its own score
+    assert items.tolist() == [[2, 4, 5, 0, 0, 0]]  # only 3 unmasked items; 0 fills the rest
+    assert scores[0, :3].tolist() == [3, 3, 1] and np.isneginf(scores[0, 3:]).all()
+
+
+def test_non_finite_scores_never_help_the_target():
+    table = np.array([[0.0], [1.0], [2.0], [3.0], [4.0]], np.float32)
+    users = np.array([[1.0], [np.nan], [np.inf], [1.0]], np.float32)
+    targets = np.array([2, 2, 3, 0], np.int32)  # last row: padding (target 0)
+    history = np.zeros((4, 1), np.int32)
+    ranks, items, _ = run(users, table, targets, history, k=2)
+    assert ranks[:3].tolist() == [3, 4, 4]  # NaN and inf targets get the worst rank n_items
+    assert 1 <= ranks[3] <= 5  # padding row: finite and >= 1
+    assert items[0].tolist() == [4, 3]
+    nan_item = table.copy()
+    nan_item[4, 0] = np.nan  # a NaN item counts as higher and is kept out of the top-k
+    ranks, items, _ = run(users[:1], nan_item, targets[:1], history[:1], k=2)
+    assert ranks.tolist() == [3]
+    assert items.tolist() == [[3, 2]]
+
+
+def test_generic_scorer_matches_reference():
+    """A non-dot scorer (negative squared distance), target scores from its diagonal."""
+    users, table, targets, history = random_case(3, low=-3, high=4)
+
+    def score_chunk(state, ids):
+        diff = state[:, None, :] - jnp.asarray(table)[ids][None, :, :]  # [B, C, D]
+        return -jnp.sum(diff * diff, axis=-1)
+
+    got = rank_and_topk_with(score_chunk, users, V - 1, targets, history, k=15, chunk_size=200)
+    got = [np.asarray(x) for x in got]
+    dist = ((users[:, None, :] - table[None, :, :]) ** 2).sum(-1)  # [B, V]
+    # Same reference as for dot products: -dist is a dot product in an augmented space.
+    aug_users = np.concatenate([2 * users, -np.ones((B, 1)), -(users**2).sum(1, keepdims=True)], 1)
+    aug_table = np.concatenate([table, (table**2).sum(1, keepdims=True), np.ones((V, 1))], 1)
+    np.testing.assert_array_equal(aug_users @ aug_table.T, -dist)
+    assert_same(got, reference(aug_users, aug_table, targets, history, 15))
+
+
+def test_k_larger_than_catalogue_or_bad_chunk_is_rejected():
+    users, table = hand_case()
+    args = (users, table, np.array([1], np.int32), np.zeros((1, 1), np.int32))
+    with pytest.raises(ValueError, match="k=7"):
+        rank_and_topk(*args, k=7)
+    with pytest.raises(ValueError, match="chunk_size"):
+        rank_and_topk(*args, k=2, chunk_size=0)
+
+
+def test_make_ranker_unsharded_is_jitted_and_matches():
+    case = random_case(4)
+    ranker = make_ranker(k=10, chunk_size=128)
+    got = [np.asarray(x) for x in ranker(*case)]
+    assert_same(got, reference(*case, 10))
+
+
+SHARDED_CHECK = textwrap.dedent(
+    """
+    import jax, numpy as np
+    from jax.sharding import AxisType
+    from onerec_jax.evaluation.ranking import make_ranker
+    assert jax.device_count() >= 8, jax.devices()
+    rng = np.random.default_rng(5)
+    users = rng.integers(-2, 3, (16, 16)).astype(np.float32)
+    table = rng.integers(-2, 3, (1000, 16)).astype(np.float32)
+    targets = rng.integers(1, 1000, 16).astype(np.int32)
+    targets[-3:] = 0  # padding rows
+    history = rng.integers(0, 1000, (16, 32)).astype(np.int32)
+    history[history == targets[:, None]] = 0
+    want = [np.asarray(x) for x in make_ranker(k=20, chunk_size=96)(users, table, targets, history)]
+    for shape in [(2, 4, 1), (2, 2, 2), (8, 1, 1)]:
+        mesh = jax.make_mesh(shape, ("data", "fsdp", "model"), axis_types=(AxisType.Auto,) * 3,
+                             devices=jax.devices()[:8])
+        out = make_ranker(mesh, k=20, chunk_size=96)(users, table, targets, history)
+        assert out[0].sharding.spec[0] == ("data", "fsdp"), out[0].sharding
+        assert len(out[1].addressable_shards) == 8
+        for g, w in zip(out, want):
+            np.testing.assert_array_equal(np.asarray(g), w)
+    print("SHARDED_OK")
+    """
+)
+
+
+def test_sharded_matches_unsharded_on_8_cpu_devices():
+    """Always runs: in a subprocess with 8 fake CPU devices (this process may have fewer)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
+    proc = subprocess.run(
+        [sys.executable, "-c", SHARDED_CHECK], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and "SHARDED_OK" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices in this process")
+def test_sharded_matches_unsharded_in_process():
+    exec(compile(SHARDED_CHECK, "sharded_check", "exec"), {})
+
+
+def make_data(sequences):
+    lengths = [len(s) for s in sequences]
+    items = np.array([i for s in sequences for i in s], np.int32)
+    return SequenceData(
+        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        items=items,
+        timestamps=np.arange(len(items), dtype=np.int64),
+        ratings=np.ones(len(items), np.float32),
+        user_ids=np.arange(len(sequences)),
+        item_ids=np.arange(int(items.max()) + 1),
+        options={},
+    )
+
+
+def test_history_batch_by_hand():
+    data = make_data([[1, 2, 3, 4, 5, 6], [7, 8, 9], [3, 1, 4, 1, 5, 9, 2, 6]])
+    test = history_batch(data, "test", np.array([0, 1, 2, 0]))  # last row: padding (user 0)
+    assert test.dtype == np.int32
+    # Longest test prefix: 7 items -> width 8.
+    np.testing.assert_array_equal(
+        test,
+        [
+            [1, 2, 3, 4, 5, 0, 0, 0],
+            [7, 8, 0, 0, 0, 0, 0, 0],
+            [3, 1, 4, 1, 5, 9, 2, 0],
+            [1, 2, 3, 4, 5, 0, 0, 0],
+        ],
+    )
+    valid = history_batch(data, "valid", np.array([1, 0]))  # prefixes of 1 and 4 items
+    np.testing.assert_array_equal(valid, [[7, 0, 0, 0], [1, 2, 3, 4]])
+    np.testing.assert_array_equal(history_batch(data, "valid", np.array([1])), [[7]])
+    wide = history_batch(data, "valid", np.array([1]), width=3)
+    np.testing.assert_array_equal(wide, [[7, 0, 0]])
+    with pytest.raises(ValueError, match="width 4"):
+        history_batch(data, "test", np.array([2]), width=4)
+    with pytest.raises(ValueError, match="dense ids"):
+        history_batch(data, "test", np.array([3]))
+
+
+def test_history_batch_masks_whole_prefix_end_to_end():
+    """The whole prefix is masked, not only a window: ranks from history_batch match numpy."""
+    rng = np.random.default_rng(6)
+    data = make_data([list(rng.permutation(np.arange(1, 200))[: n]) for n in (150, 3, 40, 77)])
+    users = np.array([0, 1, 2, 3, 0])
+    history = history_batch(data, "test", users)
+    assert history.shape == (5, 256)
+    targets = data.test.targets[users]
+    emb_users = rng.integers(-2, 3, (5, 8)).astype(np.float32)
+    table = rng.integers(-2, 3, (200, 8)).astype(np.float32)
+    got = run(emb_users, table, targets, history, k=30, chunk_size=64)
+    want = reference(emb_users, table, targets, [data.sequence(u)[:-1] for u in users], 30)
+    assert_same(got, want)
