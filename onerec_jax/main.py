@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from onerec_jax.data import dataset, sequences
@@ -65,6 +65,7 @@ def _print_eval(out: dict, workdir: Path) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # Orbax and Grain log every step at INFO
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config configs/demo.py")

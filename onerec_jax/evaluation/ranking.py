@@ -125,7 +125,7 @@ def rank_and_topk_with(
         jnp.zeros((batch, k), jnp.int32),
     )
     count, top_scores, top_items = jax.lax.fori_loop(0, n_chunks, body, init)
-    ranks = jnp.where(True, 1 + count, n_items).astype(jnp.int32)
+    ranks = jnp.where(jnp.isfinite(target_scores), 1 + count, n_items).astype(jnp.int32)
     top_items = jnp.where(top_scores == neg_inf, 0, top_items)
     return ranks, top_items, top_scores
 
@@ -195,7 +195,9 @@ def make_ranker(
 
     With a mesh, the batch dimension of the user inputs and of the outputs is split over the
     mesh's ("data", "fsdp") axes (the global batch must be a multiple of their size) and the
-    item table is replicated.
+    item table is replicated. The layouts are set by sharding constraints inside the jitted
+    function rather than by `in_shardings`, so inputs may arrive in any layout on the mesh (a
+    model's item table is typically sharded over "model"/"fsdp"; jit would reject it).
     """
     fn = functools.partial(rank_and_topk, k=k, chunk_size=chunk_size, mask_history=mask_history)
     if mesh is None:
@@ -204,11 +206,14 @@ def make_ranker(
     rows = NamedSharding(mesh, P(axes))  # [B]
     rows2d = NamedSharding(mesh, P(axes, None))  # [B, *]
     replicated = NamedSharding(mesh, P())
-    return jax.jit(
-        fn,
-        in_shardings=(rows2d, replicated, rows, rows2d),
-        out_shardings=(rows, rows2d, rows2d),
-    )
+
+    def sharded(user_states, item_table, targets, history):
+        user_states, item_table, targets, history = jax.lax.with_sharding_constraint(
+            (user_states, item_table, targets, history), (rows2d, replicated, rows, rows2d)
+        )
+        return fn(user_states, item_table, targets, history)
+
+    return jax.jit(sharded, out_shardings=(rows, rows2d, rows2d))
 
 
 def history_batch(

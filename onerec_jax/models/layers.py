@@ -16,10 +16,12 @@ Dtype = jnp.dtype
 _NEG = -1e9  # attention logit for masked keys: finite, so fully masked rows (padding) stay finite
 
 
-def dense_init(names: tuple[str | None, ...], scale: float = 1.0):
-    return nn.with_logical_partitioning(
-        nn.initializers.variance_scaling(scale, "fan_in", "normal"), names
+def dense_init(names: tuple[str | None, ...], scale: float = 1.0, fan_in_axes=(0,)):
+    """Fan-in scaled normal init carrying logical axis names."""
+    init = nn.initializers.variance_scaling(
+        scale, "fan_in", "normal", in_axis=fan_in_axes, out_axis=-1
     )
+    return nn.with_logical_partitioning(init, names)
 
 
 def attention_mask(inputs: jax.Array, causal: bool = True) -> jax.Array:
@@ -59,30 +61,23 @@ class SelfAttention(nn.Module):
                 f"model.dim={dim} is not divisible by model.num_heads={self.num_heads}"
             )
         head_dim = dim // self.num_heads
+        shape = (dim, self.num_heads, head_dim)
 
-        def proj(name):
-            return nn.DenseGeneral(
-                (self.num_heads, head_dim),
-                dtype=self.dtype,
-                name=name,
-                kernel_init=dense_init(("embed", "heads", "kv")),
-            )(x)
+        def proj(name):  # [B, L, D] -> [B, L, H, Dh]
+            kernel = self.param(name, dense_init(("embed", "heads", "kv")), shape)
+            return jnp.einsum("bld,dhk->blhk", x, kernel.astype(self.dtype))
 
-        q, k, v = proj("query"), proj("key"), proj("value")  # [B, L, H, Dh]
+        q, k, v = proj("query"), proj("key"), proj("value")
         if self.use_rotary:
             q, k = rotary(q, positions), rotary(k, positions)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(head_dim)
         logits = jnp.where(mask, logits, _NEG)
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # [B, H, L, L]
         weights = nn.Dropout(self.dropout)(weights, deterministic=not train)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-        return nn.DenseGeneral(
-            dim,
-            axis=(-2, -1),
-            dtype=self.dtype,
-            name="out",
-            kernel_init=dense_init(("heads", "kv", "embed")),
-        )(out)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)  # [B, L, H, Dh]
+        out_init = dense_init(("heads", "kv", "embed"), fan_in_axes=(0, 1))
+        kernel = self.param("out", out_init, (self.num_heads, head_dim, dim))
+        return jnp.einsum("blhk,hkd->bld", out, kernel.astype(self.dtype))
 
 
 class FeedForward(nn.Module):

@@ -118,6 +118,12 @@ def _mismatches(stored: dict, wanted: dict, limit: int = 3) -> list[str]:
     return out[:limit] + ([f"... {len(out) - limit} more"] if len(out) > limit else [])
 
 
+def _array_args(trees: dict[str, PyTree], arg_cls: type) -> dict[str, Any]:
+    """`arg_cls(tree)` per item, skipping trees without arrays (e.g. `optax.sgd`'s state): orbax
+    rejects empty items, and an empty tree is its own restored value."""
+    return {name: arg_cls(tree) for name, tree in trees.items() if jax.tree.leaves(tree)}
+
+
 class Checkpointer:
     """Saves and restores training checkpoints under one directory (see the module docstring)."""
 
@@ -197,8 +203,7 @@ class Checkpointer:
         if step in self._manager.all_steps():
             return False
         args = ocp.args.Composite(
-            params=ocp.args.StandardSave(params),
-            opt_state=ocp.args.StandardSave(opt_state),
+            **_array_args({"params": params, "opt_state": opt_state}, ocp.args.StandardSave),
             data_iter=grain.checkpoint.CheckpointSave(data_iter),
             meta=ocp.args.JsonSave(_to_json(meta)),
         )
@@ -232,18 +237,21 @@ class Checkpointer:
         """
         abstract = {"params": abstract_params, "opt_state": abstract_opt_state}
         self._check_matches(step, abstract)
+        arrays = _array_args(abstract, ocp.args.StandardRestore)
         args = ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_params),
-            opt_state=ocp.args.StandardRestore(abstract_opt_state),
+            **arrays,
             data_iter=grain.checkpoint.CheckpointRestore(data_iter),
             meta=ocp.args.JsonRestore(),
         )
         out = self._restore(step, args)
-        return out["params"], out["opt_state"], dict(out["meta"])
+        params, opt_state = (out[k] if k in arrays else abstract[k] for k in abstract)
+        return params, opt_state, dict(out["meta"])
 
     def restore_params(self, step: int, abstract_params: PyTree) -> PyTree:
         """The params of `step` alone, placed on `abstract_params`' shardings (any mesh)."""
         self._check_matches(step, {"params": abstract_params})
+        if not jax.tree.leaves(abstract_params):
+            return abstract_params
         out = self._restore(
             step, ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
         )
@@ -277,9 +285,8 @@ class Checkpointer:
             )
         stored = self._manager.item_metadata(step)
         for item, tree in abstract.items():
-            if stored.get(item) is None:
-                raise self._error(step, f"it has no {item!r} item")
-            problems = _mismatches(_shapes(stored[item].tree), _shapes(tree))
+            on_disk = {} if stored.get(item) is None else _shapes(stored[item].tree)
+            problems = _mismatches(on_disk, _shapes(tree))
             if problems:
                 raise self._error(step, f"{item}: " + "; ".join(problems))
 

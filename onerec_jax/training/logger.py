@@ -29,7 +29,8 @@ class MetricLogger:
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         for name, value in metrics.items():
-            self._tb.add_scalar(name, float(value), int(step))
+            if not name.endswith("_ci95"):  # TensorBoard tags may not hold "@"
+                self._tb.add_scalar(name.replace("@", "_at_"), float(value), int(step))
 
     def progress(self, total: int, initial: int, enabled: bool = True) -> Progress:
         return Progress(total, initial, enabled and self.enabled)

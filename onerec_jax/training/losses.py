@@ -77,7 +77,9 @@ def full_softmax_xent(
     vocab_size = table.shape[0]
     _check_vocab(vocab_size, 2, "full_softmax_xent")
     dtype = jnp.promote_types(hidden.dtype, table.dtype)
-    h = _valid_rows(hidden, mask).astype(dtype)  # [N, D]
+    # hidden is closed over by the scan in float32, so its gradient is summed over the chunks in
+    # float32; each chunk's matmul still runs in the input dtype (bf16 on tensor cores).
+    h = _valid_rows(hidden, mask).astype(jnp.float32)  # [N, D]
     table = table.astype(dtype)
 
     chunk = max(1, min(chunk_size, vocab_size))
@@ -92,7 +94,9 @@ def full_softmax_xent(
         rows, start = xs
         ids = start + jnp.arange(chunk, dtype=jnp.int32)
         # bf16 x bf16 products are exact in f32; preferred_element_type keeps the f32 accumulate.
-        logits = jnp.einsum("nd,cd->nc", h, rows, preferred_element_type=jnp.float32)
+        logits = jnp.einsum(
+            "nd,cd->nc", h.astype(dtype), rows, preferred_element_type=jnp.float32
+        )
         logits = jnp.where((ids >= 1) & (ids < vocab_size), logits, -jnp.inf)  # [N, chunk]
         # The logsumexp does not depend on the shift, so the max carries no gradient.
         new_max = jnp.maximum(run_max, jax.lax.stop_gradient(jnp.max(logits, axis=-1)))
@@ -114,7 +118,7 @@ def full_softmax_xent(
     row_loss = lse - (1.0 - label_smoothing) * target_logit
     if label_smoothing:
         item_sum = jnp.sum(table[1:].astype(jnp.float32), axis=0)  # [D]
-        mean_logit = (h.astype(jnp.float32) @ item_sum) / (vocab_size - 1)
+        mean_logit = (h @ item_sum) / (vocab_size - 1)
         row_loss = row_loss - label_smoothing * mean_logit
     return _sum_and_count(row_loss, mask)
 

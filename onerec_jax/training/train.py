@@ -49,6 +49,15 @@ def data_info(data, items, max_len: int) -> DataInfo:
     )
 
 
+def _unbox(tree):
+    """Logically partitioned boxes -> their values (no sharding constraint applied)."""
+    return jax.tree.map(
+        lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x,
+        tree,
+        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata),
+    )
+
+
 def _count_params(params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
 
@@ -85,16 +94,19 @@ class Trainer:
         self._init_fn = init_fn
         abstract = jax.eval_shape(init_fn, jax.random.key(0))
         self.state_sharding = sharding.state_shardings(abstract, self.mesh, self.rules)
+        self.state_sharding = _unbox(self.state_sharding)
         self.abstract_state = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            nn.unbox(abstract),
-            nn.unbox(self.state_sharding),
+            _unbox(abstract),
+            self.state_sharding,
         )
-        self.train_step = jax.jit(self._train_step, donate_argnums=0)
+        self.train_step = jax.jit(
+            self._train_step, out_shardings=(self.state_sharding, None), donate_argnums=0
+        )
 
     def init_state(self, seed: int):
-        init = jax.jit(self._init_fn, out_shardings=self.state_sharding)
-        return nn.unbox(init(jax.random.key(seed)))
+        init = jax.jit(lambda rng: _unbox(self._init_fn(rng)), out_shardings=self.state_sharding)
+        return init(jax.random.key(seed))
 
     def _train_step(self, state, batch, rng):
         rng = jax.random.fold_in(rng, state["step"])

@@ -181,7 +181,7 @@ def test_make_ranker_unsharded_is_jitted_and_matches():
 SHARDED_CHECK = textwrap.dedent(
     """
     import jax, numpy as np
-    from jax.sharding import AxisType
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
     from onerec_jax.evaluation.ranking import make_ranker
     assert jax.device_count() >= 8, jax.devices()
     rng = np.random.default_rng(5)
@@ -200,6 +200,13 @@ SHARDED_CHECK = textwrap.dedent(
         assert len(out[1].addressable_shards) == 8
         for g, w in zip(out, want):
             np.testing.assert_array_equal(np.asarray(g), w)
+        # Inputs already laid out otherwise on the mesh (a model's table over "model"/"fsdp").
+        put = lambda x, *spec: jax.device_put(x, NamedSharding(mesh, P(*spec)))
+        out = make_ranker(mesh, k=20, chunk_size=96)(
+            put(users, "data", "model"), put(table, "model", "fsdp"), targets, history
+        )
+        for g, w in zip(out, want):
+            np.testing.assert_array_equal(np.asarray(g), w)
     print("SHARDED_OK")
     """
 )
@@ -208,7 +215,7 @@ SHARDED_CHECK = textwrap.dedent(
 def test_sharded_matches_unsharded_on_8_cpu_devices():
     """Always runs: in a subprocess with 8 fake CPU devices (this process may have fewer)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     proc = subprocess.run(
         [sys.executable, "-c", SHARDED_CHECK], env=env, capture_output=True, text=True, timeout=300
     )
@@ -262,7 +269,7 @@ def test_history_batch_by_hand():
 def test_history_batch_masks_whole_prefix_end_to_end():
     """The whole prefix is masked, not only a window: ranks from history_batch match numpy."""
     rng = np.random.default_rng(6)
-    data = make_data([list(rng.permutation(np.arange(1, 200))[: n]) for n in (150, 3, 40, 77)])
+    data = make_data([list(rng.permutation(np.arange(1, 200))[:n]) for n in (150, 3, 40, 77)])
     users = np.array([0, 1, 2, 3, 0])
     history = history_batch(data, "test", users)
     assert history.shape == (5, 256)
