@@ -36,8 +36,12 @@ class Evaluator:
             self.data, split, max_len=self.config.data.max_len, batch_size=e.batch_size
         )
         users, ranks, weights, tops = [], [], [], []
-        for batch in ds:
-            history = ranking.history_batch(self.data, split, batch["user"])
+        lengths = self.data.split(split).lengths  # [n_users] prefix lengths
+        for g, batch in enumerate(ds):
+            # One history width per GLOBAL batch, so every process pads its rows alike.
+            longest = int(lengths[g * e.batch_size : (g + 1) * e.batch_size].max())
+            width = 1 << max(longest - 1, 0).bit_length()
+            history = ranking.history_batch(self.data, split, batch["user"], width=width)
             local = {"inputs": batch["inputs"], "target": batch["target"], "history": history}
             glob = sharding.global_batch(local, self.mesh, self.rules)
             states = self._user_state(params, {"inputs": glob["inputs"]})

@@ -17,7 +17,9 @@ saving 10 (metric 0.3), 20 (0.5), 30 (0.4), 40 (no metrics): on disk 20 and 40,
 
 Crash safety: orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it when complete
 (on GCS: a `commit_success.txt` marker instead). Unfinished steps are never listed or restored,
-and `cleanup_tmp_directories` deletes them before the next save.
+and `cleanup_tmp_directories` deletes them before the next save; old steps are deleted only after
+the new one is complete. On local disks a directory named by a bare step number counts as
+finished, so copy checkpoints into place atomically (or to a fresh directory).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -88,7 +91,11 @@ def _to_json(d: Mapping[str, Any]) -> dict:
 
 
 def _leaf_name(path: tuple) -> str:
-    """Orbax's name for a leaf: its keys joined by '.' (`0.mu.w` for `opt_state[0].mu["w"]`)."""
+    """A leaf's keys joined by '.', as orbax names it: `0.mu.w` for `opt_state[0].mu["w"]`.
+
+    Orbax stores namedtuples and dataclasses as dicts and tuples as lists, so attribute, dict and
+    index keys all reduce to their bare names.
+    """
     parts = []
     for key in path:
         for attr in ("key", "name", "idx"):  # DictKey / FlattenedIndexKey, GetAttrKey, SequenceKey
@@ -100,9 +107,13 @@ def _leaf_name(path: tuple) -> str:
     return ".".join(parts)
 
 
-def _shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {_leaf_name(path): tuple(leaf.shape) for path, leaf in leaves}
+def _shapes(tree: PyTree) -> dict[str, tuple[int, ...] | None]:
+    """{leaf name: shape} of an abstract tree or of orbax's metadata tree."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        shape = getattr(leaf, "shape", None)
+        out[_leaf_name(path)] = None if shape is None else tuple(shape)
+    return out
 
 
 def _mismatches(stored: dict, wanted: dict, limit: int = 3) -> list[str]:
@@ -286,7 +297,10 @@ class Checkpointer:
         stored = self._manager.item_metadata(step)
         for item, tree in abstract.items():
             on_disk = {} if stored.get(item) is None else _shapes(stored[item].tree)
-            problems = _mismatches(on_disk, _shapes(tree))
+            wanted = _shapes(tree)
+            if wanted and not on_disk:  # e.g. a directory not written by a finished save
+                raise self._error(step, f"it holds no {item}")
+            problems = _mismatches(on_disk, wanted)
             if problems:
                 raise self._error(step, f"{item}: " + "; ".join(problems))
 
@@ -296,5 +310,6 @@ class Checkpointer:
         except (ValueError, FileNotFoundError) as e:  # anything _check_matches did not foresee
             first_line = (str(e).strip() or type(e).__name__).splitlines()[0]
             # Grain names its per-process state files process_<i>-of-<n>.json.
-            fix = _OTHER_PROCESS_COUNT if "-of-" in first_line else _OTHER_MODEL
+            missing_iter_state = re.search(r"process_\d+-of-\d+\.json", first_line)
+            fix = _OTHER_PROCESS_COUNT if missing_iter_state else _OTHER_MODEL
             raise self._error(step, first_line, fix) from e

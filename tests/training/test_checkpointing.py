@@ -181,6 +181,15 @@ def test_best_step_is_none_without_metrics(tmp_path):
     ckpt.close()
 
 
+def test_nan_metric_ranks_last(tmp_path):
+    ckpt = Checkpointer(tmp_path / "ckpt", async_save=False)
+    save_step(ckpt, 1, 0.1)
+    save_step(ckpt, 2, float("nan"))  # e.g. a diverged run
+    save_step(ckpt, 3)
+    assert (ckpt.all_steps(), ckpt.best_step()) == ([1, 3], 1)
+    ckpt.close()
+
+
 def test_save_interval_and_force(tmp_path):
     ckpt = Checkpointer(tmp_path / "ckpt", save_interval_steps=10, async_save=False)
     assert save_step(ckpt, 10, 0.1)
@@ -245,6 +254,21 @@ def test_unfinished_save_is_ignored_and_cleaned_up(tmp_path):
     assert save_step(ckpt, 30, 0.1)  # the next save first deletes the leftovers
     ckpt.wait()
     assert step_dirs(directory) == ["10", "30"]
+    ckpt.close()
+
+
+def test_step_directory_not_written_by_orbax_gives_clear_error(tmp_path):
+    """On local disks orbax trusts a bare step name; restoring it must still fail clearly."""
+    directory = tmp_path / "ckpt"
+    ckpt = Checkpointer(directory, async_save=False)
+    save_step(ckpt, 10, 0.3)
+    ckpt.close()
+    (directory / "30").mkdir()
+    ckpt = Checkpointer(directory)
+    assert ckpt.latest_step() == 30
+    params, _ = params_and_opt_state()
+    with pytest.raises(CheckpointError, match=f"step 30 from {directory}: it holds no params"):
+        ckpt.restore_params(30, abstract_like(params))
     ckpt.close()
 
 
