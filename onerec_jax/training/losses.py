@@ -94,9 +94,7 @@ def full_softmax_xent(
         rows, start = xs
         ids = start + jnp.arange(chunk, dtype=jnp.int32)
         # bf16 x bf16 products are exact in f32; preferred_element_type keeps the f32 accumulate.
-        logits = jnp.einsum(
-            "nd,cd->nc", h.astype(dtype), rows, preferred_element_type=jnp.float32
-        )
+        logits = jnp.einsum("nd,cd->nc", h.astype(dtype), rows, preferred_element_type=jnp.float32)
         logits = jnp.where((ids >= 1) & (ids < vocab_size), logits, -jnp.inf)  # [N, chunk]
         # The logsumexp does not depend on the shift, so the max carries no gradient.
         new_max = jnp.maximum(run_max, jax.lax.stop_gradient(jnp.max(logits, axis=-1)))

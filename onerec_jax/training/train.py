@@ -116,7 +116,7 @@ class Trainer:
         params = optax.apply_updates(state["params"], updates)
         metrics = {
             **metrics,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "lr": self.schedule(state["step"] // self.config.optim.accumulate_steps),
         }
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
@@ -256,11 +256,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 def _check_finite(host: dict[str, float], step: int, ckpt) -> None:
     if not math.isfinite(host["loss"]):
         ckpt.wait()
+        last = ckpt.latest_step()
+        kept = f"The last good checkpoint (step {last}) is kept" if last else "No checkpoint yet"
         raise TrainingError(
             f"non-finite loss ({host['loss']}) at step {step} (grad norm {host['grad_norm']:.3g}, "
-            f"learning rate {host['lr']:.3g}). The last good checkpoint (step "
-            f"{ckpt.latest_step()}) is kept; lower optim.learning_rate, keep optim.clip_norm > 0 "
-            "or use train.compute_dtype=float32, then rerun."
+            f"learning rate {host['lr']:.3g}). {kept}; lower optim.learning_rate, keep "
+            "optim.clip_norm > 0 or use train.compute_dtype=float32, then rerun."
         )
 
 

@@ -1,0 +1,165 @@
+"""The trainer: sharded step equality, kill-and-resume, eval-restore, a tiny end-to-end run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from onerec_jax.data import dataset
+from onerec_jax.defaults import apply_variant, base_config
+from onerec_jax.training import sharding, train
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tiny_config(root, model="sasrec", **train_overrides):
+    c = apply_variant(base_config(), model)
+    c.data.synthetic = "demo"
+    c.data.root = str(root)
+    c.data.max_len = 20
+    c.data.progress = False
+    c.model.update(dim=16, num_layers=1, num_heads=1, mlp_dim=16, dropout=0.1)
+    if model == "onerec":
+        c.model.update(num_heads=2, mlp_dim=32, aux_weight=0.5)
+    c.train.update(batch_size=16, num_steps=12, eval_every_steps=4, log_every_steps=1,
+                   progress=False, patience=100)  # fmt: skip
+    c.train.update(**train_overrides)
+    c.optim.warmup_steps = 2
+    c.eval.batch_size = 512
+    c.eval.chunk_size = 256
+    return c
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")
+
+
+def _run_steps(config, n_devices, n_steps=3):
+    config.mesh.num_devices = n_devices
+    data, items = dataset.load_data(config.data)
+    jax.clear_caches()  # logical-axis rules are not part of jit's cache key (JAX_GUIDE.md)
+    trainer = train.Trainer(config, data, items)
+    state = trainer.init_state(config.seed)
+    it = iter(trainer.batches(config.seed))
+    rng, losses = jax.random.key(0), []
+    for _ in range(n_steps):
+        batch = sharding.global_batch(next(it), trainer.mesh, trainer.rules)
+        state, metrics = trainer.train_step(state, batch, rng)
+        losses.append(float(metrics["loss"]))
+    return losses, jax.device_get(state["params"]), trainer
+
+
+@pytest.mark.parametrize("model", ["sasrec", "onerec"])
+def test_sharded_step_matches_one_device(root, model):
+    one_losses, one_params, _ = _run_steps(tiny_config(root, model), 1)
+    eight_losses, eight_params, trainer = _run_steps(tiny_config(root, model), 8)
+    assert trainer.mesh.shape["data"] == 8
+    np.testing.assert_allclose(eight_losses, one_losses, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(one_params), jax.tree.leaves(eight_params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert one_losses[0] != one_losses[-1]  # training moved
+
+
+def _losses(workdir):
+    """Last logged train/loss per step (a killed run may have logged steps twice)."""
+    out = {}
+    for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "train/loss" in row:
+            out[row["step"]] = row["train/loss"]
+    return out
+
+
+def _cli(config_overrides, workdir):
+    return [sys.executable, "-m", "onerec_jax.main", "--config", "configs/demo.py",
+            "--mode", "train", f"--workdir={workdir}", *config_overrides]  # fmt: skip
+
+
+def test_kill_and_resume_continues_exactly(root, tmp_path):
+    overrides = [f"--config.data.root={root}", "--config.data.max_len=20",
+                 "--config.model.dim=16", "--config.model.mlp_dim=16",
+                 "--config.train.batch_size=16", "--config.train.num_steps=24",
+                 "--config.train.eval_every_steps=4", "--config.train.log_every_steps=1",
+                 "--config.train.progress=False", "--config.eval.chunk_size=256"]  # fmt: skip
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    whole = subprocess.run(_cli(overrides, tmp_path / "whole"), cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    # The same command, killed (SIGKILL: no clean-up) once step 8 is checkpointed, then rerun.
+    killed_dir = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(overrides, killed_dir), cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 300
+    while not (killed_dir / "checkpoints" / "8").exists() and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = subprocess.run(_cli(overrides, killed_dir), cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    want, got = _losses(tmp_path / "whole"), _losses(killed_dir)
+    assert sorted(got) == sorted(want) == list(range(1, 25))
+    np.testing.assert_allclose([got[s] for s in range(9, 25)], [want[s] for s in range(9, 25)],
+                               rtol=1e-6)  # fmt: skip
+    a = json.loads((tmp_path / "whole" / "results.json").read_text())
+    b = json.loads((killed_dir / "results.json").read_text())
+    assert a["test"]["ndcg@10"] == b["test"]["ndcg@10"] and a["best_step"] == b["best_step"]
+
+
+def test_end_to_end_and_eval_restore_on_other_devices(root, tmp_path):
+    config = tiny_config(root, num_steps=16)
+    config.mesh.num_devices = 1
+    jax.clear_caches()
+    results = train.train_and_evaluate(config, tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["test"] == pytest.approx(results["test"], nan_ok=True)
+    # The best step is the validation argmax (first on ties) among the evaluated steps.
+    history = saved["history"]
+    assert [h[0] for h in history] == [4, 8, 12, 16]
+    scores = [h[2] for h in history]
+    assert saved["best_step"] == history[int(np.argmax(scores))][0]
+    assert saved["val"]["ndcg@10"] == pytest.approx(max(scores))
+    assert (
+        saved["protocol"]["mask_history"] is True and saved["protocol"]["split"] == "leave-one-out"
+    )
+    assert saved["test"]["n_users"] == 2000
+    logged = _losses(tmp_path)
+    assert sorted(logged) == list(range(1, 17)) and all(np.isfinite(list(logged.values())))
+    assert (tmp_path / "config.json").exists() and list((tmp_path / "tensorboard").iterdir())
+    # --mode eval restores the best params onto 4 devices and reproduces the test metrics.
+    config.mesh.num_devices = 4
+    jax.clear_caches()
+    again = train.evaluate_checkpoint(config, tmp_path)
+    assert again["best_step"] == saved["best_step"]
+    for key in ("hr@10", "ndcg@10", "mrr", "ndcg@50"):
+        assert again["test"][key] == saved["test"][key]
+
+
+def test_non_finite_loss_stops_with_a_clear_error(root, tmp_path):
+    config = tiny_config(root, num_steps=12)
+    config.optim.learning_rate = 1e30  # diverges at once
+    config.optim.clip_norm = 0.0
+    config.optim.warmup_steps = 0
+    jax.clear_caches()
+    with pytest.raises(train.TrainingError, match="non-finite loss .* No checkpoint yet"):
+        train.train_and_evaluate(config, tmp_path)
+    # Diverging after a checkpoint keeps that checkpoint and names it.
+    config = tiny_config(root, num_steps=12, eval_every_steps=2)
+    jax.clear_caches()
+    state_dir = tmp_path / "later"
+    train.train_and_evaluate(config, state_dir)  # a good run with checkpoints up to step 12
+    config.train.num_steps = 20
+    config.optim.learning_rate = 1e30  # same optimizer structure, so the checkpoint restores
+    jax.clear_caches()
+    with pytest.raises(train.TrainingError, match=r"last good checkpoint \(step 12\) is kept"):
+        train.train_and_evaluate(config, state_dir)
+    assert (state_dir / "checkpoints" / "12").exists()
