@@ -9,4 +9,6 @@ def get_config(arg: str | None = None):
     c.data.synthetic = "demo"  # 2,000 users x 1,000 items written by data/synthetic.py
     c.data.max_len = 50  # demo sequences are short; fewer padded positions
     c.train.batch_size = 64
+    c.train.num_epochs = 20  # 34 steps each; about 2 minutes on 2 CPU cores
+    c.train.patience = 5  # validations (one per epoch) without improvement before stopping
     return apply_variant(c, arg)
