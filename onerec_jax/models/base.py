@@ -81,13 +81,12 @@ class ScoringModel:
 
     def __init__(self, module: nn.Module, config: ml_collections.ConfigDict, info: DataInfo):
         self.module, self.config, self.info = module, config, info
-        counts = np.asarray(info.item_counts, np.float64)
-        probs = counts / max(counts.sum(), 1.0)
+        # Add-one training counts: the popularity sampler and logQ need a finite log-frequency
+        # for every item that can be a target (training/losses.py).
+        counts = np.asarray(info.item_counts, np.float64) + 1.0
+        counts[0] = 0.0
         with np.errstate(divide="ignore"):
-            log_probs = np.where(counts > 0, np.log(np.maximum(probs, 1e-30)), -np.inf)
-        log_probs[0] = -np.inf
-        if not np.isfinite(log_probs[1:]).all():  # unseen items keep a tiny sampling chance
-            log_probs[1:] = np.where(np.isfinite(log_probs[1:]), log_probs[1:], np.log(1e-12))
+            log_probs = np.log(counts / counts.sum())  # -inf for the padding item
         self.item_log_probs = jnp.asarray(log_probs, jnp.float32)  # [V]
 
     def init(self, rng: jax.Array, batch: dict[str, Any]):

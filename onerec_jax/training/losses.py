@@ -228,7 +228,8 @@ def sampled_softmax_xent(
     Hard negatives (if `hard_negatives > 0`): per row, the `hard_negatives` highest-scoring
     non-target items of `hard_pool [P]` under the current hidden (see
     `select_hard_negatives`). Only the selection is under stop_gradient; the chosen items'
-    logits get gradients. They are deliberate, biased negatives and get no logQ correction.
+    logits get gradients. They are deliberate, biased negatives and get no logQ correction;
+    an item that is also a sampled or in-batch negative then appears twice in the softmax.
 
     Args:
       rng: key for the shared draws; may be None when `negatives` is given.
