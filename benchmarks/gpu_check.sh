@@ -10,7 +10,7 @@
 # users over all 59,047 items, batch 1,024 users, run twice (the first pass includes
 # compilation; the second, steady pass is the reported time). No file is read or written.
 #
-# Expected runtime: about 5-8 minutes on one H100 or H200. It cannot pass 10 minutes: each
+# Expected runtime: about 5-8 minutes on one H100 or H200 (an estimate; not yet run). It cannot pass 10 minutes: each
 # configuration has a 150 s timeout, no configuration starts after 520 s, and an outer
 # `timeout` stops the whole run at 570 s; in every case the table of the configurations
 # finished so far is printed (unfinished ones say why).

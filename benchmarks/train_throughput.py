@@ -16,15 +16,16 @@ Per config: `Trainer.train_step` is lowered and compiled ahead of time (compile 
 tokens/s = mean valid target positions per batch / median step time. Peak memory is the
 device's `peak_bytes_in_use` where the backend reports it, else the process peak RSS (VmHWM).
 
-MFU = model FLOPs per step / step time / the device's peak (blank when the peak is unknown, e.g.
-on CPU). Model FLOPs per step = B * T * (6 * N + 12 * n_layers * d * T + F_out), counted over all
-B * T positions since the dense step computes padding positions too, with N the non-embedding
+MFU = model FLOPs per step / step time / the devices' summed peak (blank when the peak is unknown,
+e.g. on CPU). Model FLOPs per step = B * T * (6 * N + 12 * n_layers * d * T + F_out), counted over
+all B * T positions since the dense step computes padding positions too, with N the non-embedding
 parameters (attention, feed-forward, norms), 12 * n_layers * d * T the attention scores and
-weighted sums (full T x T, forward + backward), and F_out = 6 * d * V for the full softmax
-(V = 59,048 rows; the rematerialised forward is not counted) or 6 * d * (1 + M + B * T) for the
-sampled softmax (M shared negatives; with in-batch negatives every row scores all B * T targets).
+weighted sums (full T x T, forward + backward), and F_out = 6 * d * V for the full softmax (V =
+59,048 rows; the rematerialised forward is not counted) or 6 * d * (1 + M + B * T) for the sampled
+softmax (M shared negatives; with in-batch negatives every row scores all B * T targets).
 Peaks: H100 SXM / H200 989e12 (bf16 dense), 494e12 (tf32: JAX's default precision for float32
-matmuls on these GPUs); H100 PCIe 756e12 / 378e12.
+matmuls on these GPUs); H100 PCIe 756e12 / 378e12. bfloat16 rows are held to the bf16 peak,
+although the output layer (most of the FLOPs) stays float32: the item table is a float32 param.
 
 Evaluation (once per model, dim and dtype): `Evaluator.evaluate` on `--eval_users` synthetic
 users (user states at max_len 200, then `rank_and_topk` over every item, `--eval_batch` users a
@@ -128,8 +129,12 @@ def peak_memory() -> tuple[float, str]:
     return float("nan"), "unknown"
 
 
-def run_one(args, model: str, dim: int, loss: str, dtype: str, with_eval: bool) -> dict:
-    """Trains and times one configuration in this process; returns its result row."""
+def run_one(args, model: str, dim: int, loss: str, dtype: str, with_eval: bool) -> None:
+    """Trains, times (and evaluates) one configuration in this process.
+
+    Prints `RESULT <json row>` once training is timed, then `EVAL <json>` after evaluation, so
+    a run stopped during evaluation still reports its training numbers.
+    """
     import jax
     from absl import flags, logging
 
@@ -143,7 +148,7 @@ def run_one(args, model: str, dim: int, loss: str, dtype: str, with_eval: bool) 
     data = synthetic_sequences(args.train_users, args.n_items, args.seed)
     trainer = Trainer(c, data, items=None)
     it = iter(trainer.batches(args.seed))
-    host = [next(it) for _ in range(min(args.warmup + args.steps, 4))]
+    host = [next(it) for _ in range(4)]  # cycled through by the timed steps
     tokens = float(np.mean([b["mask"].sum() for b in host]))
     padding = 1.0 - float(np.mean([b["mask"].mean() for b in host]))
     batches = [sharding.global_batch(b, trainer.mesh, trainer.rules) for b in host]
@@ -190,18 +195,19 @@ def run_one(args, model: str, dim: int, loss: str, dtype: str, with_eval: bool) 
         "params": n_params,
         "non_embedding_params": n_params - embedding,
         "flops_per_step": flops,
-        "mfu": flops / step_s / peak if peak else None,
+        "mfu": flops / step_s / (peak * jax.device_count()) if peak else None,
         "final_loss": loss_value,
         "device_kind": device.device_kind,
         "platform": device.platform,
         "n_devices": jax.device_count(),
     }
+    print("RESULT " + json.dumps(row), flush=True)
     if with_eval and args.eval_users > 0:
         eval_data = synthetic_sequences(args.eval_users, args.n_items, args.seed + 1)
         evaluator = Evaluator(trainer.model, eval_data, c, trainer.mesh, trainer.rules)
         first, _ = evaluator.evaluate(params, "test")  # compiles once per history width
         steady, _ = evaluator.evaluate(params, "test")
-        row["eval"] = {
+        result = {
             "users": args.eval_users,
             "batch": args.eval_batch,
             "first_s": first["seconds"],
@@ -209,6 +215,23 @@ def run_one(args, model: str, dim: int, loss: str, dtype: str, with_eval: bool) 
             "full_s": steady["seconds"] * ML25M_USERS / args.eval_users,
             "extrapolated": args.eval_users != ML25M_USERS,
         }
+        print("EVAL " + json.dumps(result), flush=True)
+
+
+def _text(out) -> str:
+    """A child's captured output: str, or bytes when subprocess.run timed out."""
+    return out.decode(errors="replace") if isinstance(out, bytes) else out or ""
+
+
+def _parse_child(stdout: str) -> dict | None:
+    """The child's RESULT row with its EVAL result attached, or None if it printed none."""
+    row = None
+    for line in stdout.splitlines():
+        tag, _, payload = line.partition(" ")
+        if tag == "RESULT":
+            row = json.loads(payload)
+        elif tag == "EVAL" and row is not None:
+            row["eval"] = json.loads(payload)
     return row
 
 
@@ -234,28 +257,30 @@ def run_all(args) -> list[dict]:
     start, rows = time.perf_counter(), []
     for k, (model, dim, loss, dtype, with_eval) in enumerate(specs):
         name = {"model": model, "dim": dim, "loss": loss, "dtype": dtype}
-        left = args.deadline - (time.perf_counter() - start) if args.deadline else args.run_timeout
-        if left < 20:
-            rows.append({**name, "error": "skipped: --deadline reached"})
-            continue
+        limit = args.run_timeout
+        if args.deadline:
+            limit = min(limit, args.deadline - (time.perf_counter() - start))
+            if limit < 20:
+                rows.append({**name, "error": "skipped: --deadline reached"})
+                continue
         child = f"{model},{dim},{loss},{dtype},{int(with_eval)}"
         cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--_child", child]
         try:
-            proc = subprocess.run(
-                cmd, capture_output=True, text=True, timeout=min(args.run_timeout, left)
-            )
-            lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-            if proc.returncode == 0 and lines:
-                row = json.loads(lines[-1][len("RESULT ") :])
-            else:
-                tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-                row = {**name, "error": f"exit {proc.returncode}: {tail[:160]}"}
-        except subprocess.TimeoutExpired:
-            row = {**name, "error": f"timeout after {min(args.run_timeout, left):.0f} s"}
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
+            out, err = proc.stdout, proc.stderr
+            failure = f"exit {proc.returncode}" if proc.returncode else ""
+        except subprocess.TimeoutExpired as e:
+            out, err, failure = _text(e.stdout), _text(e.stderr), f"timeout after {limit:.0f} s"
         except (Interrupted, KeyboardInterrupt):
             rows.append({**name, "error": "interrupted"})
             print("interrupted: printing the configurations finished so far", file=sys.stderr)
             break
+        row = _parse_child(out)
+        if row is None:
+            tail = (err.strip().splitlines() or ["no output"])[-1]
+            row = {**name, "error": f"{failure or 'no result'}: {tail[:160]}"}
+        elif with_eval and args.eval_users > 0 and "eval" not in row:
+            row["eval_error"] = f"evaluation: {failure or 'no result'}"
         rows.append(row)
         print(f"[{k + 1}/{len(specs)}] {_summary(row)}", file=sys.stderr, flush=True)
     return rows
@@ -273,7 +298,7 @@ def _summary(row: dict) -> str:
     if "eval" in row:
         e = row["eval"]
         text += f"; eval {e['users']:,} users {e['first_s']:.1f} s first, {e['steady_s']:.1f} s"
-    return text
+    return text + (f"; {row['eval_error']}" if "eval_error" in row else "")
 
 
 def _table(header: list[str], rows: list[list[str]], markdown: bool) -> str:
@@ -325,22 +350,26 @@ def report(rows: list[dict], args) -> str:
             f"({tokens:,.0f} per step, {padding:.1%} padding). MFU: analytic model FLOPs "
             "(module docstring) / median step time / device peak; blank where no peak is known."
         )
-    evals = [r for r in done if "eval" in r]
+    evals = [r for r in done if "eval" in r or "eval_error" in r]
     if evals:
-        e0 = evals[0]["eval"]
         note = (
-            f"extrapolated linearly from {e0['users']:,} users"
-            if e0["extrapolated"]
+            f"extrapolated linearly from {args.eval_users:,} users"
+            if args.eval_users != ML25M_USERS
             else "measured on all users"
         )
         out.append(
             f"\nFull-ranking evaluation, {ML25M_USERS:,} users x {args.n_items:,} items, "
-            f"batch {e0['batch']:,} users ({note}):\n"
+            f"batch {args.eval_batch:,} users ({note}):\n"
         )
         head = ["model", "dim", "dtype", "users timed", "first pass s (incl. compile)"]
         head += ["steady pass s", f"{ML25M_USERS:,} users s", "users/s"]
         eval_rows = []
         for r in evals:
+            if "eval" not in r:
+                eval_rows.append(
+                    [r["model"], str(r["dim"]), r["dtype"], r["eval_error"]] + [""] * 4
+                )
+                continue
             e = r["eval"]
             full = f"{e['full_s']:,.1f}" + (" (extrapolated)" if e["extrapolated"] else "")
             eval_rows.append(
@@ -377,13 +406,14 @@ def main() -> None:
     p.add_argument("--markdown", action="store_true", help="markdown tables")
     p.add_argument("--_child", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
     unknown = set(args.dtypes) - {"float32", "bfloat16"}
     if unknown:
         p.error(f"--dtypes {sorted(unknown)}: use float32 and/or bfloat16")
     if args._child:
         model, dim, loss, dtype, with_eval = args._child.split(",")
-        row = run_one(args, model, int(dim), loss, dtype, with_eval == "1")
-        print("RESULT " + json.dumps(row), flush=True)
+        run_one(args, model, int(dim), loss, dtype, with_eval == "1")
         return
     print(report(run_all(args), args), flush=True)
 

@@ -30,7 +30,9 @@ def base_config() -> ml_collections.ConfigDict:
     d.min_item_interactions = 0  # k-core threshold per item (0: no item filter, as ML-25M)
     d.max_len = 200  # the model sees at most this many most recent items
     d.window_stride = 0  # items between training windows of long sequences (0: max_len)
-    d.bucket_boundaries = ()  # length buckets for padding-saving batches, e.g. (32, 64, 128, 200)
+    # Length buckets: each batch holds windows of one bucket, padded to its width (max_len for
+    # the longest), which cuts padded positions ~40% at max_len 200 (BENCHMARKS.md). () = off.
+    d.bucket_boundaries = (32, 64, 128)
     d.worker_count = 0  # Grain worker processes for the training pipeline (0: in-process)
 
     c.model = m = ml_collections.ConfigDict()
