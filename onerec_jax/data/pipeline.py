@@ -215,9 +215,17 @@ class _EvalBatches:
     """Global eval batch g, rows of this process; rows past the last user are weight-0 padding."""
 
     def __init__(
-        self, data: SequenceData, split_name: str, *, max_len: int, batch_size: int, rows: slice
+        self,
+        data: SequenceData,
+        split_name: str,
+        *,
+        max_len: int,
+        batch_size: int,
+        rows: slice,
+        order: np.ndarray,
     ):
         split = data.split(split_name)
+        self._order = order  # [n_users] global row -> dense user
         self._items, self._targets = data.items, split.targets
         self._length = np.clip(split.lengths, 0, max_len)  # [n_users]
         self._lo = split.ends - self._length  # [n_users]
@@ -227,7 +235,7 @@ class _EvalBatches:
     def __call__(self, g: int) -> dict[str, np.ndarray]:
         row = g * self._batch_size + self._rows  # [b] global row = dense user id if real
         real = row < self._n_users
-        user = np.where(real, row, 0)
+        user = np.where(real, self._order[np.minimum(row, self._n_users - 1)], 0)
         length = np.where(real, self._length[user], 0)
         inputs, _ = _left_padded(self._items, self._lo[user], length, self._max_len)
         return {
@@ -246,8 +254,12 @@ def eval_dataset(
     batch_size: int,
     process_index: int | None = None,
     process_count: int | None = None,
+    by_length: bool = False,
 ) -> grain.IterDataset:
     """Users in order, each exactly once, in ceil(n_users / batch_size) batches on every process.
+
+    `by_length=True` visits users by increasing history length instead (`eval_user_order`), so
+    a batch's users have similar histories and history masks need little padding.
 
     Global batch g holds users g*batch_size ... ; process p gets its rows
     [p*b:(p+1)*b] (b = batch_size // process_count). The last batch is padded with weight-0 rows.
@@ -256,7 +268,17 @@ def eval_dataset(
         raise ConfigError(f"max_len must be >= 1, got {max_len}")
     p, _, local = _process_share(batch_size, process_index, process_count)
     rows = slice(p * local, (p + 1) * local)
-    batches = _EvalBatches(data, split_name, max_len=max_len, batch_size=batch_size, rows=rows)
+    order = eval_user_order(data, split_name, by_length)
+    batches = _EvalBatches(
+        data, split_name, max_len=max_len, batch_size=batch_size, rows=rows, order=order
+    )
     n_batches = -(-data.n_users // batch_size)
     read = grain.ReadOptions(prefetch_buffer_size=16)  # eval batches are large; keep few ahead
     return grain.MapDataset.range(n_batches).map(batches).to_iter_dataset(read)
+
+
+def eval_user_order(data: SequenceData, split_name: str, by_length: bool) -> np.ndarray:
+    """[n_users] the order eval batches visit users: by id, or by history length (stable)."""
+    if by_length:
+        return np.argsort(data.split(split_name).lengths, kind="stable")
+    return np.arange(data.n_users)

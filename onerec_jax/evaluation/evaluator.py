@@ -32,14 +32,14 @@ class Evaluator:
         start = time.perf_counter()
         e = self.config.eval
         table = self._item_table(params)
-        ds = pipeline.eval_dataset(
-            self.data, split, max_len=self.config.data.max_len, batch_size=e.batch_size
-        )
+        ds = pipeline.eval_dataset(self.data, split, max_len=self.config.data.max_len,
+                                   batch_size=e.batch_size, by_length=True)  # fmt: skip
+        order = pipeline.eval_user_order(self.data, split, by_length=True)
         users, ranks, weights, tops = [], [], [], []
         lengths = self.data.split(split).lengths  # [n_users] prefix lengths
         for g, batch in enumerate(ds):
             # One history width per GLOBAL batch, so every process pads its rows alike.
-            longest = int(lengths[g * e.batch_size : (g + 1) * e.batch_size].max())
+            longest = int(lengths[order[g * e.batch_size : (g + 1) * e.batch_size]].max())
             width = 1 << max(longest - 1, 0).bit_length()
             history = ranking.history_batch(self.data, split, batch["user"], width=width)
             local = {"inputs": batch["inputs"], "target": batch["target"], "history": history}

@@ -11,8 +11,10 @@ and returns `(loss_sum, count)` as float32 scalars: the loss summed over valid p
 the number of valid positions, so callers can average over a global batch or accumulate
 exactly (`mean = loss_sum / max(count, 1)`). Masked rows are zeroed *before* any arithmetic,
 so a NaN or inf in a padding row reaches neither the loss nor the gradient. Logits are always
-computed in float32, also for bf16 inputs. Option arguments (sizes, names, flags) are static
-Python values; arrays may be traced.
+accumulated in float32. With a narrower-than-float32 `hidden` (bf16) the logit matmuls take
+their operands in hidden's dtype, the table rows cast to it (see `_operand_dtype`), so bf16
+training runs its largest matmul in bf16; float32 inputs compute in float32 throughout.
+Option arguments (sizes, names, flags) are static Python values; arrays may be traced.
 """
 
 import inspect
@@ -39,6 +41,18 @@ def _sum_and_count(row_loss: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax
 def _row_dot(a: jax.Array, b: jax.Array) -> jax.Array:
     """Row-wise dot product in float32: [N, D] x [N, D] -> [N]."""
     return jnp.sum(a.astype(jnp.float32) * b.astype(jnp.float32), axis=-1)
+
+
+def _operand_dtype(hidden: jax.Array, table: jax.Array):
+    """Operand dtype of the logit matmuls (accumulation is float32 regardless).
+
+    hidden's own dtype when it is narrower than float32 (bf16 activations: the table rows are
+    rounded to bf16 too, so the [N, C] matmuls run on bf16 tensor cores; bf16 x bf16 products
+    are exact in float32), otherwise the promoted dtype (float32 stays float32).
+    """
+    if jnp.finfo(hidden.dtype).bits < 32:
+        return hidden.dtype
+    return jnp.promote_types(hidden.dtype, table.dtype)
 
 
 def _check_vocab(vocab_size: int, minimum: int, loss: str) -> None:
@@ -76,9 +90,11 @@ def full_softmax_xent(
     """
     vocab_size = table.shape[0]
     _check_vocab(vocab_size, 2, "full_softmax_xent")
-    dtype = jnp.promote_types(hidden.dtype, table.dtype)
+    dtype = _operand_dtype(hidden, table)
     # hidden is closed over by the scan in float32, so its gradient is summed over the chunks in
-    # float32; each chunk's matmul still runs in the input dtype (bf16 on tensor cores).
+    # float32; each chunk's matmul still runs in the operand dtype (bf16 on tensor cores). The
+    # target logit (`_finish`) uses the same cast table, so the loss is the exact softmax of the
+    # logits it normalises over.
     h = _valid_rows(hidden, mask).astype(jnp.float32)  # [N, D]
     table = table.astype(dtype)
 
@@ -194,6 +210,24 @@ def select_hard_negatives(
     return jnp.where(jnp.isfinite(top), pool[idx], 0).astype(jnp.int32)
 
 
+def pick_in_batch(rng: jax.Array, mask: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """k positions drawn uniformly without replacement among the valid ones (Gumbel top-k).
+
+    Every valid position gets an iid Gumbel score and padding -inf; the k highest scores are
+    a uniformly random k-subset of the valid positions. Where fewer than k positions are
+    valid, the remaining picks are padding positions, flagged invalid.
+
+    Returns:
+      positions [k] int32 indices into mask, and valid [k] bool (= mask[positions]).
+    """
+    n = mask.shape[0]
+    if not 1 <= k <= n:
+        raise ConfigError(f"in-batch negatives: need 1 <= k <= {n} positions, got k={k}")
+    gumbel = jax.random.gumbel(rng, (n,), jnp.float32)
+    _, positions = jax.lax.top_k(jnp.where(mask, gumbel, -jnp.inf), k)
+    return positions.astype(jnp.int32), mask[positions]
+
+
 # ----------------------------------------------------------------------------- sampled softmax
 
 
@@ -208,6 +242,7 @@ def sampled_softmax_xent(
     sampler: str = "uniform",
     item_log_probs: jax.Array | None = None,
     in_batch: bool = True,
+    in_batch_negatives: int | None = 1024,
     logq_correction: bool = True,
     hard_negatives: int = 0,
     hard_pool: jax.Array | None = None,
@@ -217,20 +252,32 @@ def sampled_softmax_xent(
 
     Each row's candidates are its target, `n_negatives` ids drawn once for the whole batch
     (with replacement, from `sampler`) or the explicit `negatives [M]`, and if `in_batch` the
-    targets of the other valid positions. Accidental hits (a negative equal to the row's own
-    target, also a repeat of that item elsewhere in the batch) get -inf, as with TF's
+    targets of other valid positions (see below). Accidental hits (a negative equal to the
+    row's own target, also a repeat of that item elsewhere in the batch) get -inf, as with TF's
     `remove_accidental_hits`, and so does an explicit negative id 0; padding positions are
     never in-batch negatives.
+
+    In-batch negatives: with `in_batch_negatives=None`, or an int >= N, every position's
+    target is a column ([N, N] logits block; padding columns are -inf). With an int K < N,
+    K positions are drawn uniformly without replacement among the valid ones,
+    `pick_in_batch(jax.random.fold_in(rng, 1), mask, K)` (fold_in leaves the shared draws on
+    `rng` itself unchanged), and their targets are the columns: an [N, K] block. Picks beyond
+    the number of valid positions are padding and get -inf like padding columns; a row's own
+    position among the picks has the row's target, so it is an accidental hit like any pick
+    with that item. K_eff = min(K, valid positions) columns are real.
 
     logQ correction (Yi et al. 2019; TF `subtract_log_q`): the shared and in-batch negatives
     form one multiset, and every negative occurrence of item j has its logit lowered by
     log E[count_j], its expected number of occurrences there:
 
-      E[count_j] = M * q(j) + B * p(j)
+      E[count_j] = M * q(j) + B * p(j),   B = K_eff * (n - 1) / n
 
-    with M shared draws from the sampler distribution q, B = (valid positions - 1) in-batch
-    negatives per row, and p the in-batch frequency proxy: softmax(item_log_probs) when given,
-    else uniform 1/(V-1). Then sum over occurrences of exp(s_j) / E[count_j] is an unbiased
+    with M shared draws from the sampler distribution q, n valid positions, and p the in-batch
+    frequency proxy: softmax(item_log_probs) when given, else uniform 1/(V-1). B is the
+    expected number of in-batch columns per row other than the row's own position: each of
+    the K_eff picks is the row itself with probability 1/n. Uncapped (K_eff = n) it is n - 1,
+    the other valid positions, exactly; for K << n it is ~K. Like n - 1 before, B does not
+    subtract other same-item hits. Then sum over occurrences of exp(s_j) / E[count_j] is an unbiased
     estimate of the full partition function without the target, and the loss estimates the
     full softmax loss (with all items as explicit negatives, q uniform and
     logq_correction=False it *is* the full softmax). Unlike TF, the target logit is not
@@ -244,13 +291,15 @@ def sampled_softmax_xent(
     an item that is also a sampled or in-batch negative then appears twice in the softmax.
 
     Args:
-      rng: key for the shared draws; may be None when `negatives` is given.
+      rng: key for the shared draws and the in-batch picks; may be None when `negatives` is
+        given and in-batch negatives are not capped (in_batch False, or K None or >= N).
       n_negatives: number of shared draws; omitted (or equal to M) with `negatives`.
       sampler: "uniform" over 1..V-1, or "popularity" from item_log_probs.
       item_log_probs: [V] log item frequencies (any additive constant; item 0 is ignored).
         Give every possible target a finite value (e.g. add-one counts): an item with zero
         expected count is left uncorrected.
       negatives: explicit shared negative ids [M], instead of drawing them.
+      in_batch_negatives: K, the cap on in-batch negative columns (above); None = all N.
     """
     vocab_size = table.shape[0]
     _check_vocab(vocab_size, 2, "sampled_softmax_xent")
@@ -266,19 +315,38 @@ def sampled_softmax_xent(
         raise ConfigError(f"n_negatives={n_negatives} but {negatives.shape[0]} negatives given")
     if hard_negatives and hard_pool is None:
         raise ConfigError("hard_negatives > 0 needs hard_pool [P] (candidate item ids)")
+    n_rows = targets.shape[0]
+    if in_batch_negatives is not None and in_batch_negatives < 1:
+        raise ConfigError(f"in_batch_negatives must be >= 1 or None, got {in_batch_negatives}")
+    capped = in_batch and in_batch_negatives is not None and in_batch_negatives < n_rows
+    if capped and rng is None:
+        raise ConfigError("sampled_softmax_xent needs an rng to pick in-batch negatives")
 
+    dtype = _operand_dtype(hidden, table)
     h = _valid_rows(hidden, mask).astype(jnp.float32)  # [N, D]
-    target_rows = table[targets].astype(jnp.float32)  # [N, D]
-    pos = jnp.sum(h * target_rows, axis=-1)  # [N]
+    hc = h.astype(dtype)  # exact: the f32 copy of a bf16 hidden rounds back to itself
+    target_rows = table[targets].astype(dtype)  # [N, D]
+    pos = _row_dot(hc, target_rows)  # [N]
+
+    def logits_against(rows):  # [N, D] x [C, D] -> [N, C] float32
+        return jnp.einsum("nd,cd->nc", hc, rows.astype(dtype), preferred_element_type=jnp.float32)
+
     hit = (negatives[None, :] == targets[:, None]) | (negatives[None, :] == 0)  # [N, M]
-    shared = jnp.where(hit, -jnp.inf, h @ table[negatives].astype(jnp.float32).T)  # [N, M]
+    shared = jnp.where(hit, -jnp.inf, logits_against(table[negatives]))  # [N, M]
     blocks = [pos[:, None], shared]
 
     if in_batch:
-        # Columns: other positions' targets; drop padding columns and same-item accidental hits
-        # (this also drops the diagonal, the row's own positive).
-        usable = mask[None, :] & (targets[None, :] != targets[:, None])  # [N, N]
-        blocks.append(jnp.where(usable, h @ target_rows.T, -jnp.inf))
+        n_valid = jnp.sum(mask).astype(jnp.float32)
+        if capped:
+            picks, col_valid = pick_in_batch(jax.random.fold_in(rng, 1), mask, in_batch_negatives)
+            col_targets, col_rows = targets[picks], target_rows[picks]  # [K], [K, D]
+            k_eff = jnp.sum(col_valid).astype(jnp.float32)
+        else:
+            col_valid, col_targets, col_rows, k_eff = mask, targets, target_rows, n_valid
+        # Drop padding columns and same-item accidental hits (this also drops the row's own
+        # position, whose target is the row's positive).
+        usable = col_valid[None, :] & (col_targets[None, :] != targets[:, None])  # [N, K or N]
+        blocks.append(jnp.where(usable, logits_against(col_rows), -jnp.inf))
 
     if logq_correction:
         n_shared = negatives.shape[0]
@@ -288,7 +356,8 @@ def sampled_softmax_xent(
                 freq = jnp.full((vocab_size,), 1.0 / (vocab_size - 1), jnp.float32)
             else:
                 freq = jnp.exp(_normalised(item_log_probs, vocab_size))
-            n_in_batch = jnp.maximum(jnp.sum(mask) - 1, 0).astype(jnp.float32)
+            # B = K_eff (n - 1) / n; uncapped, n (n - 1) / n is n - 1 exactly in float32.
+            n_in_batch = k_eff * jnp.maximum(n_valid - 1, 0) / jnp.maximum(n_valid, 1)
             expected = expected + n_in_batch * freq
         # An item with zero expected count (impossible under q and p) stays uncorrected
         # rather than getting an infinite logit; the double `where` keeps gradients finite.
@@ -296,14 +365,15 @@ def sampled_softmax_xent(
         log_expected = jnp.where(expected > 0, jnp.log(safe), 0.0)  # [V]
         blocks[1] = shared - log_expected[negatives][None, :]
         if in_batch:
-            blocks[2] = blocks[2] - log_expected[targets][None, :]
+            blocks[2] = blocks[2] - log_expected[col_targets][None, :]
 
     if hard_negatives:
         hard_ids = select_hard_negatives(h, table, targets, hard_pool, hard_negatives)  # [N, k]
-        hard = jnp.einsum("nd,nkd->nk", h, table[hard_ids].astype(jnp.float32))
+        hard_rows = table[hard_ids].astype(dtype)  # [N, k, D]
+        hard = jnp.einsum("nd,nkd->nk", hc, hard_rows, preferred_element_type=jnp.float32)
         blocks.append(jnp.where(hard_ids == 0, -jnp.inf, hard))
 
-    logits = jnp.concatenate(blocks, axis=1)  # [N, 1 + M (+ N) (+ k)]
+    logits = jnp.concatenate(blocks, axis=1)  # [N, 1 + M (+ K or N) (+ k)]
     row_loss = jax.nn.logsumexp(logits, axis=-1) - pos
     return _sum_and_count(row_loss, mask)
 

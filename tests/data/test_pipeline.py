@@ -277,6 +277,19 @@ def test_eval_every_user_once_across_processes():
     assert sorted(seen) == list(range(21))
 
 
+def test_eval_by_length_visits_every_user_once_shortest_first():
+    data = random_data(seed=9, n_users=21)
+    lengths = data.test.lengths
+    users, targets = [], []
+    for b in eval_dataset(data, "test", max_len=6, batch_size=8, by_length=True):
+        real = b["weight"] == 1
+        users.extend(b["user"][real].tolist())
+        targets.extend(b["target"][real].tolist())
+    assert sorted(users) == list(range(21))
+    assert list(lengths[users]) == sorted(lengths)  # non-decreasing history length
+    np.testing.assert_array_equal(targets, data.test.targets[users])
+
+
 def test_worker_processes_give_the_same_batches():
     data = random_data(seed=8)
     kw = {"max_len": 8, "batch_size": 4, "seed": 0, "process_index": 0, "process_count": 1}
