@@ -101,7 +101,8 @@ def model_flops_per_step(c, non_embedding: int, n_rows: int) -> float:
     if c.loss.name == "full_softmax":
         out = 6 * d * n_rows
     else:
-        out = 6 * d * (1 + c.loss.n_negatives + (positions if c.loss.in_batch else 0))
+        in_batch = min(c.loss.in_batch_negatives or positions, positions) if c.loss.in_batch else 0
+        out = 6 * d * (1 + c.loss.n_negatives + in_batch)
     return positions * (6 * non_embedding + 12 * n_layers * d * t + out)
 
 

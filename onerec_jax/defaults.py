@@ -55,7 +55,8 @@ def base_config() -> ml_collections.ConfigDict:
     lo.label_smoothing = 0.0  # full softmax only
     lo.n_negatives = 256  # sampled softmax: shared sampled negatives per step
     lo.sampler = "uniform"  # sampled softmax: "uniform" or "popularity" (training counts)
-    lo.in_batch = True  # sampled softmax: the other positions' targets are negatives too
+    lo.in_batch = True  # sampled softmax: other positions' targets are negatives too
+    lo.in_batch_negatives = 1024  # ... drawn from this many random valid positions (0: all)
     lo.logq = True  # sampled softmax: subtract log Q (sampling-bias correction)
     lo.hard_negatives = 0  # sampled softmax: top-scoring non-targets mixed in per position
     lo.hard_pool_size = 2048  # uniformly drawn candidates the hard negatives are picked from

@@ -67,6 +67,7 @@ def next_item_loss(
             sampler=cfg.sampler,
             item_log_probs=item_log_probs if cfg.sampler == "popularity" or cfg.logq else None,
             in_batch=cfg.in_batch,
+            in_batch_negatives=cfg.in_batch_negatives or None,
             logq_correction=cfg.logq,
             hard_negatives=cfg.hard_negatives,
             hard_pool=pool,

@@ -277,9 +277,9 @@ def sampled_softmax_xent(
     expected number of in-batch columns per row other than the row's own position: each of
     the K_eff picks is the row itself with probability 1/n. Uncapped (K_eff = n) it is n - 1,
     the other valid positions, exactly; for K << n it is ~K. Like n - 1 before, B does not
-    subtract other same-item hits. Then sum over occurrences of exp(s_j) / E[count_j] is an unbiased
-    estimate of the full partition function without the target, and the loss estimates the
-    full softmax loss (with all items as explicit negatives, q uniform and
+    subtract other same-item hits. Then sum over occurrences of exp(s_j) / E[count_j] is an
+    unbiased estimate of the full partition function without the target, and the loss
+    estimates the full softmax loss (with all items as explicit negatives, q uniform and
     logq_correction=False it *is* the full softmax). Unlike TF, the target logit is not
     corrected: it is always a candidate, not a draw. With a uniform sampler and no
     item_log_probs the correction is the constant log((M + B) / (V - 1)).

@@ -16,6 +16,7 @@ from onerec_jax.training.losses import (
     bce_one_negative,
     compute_loss,
     full_softmax_xent,
+    pick_in_batch,
     sample_negatives,
     sampled_softmax_xent,
     select_hard_negatives,
@@ -255,19 +256,21 @@ def test_padding_rows_contribute_nothing_and_are_not_negatives():
     assert full[1] == only_valid[1] == len(keep)
 
 
-def _reference(targets, mask, negatives, log_q, log_p, hard_ids=None):
+def _reference(targets, mask, negatives, log_q, log_p, hard_ids=None, in_batch=None, b=None):
     """Jitted value and grads wrt (hidden, table) of a loss over per-row candidate lists
-    built in Python (target first), logQ with E_j = M q_j + B p_j."""
+    built in Python (target first), logQ with E_j = M q_j + B p_j. In-batch items default to
+    every valid position's target with B = valid - 1."""
     tg, m = np.asarray(targets), np.asarray(mask)
     negatives = np.asarray(negatives)
-    b = m.sum() - 1
+    in_batch = tg[m] if in_batch is None else np.asarray(in_batch)
+    b = m.sum() - 1 if b is None else b
     expected = len(negatives) * np.exp(np.asarray(log_q, np.float64)) + b * np.exp(
         np.asarray(log_p, np.float64)
     )
     rows, cands = np.flatnonzero(m), []
     for i in rows:
         ids, offsets = [tg[i]], [0.0]
-        for j in [*negatives, *tg[m]]:  # shared, then in-batch; the own item is never a negative
+        for j in [*negatives, *in_batch]:  # shared, then in-batch; the own item is never a negative
             if j != tg[i]:
                 ids.append(j)
                 offsets.append(math.log(expected[j]))
@@ -317,6 +320,200 @@ def test_sampler_frequencies_match_the_distribution(sampler):
     # much mass on the top item adds ~75, ids off by one ~3e4, uniform for popularity ~6e5.
     chi2 = np.sum((observed[1:] - draws * probs) ** 2 / (draws * probs))
     assert chi2 < stats.chi2.ppf(1 - 1e-6, df=vocab - 2)
+
+
+# ----------------------------------------------------------------------------- capped in-batch
+
+
+def _popularity():
+    counts = jnp.arange(V, dtype=jnp.float32) % 5 + 1
+    return jnp.log(counts / counts[1:].sum()).at[0].set(-jnp.inf)
+
+
+CAPPED = {
+    k: functools.partial(
+        sampled_softmax_xent,
+        n_negatives=5,
+        sampler="popularity",
+        item_log_probs=_popularity(),
+        in_batch_negatives=k,
+    )
+    for k in (None, 4, 9, 11)
+}
+
+
+@pytest.mark.parametrize("k", [9, 11])
+def test_capped_in_batch_with_every_valid_position_picked_equals_uncapped(k):
+    # 9 valid positions of N = 12: k = 9 picks all of them, k = 11 also 2 padding positions.
+    # Both take the capped path (k < N) and must give the uncapped candidates and logQ
+    # (B = K_eff (n - 1) / n = n - 1), only in another column order.
+    hidden, table, targets, mask = _problem(seed=12)
+    targets = targets.at[4].set(targets[0])  # a same-item accidental hit in the batch
+    rng = jax.random.key(6)
+    _, valid = pick_in_batch(jax.random.fold_in(rng, 1), mask, k)
+    assert valid.sum() == 9
+    (value, count), grads = _vg(CAPPED[k])(hidden, table, targets, mask, rng)
+    (ref_value, ref_count), ref_grads = _vg(CAPPED[None])(hidden, table, targets, mask, rng)
+    assert count == ref_count == 9
+    # Equal up to the summation order of the logsumexp.
+    np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+    for got, want in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_capped_in_batch_matches_slow_reference_on_the_same_picks():
+    hidden, table, targets, mask = _problem(seed=13)
+    # Few distinct items among the valid positions, so picks often hit a row's own item.
+    targets = jnp.where(mask, 1 + jnp.arange(N) % 3, 0).astype(jnp.int32)
+    log_probs, rng, k = _popularity(), jax.random.key(7), 4
+    (value, count), grads = _vg(CAPPED[k])(hidden, table, targets, mask, rng)
+    # The documented draws: shared negatives on rng, picks on fold_in(rng, 1).
+    negatives = jax.random.categorical(rng, log_probs, shape=(5,))
+    positions, valid = (np.asarray(x) for x in pick_in_batch(jax.random.fold_in(rng, 1), mask, k))
+    assert valid.all() and np.asarray(mask)[positions].all()
+    n = int(np.asarray(mask).sum())
+    picked_items = np.asarray(targets)[positions]
+    ref = _reference(
+        targets, mask, negatives, log_probs, log_probs, in_batch=picked_items, b=k * (n - 1) / n
+    )
+    ref_value, ref_grads = ref(hidden, table)
+    assert count == n
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    for got, want in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # The cap changed the loss: fewer in-batch columns than the uncapped version.
+    (uncapped, _), _ = _vg(CAPPED[None])(hidden, table, targets, mask, rng)
+    assert abs(value - uncapped) > 1e-3
+
+
+def test_pick_in_batch_draws_valid_positions_uniformly_without_replacement():
+    n, draws = 50, 2000
+    mask = jnp.asarray(np.arange(n) % 5 < 2)  # 20 valid positions of 50
+    keys = jax.random.split(jax.random.key(0), draws)
+    pick = jax.jit(jax.vmap(pick_in_batch, in_axes=(0, None, None)), static_argnums=2)
+
+    positions, valid = (np.asarray(x) for x in pick(keys, mask, 8))
+    assert positions.shape == (draws, 8) and valid.all()
+    assert np.asarray(mask)[positions].all()  # padding never picked while 20 >= 8 are valid
+    assert all(len(set(row)) == 8 for row in positions)  # without replacement
+    # Each valid position is picked with probability 8 / 20: chi-square over the 20 positions
+    # (19 degrees of freedom, expected 800 each; the 1 - 1e-6 quantile is ~ 64: a 30% bias on
+    # one position adds ~70, never picking one adds ~800).
+    observed = np.bincount(positions.ravel(), minlength=n)[np.asarray(mask)]
+    expected = draws * 8 / 20
+    chi2 = np.sum((observed - expected) ** 2 / expected)
+    assert chi2 < stats.chi2.ppf(1 - 1e-6, df=19)
+
+    # More picks than valid positions: all 20 valid ones, the rest flagged padding.
+    positions, valid = (np.asarray(x) for x in pick(keys[:50], mask, 25))
+    assert np.all(valid.sum(1) == 20)
+    for row, ok in zip(positions, valid, strict=True):
+        assert set(row[ok]) == set(np.flatnonzero(np.asarray(mask)))
+        assert not np.asarray(mask)[row[~ok]].any()
+    with pytest.raises(ConfigError, match="1 <= k <= 50"):
+        pick_in_batch(keys[0], mask, 51)
+
+
+def test_capped_in_batch_never_holds_positions_by_positions():
+    n, k, m = 4096, 256, 4
+    gen = np.random.default_rng(0)
+    hidden = jnp.asarray(gen.normal(size=(n, D)), jnp.float32)
+    table = jnp.asarray(gen.normal(size=(V, D)), jnp.float32)
+    targets = jnp.asarray(gen.integers(1, V, size=n), jnp.int32)
+    mask = jnp.asarray(gen.random(n) < 0.8)
+
+    def shapes(cap):
+        fn = functools.partial(sampled_softmax_xent, n_negatives=m, in_batch_negatives=cap)
+        grad = jax.grad(lambda h, t: fn(h, t, targets, mask, jax.random.key(0))[0], (0, 1))
+        return list(_shapes(jax.make_jaxpr(grad)(hidden, table).jaxpr))
+
+    capped = shapes(k)
+    assert (n, k) in capped  # the [N, K] in-batch block
+    # Largest: the [N, 1 + M + K] logits; nothing near [N, N] forward or backward.
+    assert max(math.prod(s) for s in capped) <= n * (1 + m + k)
+    assert max(math.prod(s) for s in shapes(None)) >= n * n  # the probe sees the uncapped block
+
+
+def test_capped_in_batch_needs_an_rng_and_a_positive_cap():
+    hidden, table, targets, mask = _problem()
+    negatives = jnp.array([1, 2], jnp.int32)
+    with pytest.raises(ConfigError, match="rng to pick in-batch"):
+        sampled_softmax_xent(
+            hidden, table, targets, mask, None, negatives=negatives, in_batch_negatives=4
+        )
+    with pytest.raises(ConfigError, match="in_batch_negatives must be >= 1"):
+        sampled_softmax_xent(
+            hidden, table, targets, mask, None, negatives=negatives, in_batch_negatives=0
+        )
+
+
+# ----------------------------------------------------------------------------- bf16 operands
+
+
+def _dot_dtypes(fn, *args):
+    """(operand dtypes, output dtype) of every dot_general in fn's forward jaxpr."""
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                yield tuple(str(v.aval.dtype) for v in eqn.invars), str(eqn.outvars[0].aval.dtype)
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, tuple | list) else [param]:
+                    sub = getattr(sub, "jaxpr", sub)
+                    if hasattr(sub, "eqns"):
+                        yield from walk(sub)
+
+    return set(walk(jax.make_jaxpr(fn)(*args).jaxpr))
+
+
+@pytest.mark.parametrize("chunk_size", [5, 8192])
+def test_full_softmax_bf16_hidden_casts_a_float32_table_to_bf16(chunk_size):
+    hidden, table, targets, mask = _problem(seed=14)
+    hidden = hidden.astype(jnp.bfloat16)
+    fn = functools.partial(full_softmax_xent, chunk_size=chunk_size)
+    assert _dot_dtypes(fn, hidden, table, targets, mask) == {(("bfloat16", "bfloat16"), "float32")}
+    assert _dot_dtypes(fn, hidden.astype(jnp.float32), table, targets, mask) == {
+        (("float32", "float32"), "float32")
+    }
+    (value, _), (gh, gt) = _vg(fn)(hidden, table, targets, mask)
+    # The loss is the exact softmax over the bf16-rounded table: bf16 x bf16 products are exact
+    # in float32, so the reference on the rounded table agrees to float32 summation order.
+    rounded = table.astype(jnp.bfloat16)
+    (ref_value, _), (rh, rt) = _vg(dense_xent)(hidden, rounded, targets, mask)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    assert gh.dtype == jnp.bfloat16 and gt.dtype == jnp.float32
+    for got, want in ((gh, rh), (gt, rt)):
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        # Same bound as the all-bf16 test: bf16-rounded chunk parts summed in float32.
+        np.testing.assert_allclose(got, want, rtol=0, atol=2**-6 * np.abs(want).max())
+
+
+def test_sampled_softmax_bf16_hidden_runs_its_logit_matmuls_in_bf16():
+    hidden, table, targets, mask = _problem(seed=15)
+    hidden = hidden.astype(jnp.bfloat16)
+    rng, k = jax.random.key(8), 4
+    fn = CAPPED[k]
+    dots = _dot_dtypes(fn, hidden, table, targets, mask, rng)
+    assert dots == {(("bfloat16", "bfloat16"), "float32")}, dots
+    (value, _), (gh, gt) = _vg(fn)(hidden, table, targets, mask, rng)
+    assert gh.dtype == jnp.bfloat16 and gt.dtype == jnp.float32
+    # Reference in float32 on the bf16-rounded table: products are exact, so only the float32
+    # summation order differs.
+    log_probs = _popularity()
+    negatives = jax.random.categorical(rng, log_probs, shape=(5,))
+    positions, _ = pick_in_batch(jax.random.fold_in(rng, 1), mask, k)
+    rounded = table.astype(jnp.bfloat16).astype(jnp.float32)
+    ref = _reference(
+        targets,
+        mask,
+        negatives,
+        log_probs,
+        log_probs,
+        in_batch=np.asarray(targets)[np.asarray(positions)],
+        b=k * 8 / 9,
+    )
+    ref_value, _ = ref(hidden.astype(jnp.float32), rounded)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- hard negatives
