@@ -179,7 +179,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     window = {"start": time.perf_counter(), "tokens": 0.0, "steps": 0}
     stopped_early = meta["bad_evals"] >= config.train.patience  # a finished run stays finished
     while step < trainer.total_steps and not stopped_early:
-        batch = sharding.global_batch(next(data_iter), trainer.mesh, trainer.rules)
+        local = next(data_iter)
+        window["tokens"] += float(local["mask"].sum()) * jax.process_count()  # host-side count
+        batch = sharding.global_batch(local, trainer.mesh, trainer.rules)
         state, step_metrics = trainer.train_step(state, batch, rng)
         step += 1
         window["steps"] += 1
@@ -188,7 +190,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
             _check_finite(host, step, ckpt)
             elapsed = time.perf_counter() - window["start"]
-            host["tokens_per_s"] = host["tokens"] * window["steps"] / max(elapsed, 1e-9)
+            host["tokens_per_s"] = window["tokens"] / max(elapsed, 1e-9)
             meta["train_seconds"] += elapsed
             logger.write(step, {f"train/{k}": v for k, v in host.items()})
             progress.update(step, host["loss"], host["tokens_per_s"])
