@@ -9,7 +9,7 @@ def get_config(arg: str | None = None):
     c.data.release = "ml-latest-small"  # release fetched into <data.root>/ by data/download.py
     # 671 users: an epoch is ~7 steps of 128, and models sit near popularity for 15-20 epochs
     # before learning (PROTOCOL.md), so patience is counted in many cheap validations.
-    c.train.patience = 30  # validations (one per epoch) without improvement
+    c.train.patience = 15  # validations (one per epoch) without improvement
     c.train.num_epochs = 400
     c.optim.warmup_steps = 20  # ~3 epochs
     c.model.dropout = 0.1  # as the PROTOCOL.md reference SASRec
