@@ -54,15 +54,16 @@ class Evaluator:
             weights.append(
                 _to_host(sharding.global_batch({"w": batch["weight"]}, self.mesh, self.rules)["w"])
             )
-        ranks, weights = np.concatenate(ranks), np.concatenate(weights)
-        result = metrics.metrics_from_ranks(ranks, weights)
-        result["seconds"] = time.perf_counter() - start
-        real = weights > 0
+        real = np.concatenate(weights) > 0
+        users = np.concatenate(users)[real]
+        by_user = np.argsort(users, kind="stable")  # metrics independent of the visiting order
         per_user = {
-            "users": np.concatenate(users)[real],
-            "ranks": ranks[real],
-            "top_items": np.concatenate(tops)[real],
+            "users": users[by_user],
+            "ranks": np.concatenate(ranks)[real][by_user],
+            "top_items": np.concatenate(tops)[real][by_user],
         }
+        result = metrics.metrics_from_ranks(per_user["ranks"])
+        result["seconds"] = time.perf_counter() - start
         return result, per_user
 
 
