@@ -90,6 +90,7 @@ def make_config(args, model: str, dim: int, loss: str, dtype: str):
     c.train.batch_size = args.batch_size
     c.train.num_steps = 10_000  # only shapes the learning-rate schedule
     c.data.max_len = args.max_len
+    c.data.bucket_boundaries = ()  # every step at the full [batch, max_len] shape: one compile
     c.eval.batch_size = args.eval_batch
     return c
 
