@@ -71,9 +71,9 @@ def main(argv):
         raise app.UsageError("--config is required, e.g. --config configs/demo.py")
     workdir = Path(_WORKDIR.value)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     try:
         if _MODE.value == "prepare":
+            (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
             prepare(config, str(workdir))
         elif _MODE.value == "train":
             from onerec_jax.training import train  # JAX start-up only when training
