@@ -201,7 +201,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             score = val["ndcg@10"]
             improved = score > meta["best"]
             if improved:
-                meta.update(best=score, best_step=step, bad_evals=0)
+                meta.update(best=score, best_step=step, bad_evals=0, best_val=val)
             else:
                 meta["bad_evals"] += 1
             meta["history"].append([step, meta["train_seconds"], score])
@@ -223,7 +223,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         raise TrainingError(f"{workdir}: no validated checkpoint to test; train longer.")
     params = ckpt.restore_params(best_step, trainer.abstract_state["params"])
     test, _ = evaluator.evaluate(params, "test")
-    best_val, _ = evaluator.evaluate(params, "valid")
+    if meta.get("best_step") == best_step and "best_val" in meta:
+        best_val = meta["best_val"]  # recorded when that checkpoint was validated
+    else:  # e.g. Orbax kept another step of equal score
+        best_val, _ = evaluator.evaluate(params, "valid")
     results = {
         "model": config.model.name,
         "data": {
