@@ -176,7 +176,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     logger = MetricLogger(workdir, enabled=is_main)
     step = int(state["step"])
     progress = logger.progress(trainer.total_steps, step, enabled=config.train.progress and is_main)
-    window = {"start": time.perf_counter(), "tokens": 0.0, "steps": 0}
+    window = {"start": time.perf_counter(), "tokens": 0.0}
     stopped_early = meta["bad_evals"] >= config.train.patience  # a finished run stays finished
     while step < trainer.total_steps and not stopped_early:
         local = next(data_iter)
@@ -184,7 +184,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         batch = sharding.global_batch(local, trainer.mesh, trainer.rules)
         state, step_metrics = trainer.train_step(state, batch, rng)
         step += 1
-        window["steps"] += 1
         is_eval = step % trainer.eval_every == 0 or step == trainer.total_steps
         if step % config.train.log_every_steps == 0 or is_eval:
             host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
@@ -194,7 +193,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             meta["train_seconds"] += elapsed
             logger.write(step, {f"train/{k}": v for k, v in host.items()})
             progress.update(step, host["loss"], host["tokens_per_s"])
-            window = {"start": time.perf_counter(), "tokens": 0.0, "steps": 0}
+            window = {"start": time.perf_counter(), "tokens": 0.0}
         if is_eval:
             val, _ = evaluator.evaluate(state["params"], "valid")
             meta["eval_seconds"] += val["seconds"]
