@@ -89,6 +89,36 @@ def base_config() -> ml_collections.ConfigDict:
     e.k = 50  # length of the top-K lists kept (metrics use K in 1, 5, 10, 20, 50)
     e.chunk_size = 8192  # items scored at a time
 
+    c.features = f = ml_collections.ConfigDict()
+    # Item feature matrix for the tokenizers (data/features.py): blocks, each standardised and
+    # scaled by its weight, concatenated. Blocks a dataset lacks (no tags, no genome) raise.
+    f.blocks = ("genres", "year", "title", "tags")  # genres|year|title|tags|genome|collab
+    f.weights = ml_collections.ConfigDict(
+        dict(genres=1.0, year=1.0, title=1.0, tags=1.0, genome=1.0, collab=1.0)
+    )  # per-block multiplier after standardisation (block norms are otherwise comparable)
+    f.year_bucket_years = 5  # width of a release-year bucket (years), one-hot encoded
+    f.title_dim = 32  # truncated-SVD components of the title TF-IDF
+    f.tags_dim = 32  # truncated-SVD components of the aggregated user-tag TF-IDF
+    f.genome_missing = "mean"  # items without a genome vector: "mean" or "zero" (+ a flag column)
+    f.collab_workdir = ""  # collab block: a trained run whose best checkpoint's item table is read
+
+    c.tokenize = tk = ml_collections.ConfigDict()
+    # Semantic ids (tokenize/): items -> `levels` codes of `codebook_size` + a collision token.
+    tk.method = "rqvae"  # rqvae, rqkmeans, or random (a control: uniform random codes)
+    tk.levels = 3  # residual quantisation levels L (codes per item before the collision token)
+    tk.codebook_size = 256  # codes per level K
+    tk.latent_dim = 32  # RQ-VAE latent width
+    tk.hidden_dims = (512, 256, 128)  # RQ-VAE encoder MLP widths (decoder mirrors them)
+    tk.beta = 0.25  # RQ-VAE commitment weight
+    tk.gradient = "ste"  # RQ-VAE gradient through quantisation: "ste" or "rotation" (trick)
+    tk.dead_code_steps = 200  # RQ-VAE: restart codes unused for this many steps (0: never)
+    tk.steps = 3000  # RQ-VAE training steps
+    tk.batch_size = 1024  # RQ-VAE items per step
+    tk.learning_rate = 1e-3  # RQ-VAE peak learning rate (AdamW via training/optim.py)
+    tk.kmeans_iters = 50  # Lloyd iterations per level (RQ-KMeans; RQ-VAE codebook init)
+    tk.balanced = False  # RQ-KMeans: equal-size clusters per level
+    tk.seed = 0  # tokenizer seed
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (-1, 1, 1)  # devices over (data, fsdp, model); one -1 is filled in
     c.mesh.num_devices = 0  # use the first N devices (0: all of them)
