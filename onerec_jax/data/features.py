@@ -1,0 +1,293 @@
+"""The item feature matrix the tokenizers quantise: config blocks, standardised, weighted, joined.
+
+Blocks (`features.blocks`, concatenated in that order; one row per dense item id, row 0 = padding
+and all zeros):
+  genres  multi-hot over the genre vocabulary ("(no genres listed)" is no genre)
+  year    one-hot release-year bucket of `year_bucket_years` years, plus an "unknown year" column
+  title   TF-IDF of the title's words -> truncated SVD to `title_dim` components
+  tags    TF-IDF of the aggregated user tags (a tag's count is its term frequency) -> truncated SVD
+          to `tags_dim` components, plus a "has no tags" column
+  genome  the tag-genome relevance vector, imputed per `genome_missing`, plus a "missing genome"
+          column
+  collab  the item table of the best checkpoint of a trained run (`collab_workdir`)
+
+Each block is standardised per column over the real items (constant columns stay 0), divided by
+sqrt(its number of non-constant columns) so that a row's mean squared norm is 1 whatever the
+block's width, then multiplied by `weights[block]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+from absl import logging
+from scipy import sparse
+from sklearn.decomposition import TruncatedSVD
+from sklearn.feature_extraction.text import TfidfTransformer, TfidfVectorizer
+
+from onerec_jax.data import item_arrays
+from onerec_jax.data.movielens import ItemInfo
+from onerec_jax.data.sequences import SequenceData
+from onerec_jax.errors import ConfigError, DataFormatError
+
+BLOCKS = ("genres", "year", "title", "tags", "genome", "collab")
+_NO_GENRE = "(no genres listed)"
+_SVD_SEED = 0  # truncated SVD is randomised: a fixed seed keeps the features reproducible
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemFeatures:
+    """The feature matrix and the column range of each block."""
+
+    matrix: np.ndarray  # [n_items + 1, D] float32; row 0 (padding) is zeros
+    blocks: tuple[tuple[str, int, int], ...]  # (name, start, stop) column ranges, config order
+
+    def block(self, name: str) -> np.ndarray:
+        """[n_items + 1, stop - start] columns of block `name`."""
+        for block, start, stop in self.blocks:
+            if block == name:
+                return self.matrix[:, start:stop]
+        raise KeyError(f"no block {name!r}: this matrix has {[b for b, _, _ in self.blocks]}")
+
+
+def build_features(
+    cfg: ml_collections.ConfigDict, data: SequenceData, items: ItemInfo
+) -> ItemFeatures:
+    """The feature matrix of `cfg` (the config's `features` section) for `data`'s items.
+
+    Raises:
+      ConfigError: an unknown block or bad option, or a block the dataset lacks.
+      DataFormatError: a block holds NaN or infinite values.
+    """
+    names = _block_names(cfg)
+    parts, spans, start = [], [], 0
+    for name in names:
+        raw = raw_block(name, cfg, data, items)  # [n_items, k]
+        _check_finite(raw, name, "in its input (e.g. a NaN genome relevance): fix the data files")
+        block = (_standardise(raw) * _weight(cfg, name)).astype(np.float32)
+        _check_finite(block, name, "after standardisation: its values overflow float32")
+        parts.append(block)
+        spans.append((name, start, start + block.shape[1]))
+        start += block.shape[1]
+    matrix = np.zeros((data.n_items + 1, start), np.float32)
+    matrix[1:] = np.concatenate(parts, axis=1)
+    return ItemFeatures(matrix, tuple(spans))
+
+
+def raw_block(
+    name: str, cfg: ml_collections.ConfigDict, data: SequenceData, items: ItemInfo
+) -> np.ndarray:
+    """[n_items, k] float64 block `name` before standardisation, row i-1 = dense item i."""
+    builders = {"genres": _genres, "year": _year, "title": _title, "tags": _tags,
+                "genome": _genome, "collab": _collab}  # fmt: skip
+    if name not in builders:
+        raise ConfigError(f"features.blocks: unknown block {name!r}; valid blocks: {BLOCKS}.")
+    return np.asarray(builders[name](cfg, data, items), np.float64)
+
+
+def _block_names(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+    blocks = cfg.blocks
+    if isinstance(blocks, str):  # "genres,year" from a command line
+        blocks = [b.strip() for b in blocks.split(",") if b.strip()]
+    names = tuple(blocks)
+    unknown = [b for b in names if b not in BLOCKS]
+    if unknown:
+        raise ConfigError(f"features.blocks: unknown block {unknown[0]!r}; valid blocks: {BLOCKS}.")
+    if not names or len(set(names)) != len(names):
+        raise ConfigError(f"features.blocks={names}: list each block once, at least one.")
+    bad_weights = [k for k in cfg.weights if k not in BLOCKS]
+    if bad_weights:
+        raise ConfigError(f"features.weights.{bad_weights[0]}: not a block; valid: {BLOCKS}.")
+    for name in names:  # checked before any block is built (collab restores a checkpoint)
+        _weight(cfg, name)
+    return names
+
+
+def _weight(cfg: ml_collections.ConfigDict, name: str) -> float:
+    weight = float(cfg.weights.get(name, 1.0))
+    if not weight >= 0:
+        raise ConfigError(f"features.weights.{name}={weight}: use a weight >= 0.")
+    return weight
+
+
+def _standardise(raw: np.ndarray) -> np.ndarray:
+    """Zero mean, unit variance per column; constant columns 0; / sqrt(non-constant columns)."""
+    mean, std = raw.mean(axis=0), raw.std(axis=0)
+    varies = std > 1e-6 * np.abs(raw).max(axis=0, initial=0.0)  # float noise is no variation
+    out = np.zeros_like(raw)
+    out[:, varies] = (raw[:, varies] - mean[varies]) / std[varies]
+    return out / np.sqrt(max(int(varies.sum()), 1))
+
+
+def _check_finite(block: np.ndarray, name: str, where: str) -> None:
+    bad = ~np.isfinite(block)
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise DataFormatError(
+            f"features block {name!r}: {int(bad.sum())} NaN/inf values {where} (first at dense "
+            f"item {row + 1}, column {col})."
+        )
+
+
+def _lacks(name: str, what: str) -> ConfigError:
+    return ConfigError(
+        f"features block {name!r}: {what} in this dataset. Drop {name!r} from features.blocks."
+    )
+
+
+def _rows(data: SequenceData, items: ItemInfo) -> np.ndarray:
+    """[n_items] row of each dense item (1..n_items) in `items`, -1 where it has no info."""
+    return items.rows(data.item_ids[1:]) if len(items) else np.full(data.n_items, -1)
+
+
+def _genres(cfg, data: SequenceData, items: ItemInfo) -> np.ndarray:
+    multi_hot, names = item_arrays.genre_multi_hot(data, items)  # [V, G]
+    keep = [k for k, genre in enumerate(names) if genre != _NO_GENRE]
+    if not keep:
+        raise _lacks("genres", "no item has a genre")
+    return multi_hot[1:, keep]
+
+
+def _year(cfg, data: SequenceData, items: ItemInfo) -> np.ndarray:
+    width = int(cfg.year_bucket_years)
+    if width < 1:
+        raise ConfigError(f"features.year_bucket_years={width}: use a bucket width >= 1 year.")
+    rows = _rows(data, items)
+    years = np.where(rows >= 0, items.years[rows] if len(items) else 0, 0)
+    known = years > 0
+    if not known.any():
+        raise _lacks("year", "no item has a release year")
+    # One column per occupied bucket [k*width, (k+1)*width), then "unknown year".
+    buckets, column = np.unique(years[known] // width, return_inverse=True)
+    out = np.zeros((data.n_items, len(buckets) + 1))
+    out[np.flatnonzero(known), column] = 1.0
+    out[~known, -1] = 1.0
+    return out
+
+
+def _svd(tfidf: sparse.csr_matrix, dim: int, name: str) -> np.ndarray:
+    """[n, k] truncated-SVD projection, k = `dim` clamped to the matrix's rank bound."""
+    n_docs, n_terms = tfidf.shape
+    k = min(int(dim), n_docs, n_terms)
+    if k < dim:
+        logging.warning("features block %r: %d items x %d terms, so %d SVD components instead "
+                        "of %d", name, n_docs, n_terms, k, dim)  # fmt: skip
+    if n_terms < 2:  # TruncatedSVD needs two features; one column is its own projection
+        return tfidf.toarray()
+    svd = TruncatedSVD(n_components=k, random_state=_SVD_SEED)
+    z = svd.fit_transform(tfidf)
+    # Components beyond the true rank are rounding noise that standardisation would blow up.
+    z[:, svd.singular_values_ <= 1e-6 * svd.singular_values_.max()] = 0.0
+    return z
+
+
+def _title(cfg, data: SequenceData, items: ItemInfo) -> np.ndarray:
+    rows = _rows(data, items)
+    docs = [items.titles[r] if r >= 0 else "" for r in rows]
+    try:
+        tfidf = TfidfVectorizer().fit_transform(docs)
+    except ValueError:  # sklearn: "empty vocabulary"
+        raise _lacks("title", "no item title has a word") from None
+    return _svd(tfidf, cfg.title_dim, "title")
+
+
+def tag_counts(data: SequenceData, items: ItemInfo) -> tuple[sparse.csr_matrix, tuple[str, ...]]:
+    """([n_items, n_tags] user-tag application counts, tag names), row i-1 = dense item i."""
+    vocab: dict[str, int] = {}
+    indptr, indices, counts = [0], [], []
+    for r in _rows(data, items):
+        if r >= 0:
+            for tag, count in items.tags[r].items():
+                indices.append(vocab.setdefault(tag, len(vocab)))
+                counts.append(count)
+        indptr.append(len(indices))
+    shape = (data.n_items, len(vocab))
+    matrix = sparse.csr_matrix((np.asarray(counts, np.float64), indices, indptr), shape=shape)
+    return matrix, tuple(vocab)
+
+
+def _tags(cfg, data: SequenceData, items: ItemInfo) -> np.ndarray:
+    counts, vocab = tag_counts(data, items)
+    if not vocab:
+        raise _lacks("tags", "no item has a user tag")
+    tfidf = TfidfTransformer().fit_transform(counts)  # smooth idf, l2-normalised rows
+    no_tags = (counts.getnnz(axis=1) == 0).astype(np.float64)
+    return np.concatenate([_svd(tfidf, cfg.tags_dim, "tags"), no_tags[:, None]], axis=1)
+
+
+def _genome(cfg, data: SequenceData, items: ItemInfo) -> np.ndarray:
+    if items.genome is None or not items.genome.size:
+        raise ConfigError(
+            "features block 'genome': this dataset has no tag genome (genome-scores.csv, "
+            "genome-tags.csv). Drop 'genome' from features.blocks; the genome ships with "
+            "ML-20M, ML-25M and ML-32M."
+        )
+    if cfg.genome_missing not in ("mean", "zero"):
+        raise ConfigError(f"features.genome_missing={cfg.genome_missing!r}: use 'mean' or 'zero'.")
+    rows = items.genome_rows(data.item_ids[1:])
+    has = rows >= 0
+    if not has.any():
+        raise _lacks("genome", "no item of the interactions has a genome vector")
+    out = np.zeros((data.n_items, items.genome.shape[1] + 1))
+    out[has, :-1] = items.genome[rows[has]]
+    if cfg.genome_missing == "mean":
+        out[~has, :-1] = out[has, :-1].mean(axis=0)
+    out[~has, -1] = 1.0  # "missing genome"
+    return out
+
+
+def _collab(cfg, data: SequenceData, items: ItemInfo) -> np.ndarray:
+    """Rows 1..n_items of the item table of `collab_workdir`'s best checkpoint."""
+    import jax  # JAX starts up only for this block
+
+    from onerec_jax.training import checkpointing, train
+
+    if not cfg.collab_workdir:
+        raise ConfigError(
+            "features block 'collab' needs features.collab_workdir: the --workdir of a run "
+            "trained (--mode train) on this same data."
+        )
+    workdir = Path(cfg.collab_workdir).expanduser()
+    if not (workdir / "config.json").is_file() or not (workdir / "checkpoints").is_dir():
+        raise ConfigError(
+            f"features.collab_workdir={workdir}: config.json or checkpoints/ is missing. Point "
+            "it at the --workdir of a run trained with --mode train."
+        )
+    try:
+        config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    except ValueError as e:
+        raise ConfigError(f"{workdir / 'config.json'}: unreadable ({e}); retrain that run.") from e
+
+    def mismatch(detail: str) -> ConfigError:
+        return ConfigError(
+            f"features.collab_workdir={workdir}: that run was trained on other data ({detail}); "
+            f"this data has {data.n_items} items. Train it on the same data and filters."
+        )
+
+    results = workdir / "results.json"
+    if results.is_file():
+        trained_items = json.loads(results.read_text()).get("data", {}).get("items")
+        if trained_items is not None and trained_items != data.n_items:
+            raise mismatch(f"{trained_items} items")
+    config.mesh.shape, config.mesh.num_devices = [-1, 1, 1], 1  # any saved mesh restores here
+    trainer = train.Trainer(config, data, items)  # the model and params layout of that run
+    ckpt = checkpointing.Checkpointer(workdir / "checkpoints", metric=train.SELECT_METRIC)
+    try:
+        best = ckpt.best_step()
+        if best is None:
+            raise ConfigError(
+                f"features.collab_workdir={workdir}: no validated checkpoint in checkpoints/. "
+                "Train that run until it has validated once."
+            )
+        try:
+            params = ckpt.restore_params(best, trainer.abstract_state["params"])
+        except checkpointing.CheckpointError as e:
+            raise mismatch(str(e)) from e
+    finally:
+        ckpt.close()
+    table = np.asarray(jax.device_get(trainer.model.item_table(params)))  # [V, dim]
+    return table[1:]

@@ -1,0 +1,1 @@
+"""Tokenizers: items' feature vectors -> semantic ids (RQ-VAE, residual k-means)."""
