@@ -48,6 +48,12 @@ def base_config() -> ml_collections.ConfigDict:
     m.fusion = "sum"  # OneRec: fuse side features by "sum" or "concat" (then a projection)
     m.aux_weight = 0.0  # OneRec: weight of the masked-input reconstruction loss (0: off)
     m.aux_mask_prob = 0.2  # OneRec: share of input items masked for that loss
+    m.negatives_per_pair = 4  # BPR, NCF: uniform negatives drawn per (user, item) training pair
+    m.item_bias = True  # BPR: add a learned per-item bias to the user . item score
+    m.l2 = 0.0  # BPR: weight of the L2 penalty on the embedding rows a training pair uses
+    m.mlp_layers = (64, 32, 16)  # NCF: widths of the MLP tower's ReLU layers, first on the concat
+    m.mask_prob = 0.2  # BERT4Rec: share of real items masked for the cloze loss (>= 1 each)
+    m.last_item_share = 0.1  # BERT4Rec: share of training sequences with only the last masked
 
     c.loss = lo = ml_collections.ConfigDict()
     lo.name = "full_softmax"  # full_softmax (chunked), sampled_softmax or bce (one negative)
@@ -117,6 +123,9 @@ def base_config() -> ml_collections.ConfigDict:
     tk.learning_rate = 1e-3  # RQ-VAE peak learning rate (AdamW via training/optim.py)
     tk.kmeans_iters = 50  # Lloyd iterations per level (RQ-KMeans; RQ-VAE codebook init)
     tk.balanced = False  # RQ-KMeans: equal-size clusters per level
+    # Items that share all L codes get distinct last-level codes, the nearest free ones within
+    # their prefix (tokenize/collisions.py); the collision token separates what remains.
+    tk.spread_last_level = True
     tk.seed = 0  # tokenizer seed
 
     c.mesh = ml_collections.ConfigDict()
@@ -134,6 +143,30 @@ def apply_variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collectio
         c.model.name = "onerec"
         c.model.num_heads = 2
         c.model.mlp_dim = 2 * c.model.dim
+    elif arg == "gru4rec":
+        c.model.name = "gru4rec"
+        c.model.num_layers = 1
+    elif arg == "bert4rec":
+        c.model.name = "bert4rec"
+        c.model.num_heads = 2
+        c.model.mlp_dim = 4 * c.model.dim
+        c.model.dropout = 0.1
+        c.model.mask_prob = 0.2
+        c.loss.name = "full_softmax"  # the cloze task needs the full softmax to be strong
+    elif arg == "pop":
+        c.model.name = "pop"  # nothing to learn: one no-op step, then validation and test
+    elif arg == "bpr":
+        c.model.name = "bpr"
+        c.model.negatives_per_pair = 4
+        c.model.l2 = 1e-4
+    elif arg == "ncf":
+        c.model.name = "ncf"
+        c.model.dim = 32
+        c.model.negatives_per_pair = 4
+        c.eval.chunk_size = 2048  # each chunk holds [eval batch, chunk, mlp_layers[0]] floats
     else:
-        raise ValueError(f"unknown config variant {arg!r}: use sasrec or onerec")
+        raise ValueError(
+            f"unknown config variant {arg!r}: use sasrec, onerec, gru4rec, bert4rec, pop, bpr "
+            "or ncf"
+        )
     return c

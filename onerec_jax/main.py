@@ -13,7 +13,7 @@ from ml_collections import config_flags
 from onerec_jax.data import dataset, sequences
 from onerec_jax.errors import UserError
 
-MODES = ("prepare", "train", "eval")  # tokenize, recommend, report arrive with later issues
+MODES = ("prepare", "train", "eval", "tokenize")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/ml25m.py[:variant].", lock_config=True
@@ -84,6 +84,16 @@ def main(argv):
             from onerec_jax.training import train
 
             _print_eval(train.evaluate_checkpoint(config, workdir), workdir)
+        elif _MODE.value == "tokenize":
+            from onerec_jax.tokenize import quality, run
+
+            report = run.tokenize(config, workdir)
+            print(quality.format_report(report))
+            print(
+                f"features {report['features_seconds']:.1f}s, {config.tokenize.method} "
+                f"{report['tokenizer_seconds']:.1f}s; ids in {workdir / run.IDS_FILE}, "
+                f"readable in {workdir / run.CSV_FILE}"
+            )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
