@@ -1,0 +1,300 @@
+"""`write_report(root)`: every run's results.json under `root` in one table, report.md + plots.
+
+A run is a directory holding `config.json`, `results.json`, `checkpoints/` or `run_status.json`
+(what `benchmarks/compare.py` leaves beside each run it launches). A run whose results.json is
+missing, unreadable, incomplete or not finite is listed with the reason under "Runs without
+usable results", never dropped. Test numbers are those of the checkpoint selected on validation
+NDCG@10 (PROTOCOL.md), which the table shows beside them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+from onerec_jax.errors import UserError
+from onerec_jax.evaluation import report_plots
+
+RUN_MARKERS = ("config.json", "results.json", "checkpoints", "run_status.json")
+RUN_STATUS = "run_status.json"  # written by a launcher: command, returncode, wall_seconds, error
+TEST_METRICS = (("hr@10", "HR@10"), ("ndcg@10", "NDCG@10"), ("mrr", "MRR"))
+REPORT, BARS_PNG, VALIDATION_PNG = "report.md", "report_ndcg_hr.png", "report_validation.png"
+
+
+@dataclasses.dataclass
+class RunRow:
+    """One usable run: the numbers of its results.json, as the report shows them."""
+
+    run: str  # the run directory, relative to the report's root
+    model: str  # config.model.name
+    data: str  # data.release, data.synthetic or data.path
+    users: int  # users in the data after filtering
+    protocol: dict  # results.json "protocol" (split, mask_history, max_len, filters, ranking)
+    loss: str  # config.loss.name ("?" without a readable config.json)
+    test: dict[str, tuple[float, float]]  # metric -> (mean, 95% half-width) on test
+    val_ndcg10: float  # validation NDCG@10 of the selected checkpoint
+    best_step: int  # the selected checkpoint
+    steps: int  # steps trained
+    params: int
+    train_seconds: float
+    eval_seconds: float
+    curve: list[tuple[float, float]]  # (training seconds, validation NDCG@10) per validation
+
+
+@dataclasses.dataclass
+class BrokenRun:
+    """A run without usable results, the reason, and any validation curve it logged."""
+
+    run: str
+    reason: str
+    curve: list[tuple[float, float]]  # (wall seconds since its first log line, val NDCG@10)
+
+
+class _Unusable(Exception):
+    """results.json cannot be reported; the message is the reason shown."""
+
+
+def find_runs(root: Path) -> list[Path]:
+    """Run directories under `root` (itself included), sorted; a run's own subfolders are not
+    searched (checkpoints and TensorBoard folders are not runs)."""
+    if any((root / m).exists() for m in RUN_MARKERS):
+        return [root]
+    found = []
+    for child in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        found += find_runs(child)
+    return found
+
+
+def collect_runs(root: str | Path) -> tuple[list[RunRow], list[BrokenRun]]:
+    """The report's rows as data: usable runs and runs without usable results, by run path."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root}: no such directory; pass the folder holding the runs (--root).")
+    rows, broken = [], []
+    for run_dir in find_runs(root):
+        name = run_dir.relative_to(root).as_posix() if run_dir != root else run_dir.name
+        try:
+            rows.append(_read_row(run_dir, name))
+        except _Unusable as e:
+            broken.append(BrokenRun(name, str(e), validation_log_curve(run_dir / "metrics.jsonl")))
+    return rows, broken
+
+
+def _number(results: dict, key: str) -> float:
+    value = results
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise _Unusable(f"results.json lacks {key}")
+        value = value[part]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _Unusable(f"results.json {key} is not a number ({value!r})")
+    if not math.isfinite(value):
+        raise _Unusable(f"results.json {key} is {value} (a diverged or empty evaluation)")
+    return value
+
+
+def _read_row(run_dir: Path, name: str) -> RunRow:
+    path = run_dir / "results.json"
+    if not path.exists():
+        raise _Unusable(_missing_reason(run_dir))
+    try:
+        results = json.loads(path.read_text())
+    except OSError as e:
+        raise _Unusable(f"results.json cannot be read ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _Unusable(f"results.json is not valid JSON ({e})") from None
+    if not isinstance(results, dict):
+        raise _Unusable("results.json does not hold a JSON object")
+    for key in ("model", "data", "protocol"):
+        if key not in results:
+            raise _Unusable(f"results.json lacks {key}")
+    if not isinstance(results["protocol"], dict) or not isinstance(results["data"], dict):
+        raise _Unusable("results.json protocol and data are not JSON objects")
+    test = {
+        m: (_number(results, f"test.{m}"), _number(results, f"test.{m}_ci95"))
+        for m, _ in TEST_METRICS
+    }
+    return RunRow(
+        run=name,
+        model=str(results["model"]),
+        data=str(results["data"].get("source", "?")),
+        users=int(_number(results, "data.users")),
+        protocol=results["protocol"],
+        loss=_config_loss(run_dir / "config.json"),
+        test=test,
+        val_ndcg10=_number(results, "val.ndcg@10"),
+        best_step=int(_number(results, "best_step")),
+        steps=int(_number(results, "steps")),
+        params=int(_number(results, "params")),
+        train_seconds=_number(results, "train_seconds"),
+        eval_seconds=_number(results, "eval_seconds"),
+        curve=_history_curve(results.get("history")),
+    )
+
+
+def _missing_reason(run_dir: Path) -> str:
+    try:
+        status = json.loads((run_dir / RUN_STATUS).read_text())
+    except (OSError, ValueError):
+        status = {}
+    if isinstance(status, dict) and status.get("returncode", 0) != 0:
+        error = status.get("error") or "no message"
+        return f"no results.json: training failed (exit {status['returncode']}): {error}"
+    ckpt = run_dir / "checkpoints"
+    steps = [int(p.name) for p in ckpt.iterdir() if p.name.isdigit()] if ckpt.is_dir() else []
+    if steps:
+        return (
+            f"no results.json; checkpoints up to step {max(steps)}: unfinished or killed "
+            "(rerun the same command to resume)"
+        )
+    return "no results.json and no checkpoint: not started, or stopped before its first validation"
+
+
+def _config_loss(path: Path) -> str:
+    try:
+        return str(json.loads(path.read_text())["loss"]["name"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "?"
+
+
+def _history_curve(history) -> list[tuple[float, float]]:
+    """results.json "history" rows are [step, training seconds so far, val NDCG@10]. The seconds
+    are wall-clock time spent in training steps, validation excluded; they carry over a resume,
+    so a killed and resumed run's curve has no gap. Rows that are not three numbers are left out.
+    """
+    curve = []
+    for row in history if isinstance(history, list) else []:
+        numbers = isinstance(row, list) and len(row) == 3
+        numbers = numbers and all(isinstance(v, int | float) for v in row)
+        if numbers and math.isfinite(row[1]) and math.isfinite(row[2]):
+            curve.append((float(row[1]), float(row[2])))
+    return curve
+
+
+def validation_log_curve(path: Path) -> list[tuple[float, float]]:
+    """(wall seconds since the file's first line, val NDCG@10) from a metrics.jsonl, one point
+    per step (a resumed run logs some steps twice: the later line wins). For runs without
+    results.json only: this time includes validation and any pause between a kill and a resume.
+    Lines that do not parse (a write cut by a kill) are skipped."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    start, by_step = None, {}
+    for line in lines:
+        try:
+            row = json.loads(line)
+            t = float(row["time"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        start = t if start is None else start
+        score = row.get("val/ndcg@10")
+        if isinstance(score, int | float) and math.isfinite(score) and "step" in row:
+            by_step[row["step"]] = (t - start, float(score))
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _protocol_text(row: RunRow) -> str:
+    p = row.protocol
+    rating = p.get("min_rating")
+    parts = [
+        "all ratings" if rating is None else f"ratings >= {rating}",
+        f"k-core {p.get('min_user_interactions', '?')}/{p.get('min_item_interactions', '?')}",
+        f"max_len {p.get('max_len', '?')}",
+        "history masked" if p.get("mask_history") else "history NOT masked",
+        f"loss {row.loss}",
+    ]
+    if p.get("split", "leave-one-out") != "leave-one-out" or p.get("ranking", "full") != "full":
+        parts.append(f"{p.get('split')}, {p.get('ranking')} ranking")
+    return ", ".join(parts)
+
+
+def _comparable_key(row: RunRow) -> tuple:
+    p = row.protocol
+    keys = ("split", "ranking", "mask_history", "min_rating", "min_user_interactions",
+            "min_item_interactions")  # fmt: skip
+    return (row.data, *(str(p.get(k)) for k in keys))
+
+
+def _cell(text: str, best: bool) -> str:
+    text = text.replace("|", "\\|")
+    return f"**{text}**" if best else text
+
+
+def _seconds(s: float) -> str:
+    return f"{s:,.0f}" if s >= 10 else f"{s:.1f}"
+
+
+def format_report(rows: list[RunRow], broken: list[BrokenRun], plots: list[str]) -> str:
+    """report.md's text: the table (best of each metric column in bold), plots, broken runs."""
+    lines = [
+        "# Model comparison",
+        "",
+        f"{len(rows)} run(s) with results, {len(broken)} without. Test metrics are read once, on "
+        "the checkpoint with the best validation NDCG@10 (shown with its step). Intervals are "
+        "95% half-widths (normal approximation over test users). **Bold**: best in its column.",
+        "",
+    ]
+    if len({_comparable_key(r) for r in rows}) > 1:
+        lines += ["Note: the rows differ in data or protocol; compare their numbers with care.", ""]
+    metric_cols = [f"test {label}" for _, label in TEST_METRICS] + ["val NDCG@10 (step)"]
+    header = ["run", "model", "data", "protocol", *metric_cols, "params", "train s", "eval s"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    best = {m: max((r.test[m][0] for r in rows), default=None) for m, _ in TEST_METRICS}
+    best_val = max((r.val_ndcg10 for r in rows), default=None)
+    for r in rows:
+        text = [r.run, r.model, f"{r.data} ({r.users:,} users)", _protocol_text(r)]
+        cells = [_cell(t, False) for t in text]
+        for m, _ in TEST_METRICS:
+            mean, ci = r.test[m]
+            cells.append(_cell(f"{mean:.4f} +- {ci:.4f}", mean == best[m]))
+        val = f"{r.val_ndcg10:.4f} (step {r.best_step:,} of {r.steps:,})"
+        cells += [_cell(val, r.val_ndcg10 == best_val), f"{r.params:,}",
+                  _seconds(r.train_seconds), _seconds(r.eval_seconds)]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    if not rows:
+        lines.append("| (no run with usable results) |" + " |" * (len(header) - 1))
+    lines.append("")
+    for png in plots:
+        caption = {
+            BARS_PNG: "Test NDCG@10 and HR@10 with 95% intervals",
+            VALIDATION_PNG: "Validation NDCG@10 against training time",
+        }[png]
+        lines += [f"![{caption}]({png})", ""]
+    if VALIDATION_PNG in plots:
+        lines += [
+            "Training time in the validation plot: results.json's history (wall-clock seconds in "
+            "training steps, validation excluded); for runs without results, metrics.jsonl's "
+            "wall clock since its first line (validation and pauses included; dashed).",
+            "",
+        ]
+    lines += ["## Runs without usable results", ""]
+    if broken:
+        lines += ["| run | reason |", "|---|---|"]
+        lines += [f"| {_cell(b.run, False)} | {_cell(b.reason, False)} |" for b in broken]
+    else:
+        lines.append("None.")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(root: str | Path) -> Path:
+    """Writes `root/report.md` and its PNG plots for every run under `root`; returns its path."""
+    root = Path(root)
+    rows, broken = collect_runs(root)
+    plots = []
+    for png in (BARS_PNG, VALIDATION_PNG):
+        (root / png).unlink(missing_ok=True)  # a stale plot must not outlive its data
+    if rows:
+        report_plots.plot_test_metrics(rows, root / BARS_PNG)
+        plots.append(BARS_PNG)
+    curves = {r.run: r.curve for r in rows if r.curve}
+    unfinished = {f"{b.run} (no results)": b.curve for b in broken if b.curve}
+    curves.update(unfinished)
+    if curves:
+        report_plots.plot_validation(curves, root / VALIDATION_PNG, frozenset(unfinished))
+        plots.append(VALIDATION_PNG)
+    path = root / REPORT
+    path.write_text(format_report(rows, broken, plots))
+    return path
