@@ -7,4 +7,6 @@ def get_config(arg: str | None = None):
     """`arg`: the model variant, sasrec (default) or onerec."""
     c = base_config()
     c.data.release = "ml-25m"  # release fetched into <data.root>/ by data/download.py
+    # The tag genome (1,128 relevance scores for ~14k movies) is this release's richest content.
+    c.features.blocks = ("genres", "year", "title", "tags", "genome")
     return apply_variant(c, arg)

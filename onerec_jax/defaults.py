@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import ml_collections
 
+from onerec_jax.errors import UserError
 from onerec_jax.training.sharding import DEFAULT_RULES
 
 
@@ -44,13 +47,14 @@ def base_config() -> ml_collections.ConfigDict:
     m.dropout = 0.2  # dropout on embeddings, attention weights and feed-forward
     m.prenorm = True  # SASRec: pre-LN (public code) or post-LN (paper)
     m.positions = "rotary"  # OneRec: rotary, learned or none
-    m.side_features = ("genres", "year")  # OneRec: item side features fused with the id
+    m.side_features = ("genres", "year")  # OneRec: item side features (+ "semantic_ids")
+    m.semantic_ids = ""  # a `--mode tokenize` workdir (or its .npz): item codes as a feature
     m.fusion = "sum"  # OneRec: fuse side features by "sum" or "concat" (then a projection)
     m.aux_weight = 0.0  # OneRec: weight of the masked-input reconstruction loss (0: off)
     m.aux_mask_prob = 0.2  # OneRec: share of input items masked for that loss
     m.negatives_per_pair = 4  # BPR, NCF: uniform negatives drawn per (user, item) training pair
     m.item_bias = True  # BPR: add a learned per-item bias to the user . item score
-    m.l2 = 0.0  # BPR: weight of the L2 penalty on the embedding rows a training pair uses
+    m.l2 = 0.0  # BPR, NCF: weight of the L2 penalty on the embedding rows a training pair uses
     m.mlp_layers = (64, 32, 16)  # NCF: widths of the MLP tower's ReLU layers, first on the concat
     m.mask_prob = 0.2  # BERT4Rec: share of real items masked for the cloze loss (>= 1 each)
     m.last_item_share = 0.1  # BERT4Rec: share of training sequences with only the last masked
@@ -170,3 +174,31 @@ def apply_variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collectio
             "or ncf"
         )
     return c
+
+
+def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """The resolved config a run saved in `workdir/config.json`, with keys added since then
+    filled from `base_config()` (their defaults keep the old behaviour)."""
+    workdir = Path(workdir)
+    if not workdir.is_dir():
+        raise UserError(f"{workdir}: no such directory. Pass the --workdir of a trained run.")
+    path = workdir / "config.json"
+    if not path.is_file():
+        raise UserError(
+            f"{path}: not found. Pass the --workdir of a run trained with --mode train."
+        )
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError as e:
+        raise UserError(f"{path}: unreadable ({e}); retrain that run.") from e
+    return ml_collections.ConfigDict(_with_defaults(saved, base_config().to_dict()))
+
+
+def _with_defaults(saved: dict, defaults: dict) -> dict:
+    out = dict(saved)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = _with_defaults(out[key], value)
+    return out

@@ -13,13 +13,21 @@ from ml_collections import config_flags
 from onerec_jax.data import dataset, sequences
 from onerec_jax.errors import UserError
 
-MODES = ("prepare", "train", "eval", "tokenize")
+MODES = ("prepare", "train", "eval", "tokenize", "report", "recommend")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/ml25m.py[:variant].", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Where the run writes its outputs.")
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to run.")
+_USER = flags.DEFINE_string("user", None, "--mode recommend: a user id of the trained data.")
+_ITEMS = flags.DEFINE_multi_string(
+    "items",
+    [],
+    "--mode recommend: movies watched, oldest first: titles or movieIds, ';'-separated and/or "
+    "repeated, e.g. --items='Toy Story (1995); Heat' --items=260.",
+)
+_K = flags.DEFINE_integer("k", 10, "--mode recommend: how many movies to recommend.")
 
 
 def prepare(config, workdir: str) -> sequences.SequenceData:
@@ -67,11 +75,25 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax and Grain log every step at INFO
     config = _CONFIG.value
-    if config is None:
+    if config is None and _MODE.value not in ("report", "recommend"):
         raise app.UsageError("--config is required, e.g. --config configs/demo.py")
     workdir = Path(_WORKDIR.value)
-    workdir.mkdir(parents=True, exist_ok=True)
     try:
+        if _MODE.value == "report":  # reads the runs under --workdir; needs no config
+            from onerec_jax.evaluation import report
+
+            print(report.write_report(workdir).read_text())
+            return
+        if _MODE.value == "recommend":  # the trained run's own config.json, not --config
+            from onerec_jax import recommend
+
+            print(
+                recommend.recommendations_text(
+                    workdir, user=_USER.value, items=_ITEMS.value, k=_K.value
+                )
+            )
+            return
+        workdir.mkdir(parents=True, exist_ok=True)
         if _MODE.value == "prepare":
             (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
             prepare(config, str(workdir))

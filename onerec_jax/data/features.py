@@ -257,10 +257,9 @@ def _collab(cfg, data: SequenceData, items: ItemInfo) -> np.ndarray:
             f"features.collab_workdir={workdir}: config.json or checkpoints/ is missing. Point "
             "it at the --workdir of a run trained with --mode train."
         )
-    try:
-        config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-    except ValueError as e:
-        raise ConfigError(f"{workdir / 'config.json'}: unreadable ({e}); retrain that run.") from e
+    from onerec_jax.defaults import load_run_config  # config side, imported when used
+
+    config = load_run_config(workdir)
 
     def mismatch(detail: str) -> ConfigError:
         return ConfigError(

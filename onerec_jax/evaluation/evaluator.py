@@ -21,17 +21,22 @@ class Evaluator:
     def __init__(self, model, data: SequenceData, config: ml_collections.ConfigDict, mesh, rules):
         self.model, self.data, self.config, self.mesh, self.rules = model, data, config, mesh, rules
         e = config.eval
-        self._ranker = ranking.make_ranker(
-            mesh, k=e.k, chunk_size=e.chunk_size, mask_history=e.mask_history
-        )
+        options = dict(k=e.k, chunk_size=e.chunk_size, mask_history=e.mask_history)
+        if model.dot_product_scores:  # states [B, D] against the item table, computed once
+            self._ranker = ranking.make_ranker(mesh, **options)
+            self._scorer_params = jax.jit(model.item_table)
+        else:  # the model scores item chunks itself (e.g. NCF's MLP)
+            self._ranker = ranking.make_ranker_with(
+                model.score_chunk, data.n_items, mesh, **options
+            )
+            self._scorer_params = lambda params: params
         self._user_state = jax.jit(model.user_state)
-        self._item_table = jax.jit(model.item_table)
 
     def evaluate(self, params, split: str) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         """(metrics, per-user arrays: users, ranks, top_items) for `split` ("valid" or "test")."""
         start = time.perf_counter()
         e = self.config.eval
-        table = self._item_table(params)
+        scorer_params = self._scorer_params(params)
         ds = pipeline.eval_dataset(self.data, split, max_len=self.config.data.max_len,
                                    batch_size=e.batch_size, by_length=True)  # fmt: skip
         order = pipeline.eval_user_order(self.data, split, by_length=True)
@@ -42,15 +47,14 @@ class Evaluator:
             longest = int(lengths[order[g * e.batch_size : (g + 1) * e.batch_size]].max())
             width = 1 << max(longest - 1, 0).bit_length()
             history = ranking.history_batch(self.data, split, batch["user"], width=width)
-            local = {"inputs": batch["inputs"], "target": batch["target"], "history": history}
+            local = {"inputs": batch["inputs"], "user": batch["user"], "target": batch["target"],
+                     "history": history}  # fmt: skip
             glob = sharding.global_batch(local, self.mesh, self.rules)
-            states = self._user_state(params, {"inputs": glob["inputs"]})
-            r, top_items, _ = self._ranker(states, table, glob["target"], glob["history"])
+            states = self._user_state(params, {"inputs": glob["inputs"], "user": glob["user"]})
+            r, top_items, _ = self._ranker(states, scorer_params, glob["target"], glob["history"])
             ranks.append(_to_host(r))
             tops.append(_to_host(top_items))
-            users.append(
-                _to_host(sharding.global_batch({"u": batch["user"]}, self.mesh, self.rules)["u"])
-            )
+            users.append(_to_host(glob["user"]))
             weights.append(
                 _to_host(sharding.global_batch({"w": batch["weight"]}, self.mesh, self.rules)["w"])
             )

@@ -7,6 +7,7 @@ the target (ties count as not higher); item 0 (padding) is never ranked or retur
 The catalogue is scored in chunks of `chunk_size` items inside one `lax.fori_loop`, so at most
 [B, chunk] scores exist at a time, whatever the catalogue size. `rank_and_topk_with` is that
 single loop for any scorer; `rank_and_topk` plugs in the dot-product scorer of embedding models.
+`make_ranker` and `make_ranker_with` are their jitted, mesh-sharded forms for the evaluator.
 
 Rules for broken scores, so that a model emitting NaN or inf never looks good:
 - a target whose own score is not finite gets the worst rank, `n_items`;
@@ -212,6 +213,56 @@ def make_ranker(
             (user_states, item_table, targets, history), (rows2d, replicated, rows, rows2d)
         )
         return fn(user_states, item_table, targets, history)
+
+    return jax.jit(sharded, out_shardings=(rows, rows2d, rows2d))
+
+
+def make_ranker_with(
+    score_chunk_fn: Callable[[Any, Any, jax.Array], jax.Array],
+    n_items: int,
+    mesh: jax.sharding.Mesh | None = None,
+    *,
+    k: int = 50,
+    chunk_size: int = 8192,
+    mask_history: bool = True,
+) -> Callable[..., tuple[jax.Array, jax.Array, jax.Array]]:
+    """Jitted `ranker(user_state, params, targets, history)` for a model with its own scorer.
+
+    `score_chunk_fn(params, user_state, item_ids [C]) -> [B, C]` (e.g. `ScoringModel.score_chunk`)
+    scores item chunks inside `rank_and_topk_with`; the targets' scores come from the same
+    function. With a mesh, every leaf of `user_state` and the other user inputs and outputs are
+    split over ("data", "fsdp") along their first (batch) dimension and the params replicated,
+    as `make_ranker` does with the item table.
+    """
+
+    def fn(user_state, params, targets, history):
+        return rank_and_topk_with(
+            lambda state, ids: score_chunk_fn(params, state, ids),
+            user_state,
+            n_items,
+            targets,
+            history,
+            k=k,
+            chunk_size=chunk_size,
+            mask_history=mask_history,
+        )
+
+    if mesh is None:
+        return jax.jit(fn)
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names) or None
+    rows = NamedSharding(mesh, P(axes))  # [B]
+    rows2d = NamedSharding(mesh, P(axes, None))  # [B, *]
+    replicated = NamedSharding(mesh, P())
+
+    def by_rows(x):  # [B, ...] split over the batch axes
+        return NamedSharding(mesh, P(axes, *(None,) * (x.ndim - 1)))
+
+    def sharded(user_state, params, targets, history):
+        user_state = jax.lax.with_sharding_constraint(user_state, jax.tree.map(by_rows, user_state))
+        params, targets, history = jax.lax.with_sharding_constraint(
+            (params, targets, history), (replicated, rows, rows2d)
+        )
+        return fn(user_state, params, targets, history)
 
     return jax.jit(sharded, out_shardings=(rows, rows2d, rows2d))
 

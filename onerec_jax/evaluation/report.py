@@ -71,7 +71,10 @@ def collect_runs(root: str | Path) -> tuple[list[RunRow], list[BrokenRun]]:
     """The report's rows as data: usable runs and runs without usable results, by run path."""
     root = Path(root)
     if not root.is_dir():
-        raise UserError(f"{root}: no such directory; pass the folder holding the runs (--root).")
+        raise UserError(
+            f"{root}: no such directory; pass the folder holding the runs "
+            "(--workdir of --mode report, --root of benchmarks/compare.py)."
+        )
     rows, broken = [], []
     for run_dir in find_runs(root):
         name = run_dir.relative_to(root).as_posix() if run_dir != root else run_dir.name

@@ -4,6 +4,11 @@ A scoring model is a Flax module with `__call__(inputs, train) -> hidden [B, L, 
 `item_table() -> [V, D]` (row 0 = padding). `ScoringModel` wraps it into the pure functions of
 ARCHITECTURE.md: `init`, `loss(params, batch, rng) -> (scalar, metrics)` and
 `user_state(params, batch) -> [B, D]`, scored against `item_table(params)` by the shared ranker.
+
+Models that are not a sequence encoder override what differs: a user-item model (BPR, NCF) reads
+`batch["user"]` (the dense user id, present in training and evaluation batches), a model whose
+score is not a dot product (NCF) overrides `score_chunk`, and a model with nothing to learn
+(popularity) sets `trainable = False`.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ class DataInfo:
     item_counts: np.ndarray  # [V] training interactions per item (0 for the padding row)
     item_genres: np.ndarray | None = None  # [V, G] float32 multi-hot genres
     item_year_bucket: np.ndarray | None = None  # [V] int32 year bucket, 0 = unknown
+    item_codes: np.ndarray | None = None  # [V, L] int32 semantic-id content codes, row 0 = 0
+    code_sizes: tuple[int, ...] = ()  # [L] codebook size per level of item_codes
+    n_users: int = 0  # dense user ids 0..n_users-1 (user-item models have a row per user)
 
     @property
     def vocab_size(self) -> int:
@@ -80,6 +88,10 @@ def next_item_loss(
 class ScoringModel:
     """Pure functions over a scoring module; subclasses may add auxiliary losses."""
 
+    # False for a model with nothing to learn (popularity): the trainer then takes one step that
+    # leaves the params unchanged, validates and tests, so its run looks like any other.
+    trainable: bool = True
+
     def __init__(self, module: nn.Module, config: ml_collections.ConfigDict, info: DataInfo):
         self.module, self.config, self.info = module, config, info
         # Add-one training counts: the popularity sampler and logQ need a finite log-frequency
@@ -106,6 +118,23 @@ class ScoringModel:
         """[B, D]: the hidden state at the last (most recent) position of left-padded inputs."""
         return self.apply(params, batch["inputs"], train=False)[:, -1]
 
+    def score_chunk(self, params, state, item_ids: jax.Array) -> jax.Array:
+        """[B, C] float32 scores of items `item_ids` [C] for users whose `user_state` is `state`.
+
+        Default: the dot product `state [B, D] . item_table(params)[item_ids]`. A model whose
+        score is not a dot product (NCF) overrides this; the evaluator then ranks the catalogue
+        chunk by chunk through it (evaluation/ranking.py `rank_and_topk_with`), with history
+        masking still done by the shared ranker.
+        """
+        rows = jnp.take(self.item_table(params), item_ids, axis=0)  # [C, D]
+        return jnp.einsum("bd,cd->bc", state, rows, preferred_element_type=jnp.float32,
+                          precision=jax.lax.Precision.HIGHEST)  # fmt: skip
+
+    @property
+    def dot_product_scores(self) -> bool:
+        """True unless `score_chunk` is overridden: the evaluator may rank with the item table."""
+        return type(self).score_chunk is ScoringModel.score_chunk
+
     def loss(self, params, batch, rng) -> tuple[jax.Array, dict[str, jax.Array]]:
         drop_rng, loss_rng = jax.random.split(rng)
         hidden = self.apply(params, batch["inputs"], train=True, rng=drop_rng)
@@ -121,6 +150,19 @@ class ScoringModel:
         )
         loss = total / jnp.maximum(count, 1.0)
         return loss, {"loss": loss, "tokens": count}
+
+
+def check_user_item(config: ml_collections.ConfigDict, info: DataInfo) -> None:
+    """A user-item model (BPR, NCF) needs the user count and >= 1 negative per training pair."""
+    if info.n_users < 1:
+        raise ConfigError(
+            f"model.name={config.model.name!r} keeps a row per user, but DataInfo has n_users=0: "
+            "build it with the dataset's user count."
+        )
+    if config.model.negatives_per_pair < 1:
+        raise ConfigError(
+            f"model.negatives_per_pair={config.model.negatives_per_pair}: use at least 1."
+        )
 
 
 def build_model(config: ml_collections.ConfigDict, info: DataInfo) -> ScoringModel:

@@ -1,8 +1,9 @@
 """OneRec, item head: behaviour sequence -> fused item embeddings -> causal Transformer -> items.
 
 Item embedding layer: an id embedding plus optional side-feature embeddings (genres as a mean of
-genre embeddings, release year as a bucket embedding; semantic ids arrive with the tokenizer
-issue), fused by sum or by concatenation and a projection. Encoder: pre-RMSNorm blocks with
+genre embeddings, release year as a bucket embedding, semantic ids as the sum of one embedding
+per code level: the seed's "RQ-VAE as feature encoder" scheme), fused by sum or by concatenation
+and a projection. Encoder: pre-RMSNorm blocks with
 SwiGLU feed-forward and rotary or learned positions. The prediction layer scores the same fused
 item embeddings, so side features reach items with few interactions. An optional auxiliary loss
 reconstructs masked input items from the encoder (`model.aux_weight`, `model.aux_mask_prob`).
@@ -29,6 +30,8 @@ class OneRecItemHead(nn.Module):
     item_genres: np.ndarray | None = None  # [V, G] multi-hot, or None without genre features
     item_year_bucket: np.ndarray | None = None  # [V] int32, or None without year features
     n_year_buckets: int = 1
+    item_codes: np.ndarray | None = None  # [V, L] int32 semantic-id codes, or None without them
+    code_sizes: tuple[int, ...] = ()  # [L] codebook size per level
     fusion: str = "sum"  # "sum" or "concat" (concatenate, then project to dim)
     positions: str = "rotary"  # "rotary", "learned" or "none"
     dim: int = 64
@@ -54,6 +57,10 @@ class OneRecItemHead(nn.Module):
         if self.item_year_bucket is not None:
             self.year_embedding = self.param(
                 "year_embedding", side, (self.n_year_buckets, self.dim)
+            )
+        if self.item_codes is not None:  # one table, level l's codes at rows offset[l]...
+            self.code_embedding = self.param(
+                "code_embedding", side, (sum(self.code_sizes), self.dim)
             )
         if self.fusion == "concat":
             self.fuse = nn.Dense(
@@ -101,6 +108,11 @@ class OneRecItemHead(nn.Module):
         if self.item_year_bucket is not None:
             year = jnp.asarray(self.item_year_bucket)[safe]
             parts.append(self.year_embedding[year].astype(self.dtype) * real[..., None])
+        if self.item_codes is not None:
+            offsets = np.cumsum((0, *self.code_sizes[:-1]))  # [L]
+            rows = jnp.asarray(self.item_codes + offsets)[safe]  # [..., L]
+            codes = self.code_embedding[rows].sum(-2)  # [..., D]
+            parts.append(codes.astype(self.dtype) * (real & (ids > 0))[..., None])
         if self.fusion == "concat":
             return self.fuse(jnp.concatenate(parts, axis=-1))
         return sum(parts[1:], parts[0])
@@ -151,9 +163,17 @@ class OneRecItemModel(ScoringModel):
 def build(config: ml_collections.ConfigDict, info: DataInfo) -> ScoringModel:
     m = config.model
     features = set(m.side_features)
-    unknown = features - {"genres", "year"}
+    unknown = features - {"genres", "year", "semantic_ids"}
     if unknown:
-        raise ConfigError(f"model.side_features has unknown {sorted(unknown)}: use genres, year.")
+        raise ConfigError(
+            f"model.side_features has unknown {sorted(unknown)}: use genres, year, semantic_ids."
+        )
+    codes = info.item_codes if "semantic_ids" in features else None
+    if "semantic_ids" in features and codes is None:
+        raise ConfigError(
+            "model.side_features has semantic_ids but model.semantic_ids names no ids: run "
+            "`--mode tokenize --workdir DIR` and set --config.model.semantic_ids=DIR."
+        )
     genres = info.item_genres if "genres" in features else None
     years = info.item_year_bucket if "year" in features else None
     if ("genres" in features and genres is None) or ("year" in features and years is None):
@@ -164,6 +184,8 @@ def build(config: ml_collections.ConfigDict, info: DataInfo) -> ScoringModel:
         item_genres=None if genres is None else np.asarray(genres, np.float32),
         item_year_bucket=None if years is None else np.asarray(years, np.int32),
         n_year_buckets=1 if years is None else int(np.max(years)) + 1,
+        item_codes=None if codes is None else np.asarray(codes, np.int32),
+        code_sizes=info.code_sizes if codes is not None else (),
         fusion=m.fusion,
         positions=m.positions,
         dim=m.dim,

@@ -42,11 +42,12 @@ def synthetic_clusters(
     cfg_data: ml_collections.ConfigDict, data: SequenceData
 ) -> np.ndarray | None:
     """The generator's cluster of every dense item when the data is synthetic, else None."""
-    if not cfg_data.synthetic or cfg_data.path:
-        return None
+    source = dataset.resolve_source(cfg_data)
     from onerec_jax.data import synthetic  # numpy-heavy generator, only for synthetic data
 
-    planted = synthetic.load_synthetic(dataset.resolve_source(cfg_data))
+    if not (source.is_dir() and (source / synthetic.META_FILE).is_file()):
+        return None
+    planted = synthetic.load_synthetic(source)
     return planted.item_cluster[planted.dense_items(data.item_ids[1:])]
 
 

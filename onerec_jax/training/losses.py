@@ -192,6 +192,17 @@ def sample_negatives(
     return jax.random.categorical(rng, logq, shape=(n,)).astype(jnp.int32)
 
 
+def negatives_avoiding(rng: jax.Array, positives: jax.Array, n: int, vocab_size: int) -> jax.Array:
+    """[*positives.shape, n] int32 ids, uniform over the items 1..V-1 other than the positive.
+
+    Each draw r is uniform over 1..V-2 and shifted past its positive (r >= positive -> r + 1),
+    as in `bce_one_negative`, so every other real item has probability 1 / (V - 2).
+    """
+    _check_vocab(vocab_size, 3, "negatives_avoiding")
+    r = jax.random.randint(rng, (*positives.shape, n), 1, vocab_size - 1, dtype=jnp.int32)
+    return r + (r >= positives[..., None]).astype(jnp.int32)
+
+
 def select_hard_negatives(
     hidden: jax.Array, table: jax.Array, targets: jax.Array, pool: jax.Array, k: int
 ) -> jax.Array:

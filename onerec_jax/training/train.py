@@ -35,17 +35,28 @@ class TrainingError(UserError):
     """Training cannot go on (e.g. a non-finite loss); the message says what to change."""
 
 
-def data_info(data, items, max_len: int) -> DataInfo:
-    genres = years = None
+def data_info(data, items, max_len: int, semantic_ids: str = "") -> DataInfo:
+    """What models may know about `data`; `semantic_ids`: a tokenize workdir or .npz to load."""
+    genres = years = codes = None
+    sizes = ()
     if items is not None and len(items):
         genres, _ = item_arrays.genre_multi_hot(data, items)
         years = item_arrays.year_buckets(data, items)
+    if semantic_ids:
+        from onerec_jax.tokenize.run import load_semantic_ids
+
+        sem = load_semantic_ids(semantic_ids, data.n_items)
+        codes = np.maximum(sem.codes[:, : sem.levels], 0)  # padding row -> code 0 (masked)
+        sizes = sem.codebook_sizes[: sem.levels]
     return DataInfo(
         n_items=data.n_items,
         max_len=max_len,
         item_counts=item_arrays.train_counts(data),
         item_genres=genres,
         item_year_bucket=years,
+        item_codes=codes,
+        code_sizes=tuple(int(s) for s in sizes),
+        n_users=data.n_users,
     )
 
 
@@ -73,7 +84,7 @@ class Trainer:
         self.rules = sharding.rules_from_config(c.mesh.rules)
         jax.set_mesh(self.mesh)
         nn.set_logical_axis_rules(self.rules)  # global, before any trace (JAX_GUIDE.md)
-        self.info = data_info(data, items, c.data.max_len)
+        self.info = data_info(data, items, c.data.max_len, c.model.semantic_ids)
         self.model = build_model(c, self.info)
         windows = pipeline.training_windows(
             data, max_len=c.data.max_len, stride=c.data.window_stride or None
@@ -82,10 +93,15 @@ class Trainer:
         self.total_steps = c.train.num_steps or c.train.num_epochs * self.steps_per_epoch
         updates = max(self.total_steps // c.optim.accumulate_steps, 1)
         self.tx, self.schedule = optim.make_optimizer(c.optim, updates)
+        if not self.model.trainable:  # e.g. popularity: one step that changes nothing, then test
+            self.total_steps, self.tx = 1, optax.set_to_zero()
         self.eval_every = c.train.eval_every_steps or self.steps_per_epoch
 
         local = c.train.batch_size // jax.process_count()
-        dummy = {"inputs": jnp.zeros((local, c.data.max_len), jnp.int32)}
+        dummy = {
+            "inputs": jnp.zeros((local, c.data.max_len), jnp.int32),
+            "user": jnp.zeros((local,), jnp.int32),
+        }
 
         def init_fn(rng):
             params = self.model.init(rng, dummy)

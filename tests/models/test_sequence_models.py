@@ -98,3 +98,28 @@ def test_unknown_model_and_features_are_config_errors():
     c = apply_variant(base_config(), "onerec")
     with pytest.raises(ConfigError, match="lacks"):
         build_model(c, _info(with_features=False))
+
+
+def test_onerec_semantic_ids_enter_the_item_table():
+    rng = np.random.default_rng(1)
+    codes = rng.integers(0, 4, (V, 2)).astype(np.int32)
+    codes[:, 1] = rng.integers(0, 3, V)
+    codes[0] = 0  # the padding row (masked)
+    info = DataInfo(n_items=V - 1, max_len=12, item_counts=np.arange(V), item_codes=codes,
+                    code_sizes=(4, 3))  # fmt: skip
+    c = apply_variant(base_config(), "onerec")
+    c.model.update(dim=16, num_layers=1, num_heads=2, mlp_dim=32, dropout=0.0)
+    c.model.side_features = ("semantic_ids",)
+    model = build_model(c, info)
+    params = model.init(jax.random.key(0), {"inputs": _inputs()})
+    table = np.asarray(model.item_table(params))
+    ids = np.asarray(params["id_embedding"]["embedding"].value)[:V]
+    code_rows = np.asarray(params["code_embedding"].value)  # [4 + 3, 16]
+    expected = ids + code_rows[codes[:, 0]] + code_rows[4 + codes[:, 1]]
+    expected[0] = ids[0]
+    np.testing.assert_allclose(table, expected, atol=1e-5)
+    c.model.side_features = ("semantic_ids", "genres")
+    with pytest.raises(ConfigError, match="lacks"):
+        build_model(c, info)
+    with pytest.raises(ConfigError, match="--mode tokenize"):
+        build_model(c, _info())

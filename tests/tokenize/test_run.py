@@ -65,3 +65,26 @@ def test_model_side_checks(root, tmp_path):
     config.tokenize.method = "vq"
     with pytest.raises(ConfigError, match="tokenize.method='vq'"):
         run.tokenize(config, tmp_path)
+
+
+def test_onerec_trains_with_semantic_id_inputs(root, tmp_path):
+    from onerec_jax.defaults import apply_variant
+    from onerec_jax.training import train
+
+    run.tokenize(_config(root, "rqkmeans"), tmp_path / "tok")
+    c = apply_variant(_config(root, "rqkmeans"), "onerec")
+    c.data.max_len = 20
+    c.model.update(
+        dim=16, num_layers=1, num_heads=2, mlp_dim=32, semantic_ids=str(tmp_path / "tok")
+    )
+    c.model.side_features = ("genres", "semantic_ids")
+    c.train.update(batch_size=16, num_steps=4, eval_every_steps=4, progress=False)
+    c.eval.update(batch_size=512, chunk_size=256)
+    results = train.train_and_evaluate(c, tmp_path / "run")
+    data, items = dataset.load_data(c.data)
+    info = train.data_info(data, items, 20, str(tmp_path / "tok"))
+    sem = semantic_ids.load(tmp_path / "tok" / run.IDS_FILE)
+    np.testing.assert_array_equal(info.item_codes[1:], sem.codes[1:, :2])
+    assert info.code_sizes == (16, 16)
+    # The code table is a parameter of the run: 32 rows of dim 16 beyond the plain model.
+    assert results["params"] > 32 * 16

@@ -1,0 +1,232 @@
+"""Top-K recommendations from a trained run: for a known user, or for a list of movies.
+
+`Recommender.from_run(workdir)` restores the best checkpoint of a `--mode train` run with the
+run's own config and data. A user is served with their whole history (train, valid and test
+items: they are being served now), the last `max_len` items as the model's input; everything
+the input user has seen is excluded from the list. `recommendations_text` is `--mode recommend`.
+
+Model hooks, read generically so that new models need no change here:
+- `needs_user_ids = True` on the model object (BPR, NCF: a per-user embedding) says that the
+  user state needs the dense user id (`batch["user"]`, [B] int32); such a model cannot serve a
+  new user given as a list of movies, and says so. Undeclared, it is found by tracing
+  `user_state` on `{"inputs": ...}` alone (a KeyError means the user id is needed).
+- `score_chunk(params, user_state, item_ids [C]) -> scores [B, C]` scores item chunks (NCF)
+  when the model's `dot_product_scores` is False (or, on an object without that property, when
+  its class defines `score_chunk`); otherwise scores are `user_state @ item_table(params).T`.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from onerec_jax.data import dataset
+from onerec_jax.data.catalogue import Catalogue, parse_queries
+from onerec_jax.data.sequences import SequenceData
+from onerec_jax.defaults import load_run_config
+from onerec_jax.errors import UserError
+from onerec_jax.evaluation import ranking
+
+
+class Recommendation(NamedTuple):
+    rank: int  # 1 = best
+    movie_id: int | str  # source item id (movieId)
+    title: str  # without "(year)"; "" when the dataset has no titles
+    year: int  # 0 when unknown
+    genres: tuple[str, ...]
+    score: float  # the model's score (a logit for softmax-trained models)
+
+
+class Recommender:
+    """A trained model's params with its data: top-K lists for known or new users."""
+
+    def __init__(self, model, params, data: SequenceData, items, config: ml_collections.ConfigDict):
+        self.model, self.params, self.data, self.config = model, params, data, config
+        self.catalogue = Catalogue(data, items)
+        self.max_len = int(config.data.max_len)
+        self._user_state = jax.jit(model.user_state)
+        self._top_k = jax.jit(_top_k_fn(model, data.n_items), static_argnames=("k", "chunk_size"))
+
+    @classmethod
+    def from_run(cls, workdir: str | Path) -> Recommender:
+        """The best (validated) checkpoint of the run in `workdir`, on one device."""
+        from onerec_jax.training import checkpointing, train  # builds the model as training did
+
+        workdir = Path(workdir).expanduser()
+        config = load_run_config(workdir)
+        if not (workdir / "checkpoints").is_dir():
+            raise UserError(f"{workdir}: no checkpoints/. Train first (--mode train).")
+        data, items = dataset.load_data(config.data)
+        config.mesh.shape, config.mesh.num_devices = [-1, 1, 1], 1  # any saved mesh restores
+        trainer = train.Trainer(config, data, items)
+        ckpt = checkpointing.Checkpointer(workdir / "checkpoints", metric=train.SELECT_METRIC)
+        try:
+            best = ckpt.best_step()
+            if best is None:
+                raise UserError(
+                    f"{workdir / 'checkpoints'}: no validated checkpoint. Train until the run "
+                    "has validated once (--mode train)."
+                )
+            params = ckpt.restore_params(best, trainer.abstract_state["params"])
+        finally:
+            ckpt.close()
+        return cls(trainer.model, params, data, items, config)
+
+    def user_history(self, source_user_id) -> tuple[int, np.ndarray]:
+        """(dense user id, every item of that user, oldest first) for a source user id."""
+        ids = self.data.user_ids
+        try:
+            key = int(source_user_id) if ids.dtype.kind in "iu" else str(source_user_id)
+        except ValueError:
+            key = None
+        pos = 0 if key is None else int(np.searchsorted(ids, key))  # dense ids: ascending
+        if key is None or pos >= len(ids) or ids[pos] != key:
+            examples = ", ".join(str(u) for u in ids[:3])
+            raise UserError(
+                f"user {source_user_id} is not among the {len(ids):,} users of the trained "
+                f"data (ids {ids[0]} to {ids[-1]}, e.g. {examples}; users with too few ratings "
+                "are filtered out)."
+            )
+        return pos, self.data.sequence(pos)
+
+    def resolve_items(self, queries: list[str]) -> np.ndarray:
+        """[n] dense ids of movieIds or titles (see data/catalogue.py), in the order given."""
+        queries = [q for q in queries if q.strip()]
+        if not queries:
+            raise UserError("no movies given: list at least one title or movieId.")
+        return np.asarray([self.catalogue.resolve(q) for q in queries], np.int32)
+
+    def recommend(
+        self, history: np.ndarray, k: int, user: int | None = None
+    ) -> list[Recommendation]:
+        """Top-`k` after `history` (dense item ids, oldest first), excluding `history`.
+
+        `user` (dense id) is passed to the model as `batch["user"]` when given.
+        """
+        if k < 1:
+            raise UserError(f"k={k}: ask for at least one recommendation.")
+        history = np.asarray(history, np.int32)
+        recent = history[-self.max_len :]
+        inputs = np.zeros((1, self.max_len), np.int32)  # left-padded, as the eval pipeline
+        inputs[0, self.max_len - len(recent) :] = recent
+        batch = {"inputs": inputs}
+        if user is not None:
+            batch["user"] = np.asarray([user], np.int32)
+        state = self._user_state(self.params, batch)
+        seen = np.unique(history)
+        width = 1 << max(len(seen) - 1, 0).bit_length()  # few shapes, few recompilations
+        masked = np.zeros((1, width), np.int32)
+        masked[0, : len(seen)] = seen
+        k = min(k, self.data.n_items)
+        chunk = int(self.config.eval.chunk_size)
+        items, scores = self._top_k(self.params, state, masked, k=k, chunk_size=chunk)
+        out = []
+        for dense, score in zip(np.asarray(items)[0], np.asarray(scores)[0], strict=True):
+            if dense > 0:  # 0: fewer than k unseen items
+                info = self.catalogue.info(int(dense))
+                out.append(Recommendation(len(out) + 1, *info, float(score)))
+        return out
+
+    def recommend_for_user(self, source_user_id, k: int = 10) -> list[Recommendation]:
+        """Top-`k` for a user of the trained data, from their whole history; seen items excluded."""
+        user, history = self.user_history(source_user_id)
+        return self.recommend(history, k, user=user)
+
+    def needs_user_ids(self) -> bool:
+        """Whether the model's user state needs `batch["user"]` (see the module docstring)."""
+        flag = getattr(self.model, "needs_user_ids", None)
+        if flag is None:  # not declared: trace the user state without user ids
+            inputs = jax.ShapeDtypeStruct((1, self.max_len), jnp.int32)
+            try:
+                jax.eval_shape(self.model.user_state, self.params, {"inputs": inputs})
+            except KeyError:
+                return True
+        return bool(flag)
+
+    def recommend_for_items(self, queries: list[str], k: int = 10) -> list[Recommendation]:
+        """Top-`k` for a new user who watched `queries` (titles or movieIds), oldest first."""
+        if self.needs_user_ids():
+            raise UserError(
+                f"model {self.config.model.name!r} scores users by a learned per-user embedding, "
+                "so it cannot serve a new user from a list of movies. Use --user ID, or a "
+                "sequence model (e.g. sasrec, onerec)."
+            )
+        return self.recommend(self.resolve_items(queries), k)
+
+
+def _top_k_fn(model, n_items: int):
+    """`(params, user_state, history [B, H], k, chunk_size) -> (items, scores) [B, k]`."""
+    if hasattr(model, "dot_product_scores"):  # ScoringModel: False when score_chunk is its own
+        own_scorer = not model.dot_product_scores
+    else:
+        own_scorer = callable(getattr(type(model), "score_chunk", None))
+
+    def top_k(params, state, history, k: int, chunk_size: int):
+        targets = jnp.zeros(history.shape[:1], jnp.int32)  # no target: only the top-k is used
+        if own_scorer:
+            score_chunk = functools.partial(model.score_chunk, params)
+            out = ranking.rank_and_topk_with(score_chunk, state, n_items, targets, history,
+                                             k=k, chunk_size=chunk_size)  # fmt: skip
+        else:
+            table = model.item_table(params)  # [V, D]
+            out = ranking.rank_and_topk(state, table, targets, history, k=k, chunk_size=chunk_size)
+        return out[1], out[2]
+
+    return top_k
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def format_recommendations(rows: list[Recommendation]) -> str:
+    """An aligned text table: rank, title (year), genres, movieId, score."""
+    if not rows:
+        return "(no recommendations: every item of the catalogue is already seen)"
+    titles = [_clip(f"{r.title} ({r.year})" if r.year else r.title or "?", 60) for r in rows]
+    genres = [_clip("|".join(r.genres) or "-", 40) for r in rows]
+    tw, gw = max(len("title"), *map(len, titles)), max(len("genres"), *map(len, genres))
+    ids = [str(r.movie_id) for r in rows]
+    iw = max(len("movieId"), *map(len, ids))
+    lines = [f"{'rank':>4}  {'title':<{tw}}  {'genres':<{gw}}  {'movieId':>{iw}}  {'score':>8}"]
+    for r, t, g, i in zip(rows, titles, genres, ids, strict=True):
+        lines.append(f"{r.rank:>4}  {t:<{tw}}  {g:<{gw}}  {i:>{iw}}  {r.score:>8.3f}")
+    return "\n".join(lines)
+
+
+def recommendations_text(
+    workdir: str | Path, *, user: str | None = None, items: list[str] = (), k: int = 10
+) -> str:
+    """`--mode recommend`: what the run in `workdir` recommends to `user` or after `items`.
+
+    Args:
+      workdir: a run trained with `--mode train`.
+      user: a source user id of the trained data (`--user`); or
+      items: `--items` values, split by `parse_queries` (titles or movieIds, oldest first).
+      k: list length.
+    """
+    queries = parse_queries(list(items))
+    if (user is None) == (not queries):
+        raise UserError(
+            "--mode recommend needs --user ID or --items 'Title (year); Title; movieId' "
+            "(exactly one of them)."
+        )
+    rec = Recommender.from_run(workdir)
+    if user is not None:
+        _, history = rec.user_history(user)
+        recent = "; ".join(rec.catalogue.label(d) for d in history[-3:][::-1])
+        head = f"user {user}: {len(history)} movies seen, most recent: {recent}"
+        rows = rec.recommend_for_user(user, k)
+    else:
+        rows = rec.recommend_for_items(queries, k)
+        watched = "; ".join(rec.catalogue.label(d) for d in rec.resolve_items(queries))
+        head = f"a new user who watched (oldest first): {watched}"
+    return f"{head}\ntop {len(rows)} of model {rec.config.model.name!r}:\n" + (
+        format_recommendations(rows)
+    )
