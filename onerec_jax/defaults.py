@@ -109,6 +109,7 @@ def base_config() -> ml_collections.ConfigDict:
     f.year_bucket_years = 5  # width of a release-year bucket (years), one-hot encoded
     f.title_dim = 32  # truncated-SVD components of the title TF-IDF
     f.tags_dim = 32  # truncated-SVD components of the aggregated user-tag TF-IDF
+    f.genome_dim = 64  # principal components kept of the genome block (0: all 1,128 columns)
     f.genome_missing = "mean"  # items without a genome vector: "mean" or "zero" (+ a flag column)
     f.collab_workdir = ""  # collab block: a trained run whose best checkpoint's item table is read
 
@@ -162,11 +163,14 @@ def apply_variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collectio
     elif arg == "bpr":
         c.model.name = "bpr"
         c.model.negatives_per_pair = 4
-        c.model.l2 = 1e-4
+        c.model.l2 = 1e-2  # weaker penalties overfit on the demo and ml-latest-small
+        c.optim.learning_rate = 1e-2  # a user's row gets one update per epoch (one window)
     elif arg == "ncf":
         c.model.name = "ncf"
         c.model.dim = 32
-        c.model.negatives_per_pair = 4
+        c.model.negatives_per_pair = 4  # the paper's best range is 3-6
+        c.model.l2 = 1e-3
+        c.optim.learning_rate = 1e-2  # as BPR: sparse user rows
         c.eval.chunk_size = 2048  # each chunk holds [eval batch, chunk, mlp_layers[0]] floats
     else:
         raise ValueError(

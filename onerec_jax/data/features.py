@@ -7,7 +7,8 @@ and all zeros):
   title   TF-IDF of the title's words -> truncated SVD to `title_dim` components
   tags    TF-IDF of the aggregated user tags (a tag's count is its term frequency) -> truncated SVD
           to `tags_dim` components, plus a "has no tags" column
-  genome  the tag-genome relevance vector, imputed per `genome_missing`, plus a "missing genome"
+  genome  the tag-genome relevance vector, imputed per `genome_missing`, reduced to `genome_dim`
+          principal components (fitted on the items that have one), plus a "missing genome"
           column
   collab  the item table of the best checkpoint of a trained run (`collab_workdir`)
 
@@ -26,7 +27,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from scipy import sparse
-from sklearn.decomposition import TruncatedSVD
+from sklearn.decomposition import PCA, TruncatedSVD
 from sklearn.feature_extraction.text import TfidfTransformer, TfidfVectorizer
 
 from onerec_jax.data import item_arrays
@@ -237,6 +238,12 @@ def _genome(cfg, data: SequenceData, items: ItemInfo) -> np.ndarray:
     if cfg.genome_missing == "mean":
         out[~has, :-1] = out[has, :-1].mean(axis=0)
     out[~has, -1] = 1.0  # "missing genome"
+    k = min(int(cfg.genome_dim), int(has.sum()))
+    if 0 < k < items.genome.shape[1]:
+        # 1,128 correlated relevance scores: the leading principal components keep most of
+        # their variance at a fraction of the width the tokenizer's first layer must read.
+        pca = PCA(n_components=k, random_state=_SVD_SEED).fit(out[has, :-1])
+        out = np.concatenate([pca.transform(out[:, :-1]), out[:, -1:]], axis=1)
     return out
 
 

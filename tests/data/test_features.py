@@ -223,3 +223,17 @@ def test_ml_latest_small_default_blocks():
     assert out.block("title").shape[1] == 32 and out.block("tags").shape[1] == 33
     with pytest.raises(ConfigError, match="no tag genome"):
         features.build_features(_cfg(["genome"]), data, raw.items)
+
+
+def test_genome_principal_components():
+    cfg = _cfg(["genome"], genome_missing="mean", genome_dim=2)
+    raw = features.raw_block("genome", cfg, _data(), _items())
+    full = np.array([[0.1, 0.5, 0.9], [0.3, 0.5, 0.7], [0.8, 0.5, 0.2]])  # dense 1, 3, 4
+    centred = full - full.mean(0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    want = centred @ vt[:2].T  # [3, 2], each column up to its sign
+    got = raw[[0, 2, 3], :2]
+    signs = np.sign((got * want).sum(0))
+    np.testing.assert_allclose(got, want * signs, atol=1e-6)
+    np.testing.assert_allclose(raw[[1, 4], :2], 0.0, atol=1e-9)  # imputed mean -> origin
+    np.testing.assert_array_equal(raw[:, 2], [0, 1, 0, 0, 1])  # the "missing genome" flag
