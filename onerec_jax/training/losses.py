@@ -196,7 +196,8 @@ def negatives_avoiding(rng: jax.Array, positives: jax.Array, n: int, vocab_size:
     """[*positives.shape, n] int32 ids, uniform over the items 1..V-1 other than the positive.
 
     Each draw r is uniform over 1..V-2 and shifted past its positive (r >= positive -> r + 1),
-    as in `bce_one_negative`, so every other real item has probability 1 / (V - 2).
+    as in `bce_one_negative`, so every other real item has probability 1 / (V - 2). A padding
+    positive (0) gets ids 2..V-1: still real items, and its position is masked anyway.
     """
     _check_vocab(vocab_size, 3, "negatives_avoiding")
     r = jax.random.randint(rng, (*positives.shape, n), 1, vocab_size - 1, dtype=jnp.int32)

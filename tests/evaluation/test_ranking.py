@@ -16,6 +16,7 @@ from onerec_jax.data.sequences import SequenceData
 from onerec_jax.evaluation.ranking import (
     history_batch,
     make_ranker,
+    make_ranker_with,
     rank_and_topk,
     rank_and_topk_with,
 )
@@ -176,6 +177,30 @@ def test_make_ranker_unsharded_is_jitted_and_matches():
     ranker = make_ranker(k=10, chunk_size=128)
     got = [np.asarray(x) for x in ranker(*case)]
     assert_same(got, reference(*case, 10))
+
+
+def test_make_ranker_with_a_pytree_state_matches_and_shards_over_the_batch():
+    """A model scorer over (params, state pytree): unsharded, on 8 devices, as dot products."""
+    users, table, targets, history = random_case(6, batch=16)
+    want = reference(users, table, targets, history, 12)
+
+    def score_chunk(params, state, ids):  # state["u"] . table[ids] + state["bias"]
+        return state["u"] @ params["table"][ids].T + state["bias"][:, None]
+
+    state = {"u": users, "bias": np.zeros(16, np.float32)}
+    params = {"table": table}
+    got = make_ranker_with(score_chunk, V - 1, k=12, chunk_size=300)(
+        state, params, targets, history
+    )
+    assert_same([np.asarray(x) for x in got], want)
+    if jax.device_count() >= 8:
+        from onerec_jax.training.sharding import make_mesh
+
+        mesh = make_mesh((-1, 1, 1), jax.devices()[:8])
+        ranker = make_ranker_with(score_chunk, V - 1, mesh, k=12, chunk_size=300)
+        got = ranker(state, params, targets, history)
+        assert got[0].sharding.spec[0] == ("data", "fsdp") and len(got[1].addressable_shards) == 8
+        assert_same([np.asarray(x) for x in got], want)
 
 
 SHARDED_CHECK = textwrap.dedent(

@@ -602,6 +602,22 @@ def test_bce_negative_is_never_the_target():
     np.testing.assert_allclose(loss_sum, rows * (math.log(2) + math.log1p(math.exp(-50))), 1e-5)
 
 
+def test_negatives_avoiding_is_uniform_over_the_other_items():
+    vocab, n = 6, 2000
+    positives = np.array([[1, 5], [3, 0]], np.int32)  # 0: padding, whose draws are 2..V-1
+    draws = np.asarray(
+        jax.jit(losses.negatives_avoiding, static_argnums=(2, 3))(
+            jax.random.key(2), positives, n, vocab
+        )
+    )
+    assert draws.shape == (2, 2, n) and draws.dtype == np.int32
+    assert np.all((draws >= 1) & (draws < vocab)) and np.all(draws != positives[..., None])
+    for row, positive in zip(draws.reshape(4, n), positives.reshape(4), strict=True):
+        others = [i for i in range(1, vocab) if i != max(positive, 1)]
+        counts = np.bincount(row, minlength=vocab)[others]
+        assert stats.chisquare(counts).pvalue > 1e-3  # uniform over the other real items
+
+
 # ----------------------------------------------------------------------------- dispatch
 
 
