@@ -10,7 +10,7 @@ from onerec_jax.defaults import apply_variant, base_config
 
 
 def get_config(arg: str | None = None):
-    """`arg`: the model variant, sasrec (default) or onerec."""
+    """`arg`: a model variant of `defaults.apply_variant` (default sasrec)."""
     c = base_config()
     c.data.path = ""  # REQUIRED: the directory or file to read (--config.data.path=...)
     c.data.format = "auto"  # set explicitly for files: recbole or user_sequence

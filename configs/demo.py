@@ -4,7 +4,7 @@ from onerec_jax.defaults import apply_variant, base_config
 
 
 def get_config(arg: str | None = None):
-    """`arg`: the model variant, sasrec (default) or onerec."""
+    """`arg`: a model variant of `defaults.apply_variant` (default sasrec)."""
     c = base_config()
     c.data.synthetic = "demo"  # 2,000 users x 1,000 items written by data/synthetic.py
     c.data.max_len = 50  # demo sequences are short; fewer padded positions

@@ -4,7 +4,7 @@ from onerec_jax.defaults import apply_variant, base_config
 
 
 def get_config(arg: str | None = None):
-    """`arg`: the model variant, sasrec (default) or onerec."""
+    """`arg`: a model variant of `defaults.apply_variant` (default sasrec)."""
     c = base_config()
     c.data.release = "ml-latest-small"  # release fetched into <data.root>/ by data/download.py
     # 671 users: an epoch is ~7 steps of 128, and models sit near popularity for 15-20 epochs

@@ -39,7 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.worker_count = 0  # Grain worker processes for the training pipeline (0: in-process)
 
     c.model = m = ml_collections.ConfigDict()
-    m.name = "sasrec"  # a file in onerec_jax/models/: sasrec, onerec
+    m.name = "sasrec"  # a file in onerec_jax/models/ (pop, bpr, ncf, gru4rec, sasrec, bert4rec, onerec)
     m.dim = 64  # embedding and hidden width
     m.num_layers = 2  # Transformer blocks
     m.num_heads = 1  # attention heads (dim must divide by it)
@@ -140,8 +140,26 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+# The OneRec item head's component study (`:onerec_<name>`): each changes one thing.
+ONEREC_ABLATIONS = {
+    "nopos": {"model.positions": "none"},  # no positional information at all
+    "noside": {"model.side_features": ()},  # item ids only: no genre / year embeddings
+    "aux": {"model.aux_weight": 0.5},  # with the masked-input reconstruction loss
+    "1layer": {"model.num_layers": 1},
+    "4layers": {"model.num_layers": 4},
+    "len50": {"data.max_len": 50},
+    "len200": {"data.max_len": 200},
+}
+
+
 def apply_variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
     """`configs/<dataset>.py:<variant>`: the model families every dataset config offers."""
+    if arg and arg.startswith("onerec_") and arg[len("onerec_") :] in ONEREC_ABLATIONS:
+        apply_variant(c, "onerec")
+        for key, value in ONEREC_ABLATIONS[arg[len("onerec_") :]].items():
+            section, field = key.split(".")
+            c[section][field] = value
+        return c
     if arg in (None, "", "sasrec"):
         c.model.name = "sasrec"
     elif arg == "onerec":
@@ -174,8 +192,8 @@ def apply_variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collectio
         c.eval.chunk_size = 2048  # each chunk holds [eval batch, chunk, mlp_layers[0]] floats
     else:
         raise ValueError(
-            f"unknown config variant {arg!r}: use sasrec, onerec, gru4rec, bert4rec, pop, bpr "
-            "or ncf"
+            f"unknown config variant {arg!r}: use sasrec, onerec, gru4rec, bert4rec, pop, bpr, "
+            f"ncf or an ablation onerec_<{'|'.join(ONEREC_ABLATIONS)}>"
         )
     return c
 
