@@ -39,7 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.worker_count = 0  # Grain worker processes for the training pipeline (0: in-process)
 
     c.model = m = ml_collections.ConfigDict()
-    m.name = "sasrec"  # a file in onerec_jax/models/ (pop, bpr, ncf, gru4rec, sasrec, bert4rec, onerec)
+    m.name = "sasrec"  # a file in onerec_jax/models/: pop, bpr, ncf, gru4rec, sasrec, bert4rec...
     m.dim = 64  # embedding and hidden width
     m.num_layers = 2  # Transformer blocks
     m.num_heads = 1  # attention heads (dim must divide by it)
