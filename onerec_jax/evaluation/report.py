@@ -32,7 +32,7 @@ class RunRow:
     data: str  # data.release, data.synthetic or data.path
     users: int  # users in the data after filtering
     protocol: dict  # results.json "protocol" (split, mask_history, max_len, filters, ranking)
-    loss: str  # config.loss.name ("?" without a readable config.json)
+    loss: str  # the training objective: config.loss.name or the model's own ("?": no config)
     test: dict[str, tuple[float, float]]  # metric -> (mean, 95% half-width) on test
     val_ndcg10: float  # validation NDCG@10 of the selected checkpoint
     best_step: int  # the selected checkpoint
@@ -155,9 +155,15 @@ def _missing_reason(run_dir: Path) -> str:
     return "no results.json and no checkpoint: not started, or stopped before its first validation"
 
 
+# Models that train with their own objective rather than config.loss.
+_OWN_LOSS = {"pop": "none (counts)", "bpr": "BPR pairwise", "ncf": "BCE, sampled negatives"}
+
+
 def _config_loss(path: Path) -> str:
     try:
-        return str(json.loads(path.read_text())["loss"]["name"])
+        config = json.loads(path.read_text())
+        own = _OWN_LOSS.get(config.get("model", {}).get("name"))
+        return own or str(config["loss"]["name"])
     except (OSError, ValueError, KeyError, TypeError):
         return "?"
 

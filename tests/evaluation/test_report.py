@@ -178,3 +178,11 @@ def test_root_without_usable_runs(tmp_path):
     assert not (tmp_path / report.BARS_PNG).exists()
     with pytest.raises(UserError, match="no such directory"):
         report.write_report(tmp_path / "nowhere")
+
+
+def test_loss_column_names_the_models_own_objective(tmp_path):
+    path = tmp_path / "config.json"
+    for model, loss, shown in [("bpr", "full_softmax", "BPR pairwise"), ("sasrec", "bce", "bce"),
+                               ("pop", "full_softmax", "none (counts)")]:  # fmt: skip
+        path.write_text(json.dumps({"model": {"name": model}, "loss": {"name": loss}}))
+        assert report._config_loss(path) == shown
