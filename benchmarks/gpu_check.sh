@@ -20,12 +20,13 @@
 # with jax[cuda] and onerec_jax importable. Installs nothing. Exits 2 when JAX sees no GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+PY="${PYTHON:-python}"  # PYTHON=/path/to/venv/bin/python when `python` is not the venv's
 
 # Each configuration runs alone in its own process: let it take most of the GPU (the parent
 # process never initialises JAX). Peak memory is read from the allocator, not this fraction.
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.90}"
 
-if ! XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 120 python -c '
+if ! XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 120 "$PY" -c '
 import sys
 import jax
 d = jax.devices()[0]
@@ -40,7 +41,7 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
 
 budget="${GPU_CHECK_SECONDS:-570}"
-timeout -k 10 "$budget" python benchmarks/train_throughput.py \
+timeout -k 10 "$budget" "$PY" benchmarks/train_throughput.py \
   --models sasrec,onerec --dims 64 \
   --losses sampled_softmax,full_softmax --dtypes bfloat16,float32 \
   --steps 30 --warmup 5 \
