@@ -56,7 +56,7 @@ class Recommender:
     @classmethod
     def from_run(cls, workdir: str | Path) -> Recommender:
         """The best (validated) checkpoint of the run in `workdir`, on one device."""
-        from onerec_jax.training import checkpointing, train  # builds the model as training did
+        from onerec_jax.training import train  # builds the model as training did
 
         workdir = Path(workdir).expanduser()
         config = load_run_config(workdir)
@@ -65,17 +65,12 @@ class Recommender:
         data, items = dataset.load_data(config.data)
         config.mesh.shape, config.mesh.num_devices = [-1, 1, 1], 1  # any saved mesh restores
         trainer = train.Trainer(config, data, items)
-        ckpt = checkpointing.Checkpointer(workdir / "checkpoints", metric=train.SELECT_METRIC)
-        try:
-            best = ckpt.best_step()
-            if best is None:
-                raise UserError(
-                    f"{workdir / 'checkpoints'}: no validated checkpoint. Train until the run "
-                    "has validated once (--mode train)."
-                )
-            params = ckpt.restore_params(best, trainer.abstract_state["params"])
-        finally:
-            ckpt.close()
+        best, params = train.restore_best(trainer, workdir)
+        if best is None:
+            raise UserError(
+                f"{workdir / 'checkpoints'}: no validated checkpoint. Train until the run "
+                "has validated once (--mode train)."
+            )
         return cls(trainer.model, params, data, items, config)
 
     def user_history(self, source_user_id) -> tuple[int, np.ndarray]:

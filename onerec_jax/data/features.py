@@ -281,19 +281,14 @@ def _collab(cfg, data: SequenceData, items: ItemInfo) -> np.ndarray:
             raise mismatch(f"{trained_items} items")
     config.mesh.shape, config.mesh.num_devices = [-1, 1, 1], 1  # any saved mesh restores here
     trainer = train.Trainer(config, data, items)  # the model and params layout of that run
-    ckpt = checkpointing.Checkpointer(workdir / "checkpoints", metric=train.SELECT_METRIC)
     try:
-        best = ckpt.best_step()
-        if best is None:
-            raise ConfigError(
-                f"features.collab_workdir={workdir}: no validated checkpoint in checkpoints/. "
-                "Train that run until it has validated once."
-            )
-        try:
-            params = ckpt.restore_params(best, trainer.abstract_state["params"])
-        except checkpointing.CheckpointError as e:
-            raise mismatch(str(e)) from e
-    finally:
-        ckpt.close()
+        best, params = train.restore_best(trainer, workdir)
+    except checkpointing.CheckpointError as e:
+        raise mismatch(str(e)) from e
+    if best is None:
+        raise ConfigError(
+            f"features.collab_workdir={workdir}: no validated checkpoint in checkpoints/. "
+            "Train that run until it has validated once."
+        )
     table = np.asarray(jax.device_get(trainer.model.item_table(params)))  # [V, dim]
     return table[1:]

@@ -12,6 +12,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -285,17 +286,27 @@ def _check_finite(host: dict[str, float], step: int, ckpt) -> None:
         )
 
 
+def restore_best(trainer: Trainer, workdir: str | Path) -> tuple[int | None, Any]:
+    """(best validated step, its params laid out for `trainer`) of the run in `workdir`;
+    (None, None) when no step has been validated. A layout mismatch raises CheckpointError."""
+    ckpt = checkpointing.Checkpointer(Path(workdir) / "checkpoints", metric=SELECT_METRIC)
+    try:
+        best = ckpt.best_step()
+        if best is None:
+            return None, None
+        return best, ckpt.restore_params(best, trainer.abstract_state["params"])
+    finally:
+        ckpt.close()
+
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """`--mode eval`: best params onto the devices present, test metrics recomputed."""
     workdir = Path(workdir)
     data, items = dataset.load_data(config.data)
     trainer = Trainer(config, data, items)
-    ckpt = checkpointing.Checkpointer(workdir / "checkpoints", metric=SELECT_METRIC)
-    best = ckpt.best_step()
+    best, params = restore_best(trainer, workdir)
     if best is None:
         raise UserError(f"{workdir / 'checkpoints'}: no checkpoint. Train first (--mode train).")
-    params = ckpt.restore_params(best, trainer.abstract_state["params"])
     evaluator = Evaluator(trainer.model, data, config, trainer.mesh, trainer.rules)
     test, _ = evaluator.evaluate(params, "test")
-    ckpt.close()
     return {"best_step": best, "test": test}
