@@ -58,6 +58,18 @@ def base_config() -> ml_collections.ConfigDict:
     m.mlp_layers = (64, 32, 16)  # NCF: widths of the MLP tower's ReLU layers, first on the concat
     m.mask_prob = 0.2  # BERT4Rec: share of real items masked for the cloze loss (>= 1 each)
     m.last_item_share = 0.1  # BERT4Rec: share of training sequences with only the last masked
+    # Generative models (TIGER; OneRec with head="semantic_ids"): encoder-decoder over semantic
+    # ids (model.semantic_ids; empty: --mode train tokenizes into the run's workdir first).
+    m.head = "items"  # OneRec: "items" (score every item) or "semantic_ids" (generate codes)
+    m.decoder_layers = 2  # decoder blocks (num_layers is the encoder's)
+    m.session_items = 1  # M: next items generated per example (1 = next-item recommendation)
+    m.num_experts = 0  # decoder feed-forward: 0 = dense, else a mixture of this many experts
+    m.experts_per_token = 2  # top-k routing
+    m.expert_capacity = 1.25  # per-expert capacity factor (<= 0: unlimited, no token dropped)
+    m.moe_aux_weight = 0.01  # load-balancing loss weight (Switch Transformer)
+    m.moe_z_weight = 1e-3  # router z-loss weight (ST-MoE)
+    m.item_id_embedding = True  # OneRec semantic-id encoder: add an item-id embedding
+    m.user_tokens = 0  # TIGER: hashed user-id buckets prepended to the history (0: none)
 
     c.loss = lo = ml_collections.ConfigDict()
     lo.name = "full_softmax"  # full_softmax (chunked), sampled_softmax or bce (one negative)
@@ -98,6 +110,8 @@ def base_config() -> ml_collections.ConfigDict:
     e.mask_history = True  # mask every item of the user's prefix before ranking (PROTOCOL.md)
     e.k = 50  # length of the top-K lists kept (metrics use K in 1, 5, 10, 20, 50)
     e.chunk_size = 8192  # items scored at a time
+    e.beam = 20  # generative models: beam width of the constrained beam search
+    e.valid_users = 0  # validate on this many users (a fixed random sample; 0: all); test: all
 
     c.features = f = ml_collections.ConfigDict()
     # Item feature matrix for the tokenizers (data/features.py): blocks, each standardised and
@@ -152,13 +166,51 @@ ONEREC_ABLATIONS = {
 }
 
 
+# Generative-retrieval studies (`:onerec_sid_<name>`, `:tiger_<name>`): one change each.
+GENERATIVE_ABLATIONS = {
+    "rqkmeans": {"tokenize.method": "rqkmeans"},  # residual k-means ids instead of RQ-VAE
+    "random": {"tokenize.method": "random"},  # random codes: a control without semantics
+    "collab": {"features.blocks": ("collab",)},  # needs features.collab_workdir (a SASRec run)
+    "mixed": {"features.blocks": ("genres", "year", "title", "tags", "collab")},
+    "k64": {"tokenize.codebook_size": 64},
+    "nomoe": {"model.num_experts": 0},  # dense decoder feed-forward
+    "moe8": {"model.num_experts": 8},
+    "beam10": {"eval.beam": 10},
+    "beam50": {"eval.beam": 50},
+    "session3": {"model.session_items": 3},  # session-wise: the next 3 items
+}
+
+
+def _generative_variant(c: ml_collections.ConfigDict, arg: str) -> None:
+    m = c.model
+    m.dim, m.num_heads, m.num_layers, m.decoder_layers, m.dropout = 64, 2, 2, 2, 0.1
+    c.data.max_len = 50  # TIGER reads 20 items; one example per target position is costly
+    c.data.bucket_boundaries = (8, 16, 32)
+    c.eval.batch_size = 128  # users x beam hypotheses are decoded at once
+    c.train.batch_size = 256
+    if arg == "tiger":
+        m.name, m.mlp_dim, m.num_experts = "tiger", 256, 0
+    else:  # OneRec: items as code-embedding sums, a mixture-of-experts decoder
+        m.name, m.head, m.mlp_dim = "onerec", "semantic_ids", 128
+        m.num_experts, m.experts_per_token = 4, 2
+
+
+def _set(c: ml_collections.ConfigDict, changes: dict) -> None:
+    for key, value in changes.items():
+        section, field = key.split(".")
+        c[section][field] = value
+
+
 def apply_variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
     """`configs/<dataset>.py:<variant>`: the model families every dataset config offers."""
+    for base in ("onerec_sid", "tiger"):
+        if arg and arg.startswith(base + "_") and arg[len(base) + 1 :] in GENERATIVE_ABLATIONS:
+            apply_variant(c, base)
+            _set(c, GENERATIVE_ABLATIONS[arg[len(base) + 1 :]])
+            return c
     if arg and arg.startswith("onerec_") and arg[len("onerec_") :] in ONEREC_ABLATIONS:
         apply_variant(c, "onerec")
-        for key, value in ONEREC_ABLATIONS[arg[len("onerec_") :]].items():
-            section, field = key.split(".")
-            c[section][field] = value
+        _set(c, ONEREC_ABLATIONS[arg[len("onerec_") :]])
         return c
     if arg in (None, "", "sasrec"):
         c.model.name = "sasrec"
@@ -176,6 +228,11 @@ def apply_variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collectio
         c.model.dropout = 0.1
         c.model.mask_prob = 0.2
         c.loss.name = "full_softmax"  # the cloze task needs the full softmax to be strong
+    elif arg in ("tiger", "onerec_sid"):
+        _generative_variant(c, arg)
+    elif arg == "onerec_sidfeat":  # the item head with semantic-id inputs
+        apply_variant(c, "onerec")
+        c.model.side_features = (*c.model.side_features, "semantic_ids")
     elif arg == "pop":
         c.model.name = "pop"  # nothing to learn: one no-op step, then validation and test
     elif arg == "bpr":
@@ -193,7 +250,9 @@ def apply_variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collectio
     else:
         raise ValueError(
             f"unknown config variant {arg!r}: use sasrec, onerec, gru4rec, bert4rec, pop, bpr, "
-            f"ncf or an ablation onerec_<{'|'.join(ONEREC_ABLATIONS)}>"
+            f"ncf, tiger, onerec_sid, onerec_sidfeat, an ablation "
+            f"onerec_<{'|'.join(ONEREC_ABLATIONS)}> or a generative study "
+            f"onerec_sid_<{'|'.join(GENERATIVE_ABLATIONS)}> / tiger_<...>"
         )
     return c
 
@@ -224,3 +283,10 @@ def _with_defaults(saved: dict, defaults: dict) -> dict:
         elif isinstance(value, dict) and isinstance(out[key], dict):
             out[key] = _with_defaults(out[key], value)
     return out
+
+
+def needs_semantic_ids(config: ml_collections.ConfigDict) -> bool:
+    """Whether the model reads semantic ids (generative models, or the item head's feature)."""
+    m = config.model
+    generative = m.name == "tiger" or (m.name == "onerec" and m.head == "semantic_ids")
+    return generative or "semantic_ids" in tuple(m.side_features)

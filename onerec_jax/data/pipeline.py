@@ -1,7 +1,11 @@
 """Grain input pipelines over `SequenceData`: next-item training windows and padded eval batches.
 
 Training examples are windows of a user's training history: inputs `h[a:b]`, targets
-`h[a+1:b+1]`, left-padded with item 0. Window indices are computed once with numpy; examples are
+`h[a+1:b+1]`, left-padded with item 0. Generative models (models/tiger.py, the OneRec
+semantic-id decoder) train instead on one example per target position: the history before it
+and the next M items with their semantic-id codes (`generative_train_dataset`).
+
+Window indices are computed once with numpy; examples are
 gathered lazily from the CSR arrays. Every pipeline cuts GLOBAL batches first and gives process
 `p` its share of each, so the union of the processes' g-th batches does not depend on the process
 count, and every process yields the same number of batches (no hangs in collectives).
@@ -10,6 +14,7 @@ count, and every process yields the same number of batches (no hangs in collecti
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import grain
@@ -104,8 +109,11 @@ class _BucketBatches:
         rows: slice,
         seed: int,
         shuffle: bool,
+        rows_fn=None,
     ):
         self._items, self._windows, self._widths = items, windows, widths
+        # (items, windows, ids, width) -> batch dict; default: next-item windows
+        self._rows_fn = rows_fn or _window_rows
         self._batch_size, self._rows, self._seed, self._shuffle = batch_size, rows, seed, shuffle
         bucket = np.searchsorted(widths, windows.length)  # [n_windows] first width >= length
         self._members = [np.flatnonzero(bucket == k) for k in range(len(widths))]
@@ -137,7 +145,7 @@ class _BucketBatches:
             self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1} | {epoch: plan}
         batch_ids, bucket_ids = plan
         width = int(self._widths[bucket_ids[g]])
-        return _window_rows(self._items, self._windows, batch_ids[g, self._rows], width)
+        return self._rows_fn(self._items, self._windows, batch_ids[g, self._rows], width)
 
 
 def _process_share(
@@ -186,6 +194,29 @@ def train_dataset(
             f"only {len(windows)} training windows, fewer than one batch of {batch_size}: "
             "lower batch_size"
         )
+    return _bucketed_dataset(
+        data.items, windows, max_len, batch_size=batch_size, process=p, local=local, seed=seed,
+        shuffle=shuffle, num_epochs=num_epochs, bucket_boundaries=bucket_boundaries,
+        worker_count=worker_count,
+    )  # fmt: skip
+
+
+def _bucketed_dataset(
+    items: np.ndarray,
+    examples,
+    max_len: int,
+    *,
+    batch_size: int,
+    process: int,
+    local: int,
+    seed: int,
+    shuffle: bool,
+    num_epochs: int | None,
+    bucket_boundaries: Sequence[int] | None,
+    worker_count: int,
+    rows_fn=None,
+) -> grain.IterDataset:
+    """Global batches of `examples` (anything with `.length` and `len`), this process's rows."""
     # Whole global batches are gathered at once with vectorised numpy (~20x the throughput of
     # Grain's per-example shuffle + batch, measured in benchmarks/input_pipeline.py); without
     # buckets there is one bucket, max_len wide.
@@ -195,13 +226,14 @@ def train_dataset(
         else _bucket_widths(bucket_boundaries, max_len)
     )
     batches = _BucketBatches(
-        data.items,
-        windows,
+        items,
+        examples,
         widths,
         batch_size=batch_size,
-        rows=slice(p * local, (p + 1) * local),
+        rows=slice(process * local, (process + 1) * local),
         seed=seed,
         shuffle=shuffle,
+        rows_fn=rows_fn,
     )
     ds = grain.MapDataset.range(batches.batches_per_epoch).repeat(num_epochs)
     ds = ds.map_with_index(batches)
@@ -209,6 +241,112 @@ def train_dataset(
     if worker_count > 0:
         out = out.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetExamples:
+    """One generative training example per target position of a user's training history.
+
+    Example `e` has the history `items[lo:lo+length]` (the last <= max_len items before the
+    target) and the targets `items[lo+length : lo+length+n_targets]`: the next M items, cut at
+    the end of the user's training history (so validation and test items are never targets).
+    """
+
+    user: np.ndarray  # [n] int32 dense user id
+    lo: np.ndarray  # [n] int64 index into SequenceData.items of the first history item
+    length: np.ndarray  # [n] int64 history length, 1..max_len
+    n_targets: np.ndarray  # [n] int64 real targets, 1..M
+
+    def __len__(self) -> int:
+        return len(self.user)
+
+
+def target_examples(data: SequenceData, *, max_len: int, session_items: int = 1) -> TargetExamples:
+    """Every training position t >= 1 of every user: history h[max(0, t-max_len):t], targets
+    h[t:t+session_items] (fewer at the end of the training history)."""
+    if max_len < 1 or session_items < 1:
+        raise ConfigError(f"max_len ({max_len}) and session_items ({session_items}) must be >= 1")
+    split = data.train
+    pairs = np.maximum(split.lengths - 1, 0)  # [n_users] targets per user
+    user = np.repeat(np.arange(data.n_users, dtype=np.int32), pairs)  # [n]
+    first = np.cumsum(pairs) - pairs
+    t = np.arange(len(user), dtype=np.int64) - np.repeat(first, pairs) + 1  # [n] 1..m
+    length = np.minimum(t, max_len)
+    end = split.starts[user] + t  # index of the first target
+    n_targets = np.minimum(session_items, split.lengths[user] - t)
+    return TargetExamples(user=user, lo=end - length, length=length, n_targets=n_targets)
+
+
+def _target_rows(
+    items: np.ndarray,
+    examples: TargetExamples,
+    ids: np.ndarray,
+    width: int,
+    *,
+    codes: np.ndarray,
+    session_items: int,
+) -> dict[str, np.ndarray]:
+    """Generative rows: left-padded histories, next-M targets and their code tokens."""
+    lo, length = examples.lo[ids], examples.length[ids]
+    inputs, _ = _left_padded(items, lo, length, width)
+    slot = np.arange(session_items)
+    mask = slot[None, :] < examples.n_targets[ids][:, None]  # [rows, M]
+    targets = np.where(mask, np.take(items, (lo + length)[:, None] + slot, mode="clip"), 0)
+    target_codes = np.where(mask[..., None], codes[targets], 0)  # [rows, M, L+1]
+    return {
+        "inputs": inputs,  # [rows, W] int32 history items, left-padded
+        "targets": targets.astype(np.int32),  # [rows, M] next items (0 past the history's end)
+        "target_codes": target_codes.astype(np.int32),  # [rows, M, L+1] their semantic ids
+        "mask": mask,  # [rows, M] bool real targets
+        "user": examples.user[ids],  # [rows]
+    }
+
+
+def generative_train_dataset(
+    data: SequenceData,
+    codes: np.ndarray,
+    *,
+    max_len: int,
+    batch_size: int,
+    seed: int,
+    session_items: int = 1,
+    num_epochs: int | None = None,
+    shuffle: bool = True,
+    bucket_boundaries: Sequence[int] | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    worker_count: int = 0,
+) -> grain.IterDataset:
+    """This process's generative training batches (`batch_size` is global; None epochs = forever).
+
+    `codes` [n_items + 1, L + 1] are the items' semantic ids (`SemanticIds.codes`). Each batch:
+    `inputs` [b, W] int32 histories, `targets` [b, M] int32 next items, `target_codes`
+    [b, M, L+1] int32, `mask` [b, M] bool, `user` [b] int32; W = max_len or the bucket's width.
+    Batches are cut globally and sliced per process, as `train_dataset`.
+    """
+    if seed < 0:
+        raise ConfigError(f"seed must be non-negative, got {seed}")
+    p, _, local = _process_share(batch_size, process_index, process_count)
+    examples = target_examples(data, max_len=max_len, session_items=session_items)
+    if len(examples) < batch_size:
+        raise ConfigError(
+            f"only {len(examples)} training targets, fewer than one batch of {batch_size}: "
+            "lower batch_size"
+        )
+    codes = np.asarray(codes)
+    if codes.ndim != 2 or codes.shape[0] != data.n_items + 1:
+        raise ConfigError(
+            f"semantic ids have shape {codes.shape}, expected [{data.n_items + 1}, L + 1]: "
+            "they were made for another dataset; rerun --mode tokenize on this one."
+        )
+    rows_fn = functools.partial(
+        _target_rows, codes=np.maximum(codes, 0), session_items=session_items
+    )
+    return _bucketed_dataset(
+        data.items, examples, max_len, batch_size=batch_size, process=p, local=local, seed=seed,
+        shuffle=shuffle, num_epochs=num_epochs, bucket_boundaries=bucket_boundaries,
+        worker_count=worker_count, rows_fn=rows_fn,
+    )  # fmt: skip
 
 
 class _EvalBatches:
@@ -229,7 +367,7 @@ class _EvalBatches:
         self._items, self._targets = data.items, split.targets
         self._length = np.clip(split.lengths, 0, max_len)  # [n_users]
         self._lo = split.ends - self._length  # [n_users]
-        self._n_users, self._max_len, self._batch_size = data.n_users, max_len, batch_size
+        self._n_users, self._max_len, self._batch_size = len(order), max_len, batch_size
         self._rows = np.arange(batch_size)[rows]  # [b] row positions inside a global batch
 
     def __call__(self, g: int) -> dict[str, np.ndarray]:
@@ -255,11 +393,13 @@ def eval_dataset(
     process_index: int | None = None,
     process_count: int | None = None,
     by_length: bool = False,
+    users: np.ndarray | None = None,
 ) -> grain.IterDataset:
     """Users in order, each exactly once, in ceil(n_users / batch_size) batches on every process.
 
     `by_length=True` visits users by increasing history length instead (`eval_user_order`), so
-    a batch's users have similar histories and history masks need little padding.
+    a batch's users have similar histories and history masks need little padding. `users`:
+    evaluate only these dense user ids (e.g. a validation sample), in the same orders.
 
     Global batch g holds users g*batch_size ... ; process p gets its rows
     [p*b:(p+1)*b] (b = batch_size // process_count). The last batch is padded with weight-0 rows.
@@ -268,17 +408,29 @@ def eval_dataset(
         raise ConfigError(f"max_len must be >= 1, got {max_len}")
     p, _, local = _process_share(batch_size, process_index, process_count)
     rows = slice(p * local, (p + 1) * local)
-    order = eval_user_order(data, split_name, by_length)
+    order = eval_user_order(data, split_name, by_length, users)
     batches = _EvalBatches(
         data, split_name, max_len=max_len, batch_size=batch_size, rows=rows, order=order
     )
-    n_batches = -(-data.n_users // batch_size)
+    n_batches = -(-len(order) // batch_size)
     read = grain.ReadOptions(prefetch_buffer_size=16)  # eval batches are large; keep few ahead
     return grain.MapDataset.range(n_batches).map(batches).to_iter_dataset(read)
 
 
-def eval_user_order(data: SequenceData, split_name: str, by_length: bool) -> np.ndarray:
-    """[n_users] the order eval batches visit users: by id, or by history length (stable)."""
+def eval_user_order(
+    data: SequenceData, split_name: str, by_length: bool, users: np.ndarray | None = None
+) -> np.ndarray:
+    """[n] the order eval batches visit users (all, or `users`): by id, or by history length
+    (stable)."""
+    users = np.arange(data.n_users) if users is None else np.unique(np.asarray(users, np.int64))
     if by_length:
-        return np.argsort(data.split(split_name).lengths, kind="stable")
-    return np.arange(data.n_users)
+        return users[np.argsort(data.split(split_name).lengths[users], kind="stable")]
+    return users
+
+
+def sample_users(n_users: int, size: int, seed: int = 0) -> np.ndarray | None:
+    """A fixed random sample of `size` dense user ids (sorted), or None (all) if size is 0 or
+    not below n_users: the validation sample of `eval.valid_users`."""
+    if size <= 0 or size >= n_users:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n_users, size, replace=False))

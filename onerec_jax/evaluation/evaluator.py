@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
@@ -22,7 +23,14 @@ class Evaluator:
         self.model, self.data, self.config, self.mesh, self.rules = model, data, config, mesh, rules
         e = config.eval
         options = dict(k=e.k, chunk_size=e.chunk_size, mask_history=e.mask_history)
-        if model.dot_product_scores:  # states [B, D] against the item table, computed once
+        # Generative models return their top-K by beam search; a target outside it gets rank
+        # n_items + 1 (so HR/NDCG/MRR@K are exact for K <= eval.k and full MRR is a lower bound).
+        self.generative = getattr(model, "generative", False)
+        self._valid_users = pipeline.sample_users(data.n_users, e.valid_users, config.seed)
+        if self.generative:
+            self._generate = jax.jit(model.generate)
+            self._scorer_params = lambda params: params
+        elif model.dot_product_scores:  # states [B, D] against the item table, computed once
             self._ranker = ranking.make_ranker(mesh, **options)
             self._scorer_params = jax.jit(model.item_table)
         else:  # the model scores item chunks itself (e.g. NCF's MLP)
@@ -30,16 +38,20 @@ class Evaluator:
                 model.score_chunk, data.n_items, mesh, **options
             )
             self._scorer_params = lambda params: params
-        self._user_state = jax.jit(model.user_state)
+        if not self.generative:
+            self._user_state = jax.jit(model.user_state)
 
     def evaluate(self, params, split: str) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         """(metrics, per-user arrays: users, ranks, top_items) for `split` ("valid" or "test")."""
         start = time.perf_counter()
         e = self.config.eval
         scorer_params = self._scorer_params(params)
-        ds = pipeline.eval_dataset(self.data, split, max_len=self.config.data.max_len,
-                                   batch_size=e.batch_size, by_length=True)  # fmt: skip
-        order = pipeline.eval_user_order(self.data, split, by_length=True)
+        sample = self._valid_users if split == "valid" else None
+        ds = pipeline.eval_dataset(
+            self.data, split, max_len=self.config.data.max_len, batch_size=e.batch_size,
+            by_length=True, users=sample,
+        )  # fmt: skip
+        order = pipeline.eval_user_order(self.data, split, by_length=True, users=sample)
         users, ranks, weights, tops = [], [], [], []
         lengths = self.data.split(split).lengths  # [n_users] prefix lengths
         for g, batch in enumerate(ds):
@@ -50,8 +62,14 @@ class Evaluator:
             local = {"inputs": batch["inputs"], "user": batch["user"], "target": batch["target"],
                      "history": history}  # fmt: skip
             glob = sharding.global_batch(local, self.mesh, self.rules)
-            states = self._user_state(params, {"inputs": glob["inputs"], "user": glob["user"]})
-            r, top_items, _ = self._ranker(states, scorer_params, glob["target"], glob["history"])
+            inputs = {"inputs": glob["inputs"], "user": glob["user"]}
+            if self.generative:
+                top_items, _ = self._generate(params, inputs, glob["history"])
+                r = _ranks_in_list(top_items, glob["target"], self.data.n_items)
+            else:
+                states = self._user_state(params, inputs)
+                r, top_items, _ = self._ranker(states, scorer_params, glob["target"],
+                                               glob["history"])  # fmt: skip
             ranks.append(_to_host(r))
             tops.append(_to_host(top_items))
             users.append(_to_host(glob["user"]))
@@ -69,6 +87,13 @@ class Evaluator:
         result = metrics.metrics_from_ranks(per_user["ranks"])
         result["seconds"] = time.perf_counter() - start
         return result, per_user
+
+
+@jax.jit
+def _ranks_in_list(top_items: jax.Array, target: jax.Array, n_items: int) -> jax.Array:
+    """[B] 1-based position of `target` [B] in `top_items` [B, K]; n_items + 1 if absent."""
+    hit = top_items == target[:, None]
+    return jnp.where(hit.any(-1), jnp.argmax(hit, -1) + 1, n_items + 1).astype(jnp.int32)
 
 
 def _to_host(x: jax.Array) -> np.ndarray:

@@ -39,6 +39,7 @@ class DataInfo:
     item_codes: np.ndarray | None = None  # [V, L] int32 semantic-id content codes, row 0 = 0
     code_sizes: tuple[int, ...] = ()  # [L] codebook size per level of item_codes
     n_users: int = 0  # dense user ids 0..n_users-1 (user-item models have a row per user)
+    semantic_ids: Any = None  # tokenize.semantic_ids.SemanticIds (generative models), or None
 
     @property
     def vocab_size(self) -> int:

@@ -7,7 +7,12 @@ and a projection. Encoder: pre-RMSNorm blocks with
 SwiGLU feed-forward and rotary or learned positions. The prediction layer scores the same fused
 item embeddings, so side features reach items with few interactions. An optional auxiliary loss
 reconstructs masked input items from the encoder (`model.aux_weight`, `model.aux_mask_prob`).
-The semantic-id decoder head of the generative-retrieval issue will join this file.
+
+`model.head="semantic_ids"` builds the other OneRec scheme instead: an encoder over the history's
+items (each the sum of its code embeddings, plus optional item-id and genre/year embeddings) and
+a decoder whose feed-forward layers are a sparse mixture of experts (`model.num_experts`,
+`experts_per_token`, `expert_capacity`), generating the next `model.session_items` items'
+semantic ids; it recommends by constrained beam search (models/generative.py, seq2seq.py).
 """
 
 from __future__ import annotations
@@ -162,6 +167,10 @@ class OneRecItemModel(ScoringModel):
 
 def build(config: ml_collections.ConfigDict, info: DataInfo) -> ScoringModel:
     m = config.model
+    if m.head == "semantic_ids":
+        return build_semantic_id_decoder(config, info)
+    if m.head != "items":
+        raise ConfigError(f"model.head={m.head!r}: use 'items' or 'semantic_ids'.")
     features = set(m.side_features)
     unknown = features - {"genres", "year", "semantic_ids"}
     if unknown:
@@ -196,3 +205,34 @@ def build(config: ml_collections.ConfigDict, info: DataInfo) -> ScoringModel:
         dtype=compute_dtype(config.train.compute_dtype),
     )
     return OneRecItemModel(module, config, info)
+
+
+def build_semantic_id_decoder(config: ml_collections.ConfigDict, info: DataInfo) -> ScoringModel:
+    """OneRec's encoder-decoder with a mixture-of-experts decoder over semantic ids."""
+    from onerec_jax.models import generative
+    from onerec_jax.models.seq2seq import EncoderDecoder
+
+    generative.check_semantic_ids(config, info)
+    m = config.model
+    module = EncoderDecoder(
+        vocab_size=info.vocab_size,
+        item_codes=np.maximum(info.semantic_ids.codes, 0),
+        code_sizes=tuple(info.semantic_ids.codebook_sizes),
+        max_len=info.max_len,
+        encoder_input="items",
+        session_items=m.session_items,
+        dim=m.dim,
+        num_layers=m.num_layers,
+        decoder_layers=m.decoder_layers,
+        num_heads=m.num_heads,
+        mlp_dim=m.mlp_dim,
+        dropout=m.dropout,
+        activation="swiglu",
+        num_experts=m.num_experts,
+        experts_per_token=m.experts_per_token,
+        expert_capacity=m.expert_capacity,
+        item_ids=m.item_id_embedding,
+        **generative.side_arrays(config, info),
+        dtype=compute_dtype(config.train.compute_dtype),
+    )
+    return generative.GenerativeModel(module, config, info)

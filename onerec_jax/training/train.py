@@ -8,6 +8,7 @@ from its last checkpoint and produces the same later losses as an uninterrupted 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -21,7 +22,9 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 
+from onerec_jax import defaults
 from onerec_jax.data import dataset, item_arrays, pipeline
 from onerec_jax.errors import UserError
 from onerec_jax.evaluation.evaluator import Evaluator
@@ -38,7 +41,7 @@ class TrainingError(UserError):
 
 def data_info(data, items, max_len: int, semantic_ids: str = "") -> DataInfo:
     """What models may know about `data`; `semantic_ids`: a tokenize workdir or .npz to load."""
-    genres = years = codes = None
+    genres = years = codes = sem = None
     sizes = ()
     if items is not None and len(items):
         genres, _ = item_arrays.genre_multi_hot(data, items)
@@ -58,6 +61,7 @@ def data_info(data, items, max_len: int, semantic_ids: str = "") -> DataInfo:
         item_codes=codes,
         code_sizes=tuple(int(s) for s in sizes),
         n_users=data.n_users,
+        semantic_ids=sem,
     )
 
 
@@ -87,10 +91,16 @@ class Trainer:
         nn.set_logical_axis_rules(self.rules)  # global, before any trace (JAX_GUIDE.md)
         self.info = data_info(data, items, c.data.max_len, c.model.semantic_ids)
         self.model = build_model(c, self.info)
-        windows = pipeline.training_windows(
-            data, max_len=c.data.max_len, stride=c.data.window_stride or None
-        )
-        self.steps_per_epoch = max(len(windows) // c.train.batch_size, 1)
+        self.generative = getattr(self.model, "generative", False)
+        if self.generative:  # one example per training target
+            examples = pipeline.target_examples(
+                data, max_len=c.data.max_len, session_items=c.model.session_items
+            )
+        else:
+            examples = pipeline.training_windows(
+                data, max_len=c.data.max_len, stride=c.data.window_stride or None
+            )
+        self.steps_per_epoch = max(len(examples) // c.train.batch_size, 1)
         self.total_steps = c.train.num_steps or c.train.num_epochs * self.steps_per_epoch
         updates = max(self.total_steps // c.optim.accumulate_steps, 1)
         self.tx, self.schedule = optim.make_optimizer(c.optim, updates)
@@ -140,6 +150,17 @@ class Trainer:
 
     def batches(self, seed: int):
         c = self.config
+        if self.generative:
+            return pipeline.generative_train_dataset(
+                self.data,
+                self.info.semantic_ids.codes,
+                max_len=c.data.max_len,
+                batch_size=c.train.batch_size,
+                seed=seed,
+                session_items=c.model.session_items,
+                bucket_boundaries=tuple(c.data.bucket_boundaries) or None,
+                worker_count=c.data.worker_count,
+            )
         return pipeline.train_dataset(
             self.data,
             max_len=c.data.max_len,
@@ -156,6 +177,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
+    config = ensure_semantic_ids(config, workdir)
     if is_main:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     data, items = dataset.load_data(config.data)
@@ -254,7 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             "mask_history": bool(config.eval.mask_history),
             "max_len": config.data.max_len,
             **data.options,
-            "ranking": "full",
+            "ranking": getattr(trainer.model, "ranking", "full"),
         },
         "best_step": best_step,
         "steps": step,
@@ -272,6 +294,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     logger.close()
     ckpt.close()
     return results
+
+
+def ensure_semantic_ids(config: ml_collections.ConfigDict, workdir: Path):
+    """A config whose model.semantic_ids names ids: for a model that reads them with the path
+    left empty, `--mode tokenize` runs into `workdir/semantic_ids` first (once; a rerun reuses
+    them), with the run's `tokenize` and `features` settings."""
+    if not defaults.needs_semantic_ids(config) or config.model.semantic_ids:
+        return config
+    from onerec_jax.tokenize import run as tokenize_run
+
+    target = workdir / "semantic_ids"
+    if not (target / tokenize_run.IDS_FILE).is_file():
+        if jax.process_index() == 0:
+            logging.info("model reads semantic ids: tokenizing into %s", target)
+            tokenize_run.tokenize(config, target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("semantic ids written")
+    config = copy.deepcopy(config)
+    config.model.semantic_ids = str(target)
+    return config
 
 
 def _check_finite(host: dict[str, float], step: int, ckpt) -> None:

@@ -1,0 +1,146 @@
+"""The contract of generative models: recommend by generating the next item's semantic id.
+
+`GenerativeModel` wraps an `EncoderDecoder` (models/seq2seq.py) into the trainer's pure functions:
+`init`, `loss(params, batch, rng)` (teacher-forced cross-entropy over the next M items' code
+tokens, each position restricted to its level's codes, optional label smoothing, plus the MoE
+load-balancing term) and, instead of `user_state`, `generate(params, batch, history)`: the
+top-K distinct, valid, unseen items by constrained beam search (evaluation/beam_search.py). The
+evaluator ranks each target by its position in that list (past the list: rank n_items + 1).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from onerec_jax.errors import ConfigError
+from onerec_jax.evaluation.beam_search import beam_search
+from onerec_jax.models import seq2seq
+from onerec_jax.models.base import DataInfo, ScoringModel
+
+
+class GenerativeModel(ScoringModel):
+    generative = True
+    dot_product_scores = False
+
+    def __init__(self, module, config: ml_collections.ConfigDict, info: DataInfo):
+        super().__init__(module, config, info)
+        sem = info.semantic_ids
+        self.code_sizes = tuple(int(s) for s in sem.codebook_sizes)  # [L+1]
+        self.depth = len(self.code_sizes)
+        self.offsets = seq2seq.code_offsets(self.code_sizes)
+        valid, next_prefix = sem.prefix_tables().stacked()
+        self.valid, self.next_prefix = jnp.asarray(valid), jnp.asarray(next_prefix)
+        self.session_items = int(config.model.session_items)
+        self.beam, self.k = int(config.eval.beam), int(config.eval.k)
+        if self.beam < 1:
+            raise ConfigError(f"eval.beam={self.beam}: use a beam width >= 1 (e.g. 20).")
+        self.ranking = f"beam search, width {self.beam}"
+
+    def user_state(self, params, batch):
+        raise NotImplementedError("generative models recommend through generate(), not scores")
+
+    def _decoder_io(self, target_codes, mask):
+        """[B, M, L+1] codes, [B, M] mask -> decoder tokens, target columns, token mask, each
+        [B, 1, M*(L+1)]: tokens are BOS then the targets' code tokens shifted right."""
+        b = target_codes.shape[0]
+        columns = (target_codes + self.offsets).reshape(b, 1, -1)  # column in the logits
+        real = jnp.repeat(mask, self.depth, axis=-1).reshape(b, 1, -1)
+        tokens = jnp.where(real, columns + seq2seq.FIRST_CODE, seq2seq.PAD)
+        bos = jnp.full((b, 1, 1), seq2seq.BOS, tokens.dtype)
+        return jnp.concatenate([bos, tokens[..., :-1]], axis=-1), columns, real
+
+    def init(self, rng, batch):
+        b = batch["inputs"].shape[0]
+        tokens = jnp.full((b, 1, self.session_items * self.depth), seq2seq.BOS, jnp.int32)
+        return self.module.init(
+            {"params": rng}, batch["inputs"], batch["user"], tokens, train=False
+        )["params"]
+
+    def loss(self, params, batch, rng):
+        tokens, columns, real = self._decoder_io(batch["target_codes"], batch["mask"])
+        logits, stats = self.module.apply(
+            {"params": params}, batch["inputs"], batch["user"], tokens, train=True,
+            rngs={"dropout": rng},
+        )  # fmt: skip
+        allowed = jnp.asarray(seq2seq.level_columns(self.code_sizes, tokens.shape[-1]))
+        logits = jnp.where(allowed, logits, -1e9)  # each position sees only its level's codes
+        log_probs = jax.nn.log_softmax(logits, axis=-1)  # [B, 1, Q, C]
+        nll = -jnp.take_along_axis(log_probs, columns[..., None], axis=-1)[..., 0]
+        smoothing = self.config.loss.label_smoothing
+        if smoothing > 0:  # uniform over the level's codes
+            uniform = -(log_probs * allowed).sum(-1) / allowed.sum(-1)
+            nll = (1 - smoothing) * nll + smoothing * uniform
+        count = real.sum()
+        xent = (nll * real).sum() / jnp.maximum(count, 1)
+        loss = xent
+        metrics = {"xent": xent, "tokens": batch["mask"].sum().astype(jnp.float32)}
+        if stats:
+            m = self.config.model
+            loss = loss + m.moe_aux_weight * stats["load_balance_loss"]
+            loss = loss + m.moe_z_weight * stats["router_z_loss"]
+            share = stats["tokens_per_expert"] / jnp.maximum(stats["tokens_per_expert"].sum(), 1)
+            metrics |= {
+                "moe/load_balance": stats["load_balance_loss"],
+                "moe/router_z": stats["router_z_loss"],
+                "moe/dropped_share": stats["dropped_share"],
+                "moe/max_expert_share": share.max(),
+                **{f"moe/expert_{e}_share": share[e] for e in range(share.shape[0])},
+            }
+        metrics["loss"] = loss
+        return loss, metrics
+
+    def generate(self, params, batch, history):
+        """(items [B, K], scores [B, K]): the top eval.k valid items outside `history` [B, H]
+        by the sum of code log-probabilities, from a beam of eval.beam prefixes per level."""
+        variables = {"params": params}
+        memory, memory_mask = self.module.apply(
+            variables, batch["inputs"], batch["user"], method=self.module.encode
+        )
+        offsets = jnp.asarray(self.offsets)
+
+        def step_fn(context, tokens, level):  # tokens [B, W, level] codes so far
+            b, w = tokens.shape[:2]
+            prefix = tokens + offsets[:level] + seq2seq.FIRST_CODE
+            bos = jnp.full((b, w, 1), seq2seq.BOS, jnp.int32)
+            dec = jnp.concatenate([bos, prefix.astype(jnp.int32)], axis=-1)
+            logits, _ = self.module.apply(
+                variables, context[0], context[1], dec, method=self.module.decode
+            )
+            lo = int(self.offsets[level])
+            return logits[:, :, -1, lo : lo + self.code_sizes[level]]
+
+        return beam_search(
+            step_fn, (memory, memory_mask), self.valid, self.next_prefix, self.code_sizes,
+            history, n_items=self.info.n_items, beam=self.beam, k=self.k,
+        )  # fmt: skip
+
+
+def check_semantic_ids(config: ml_collections.ConfigDict, info: DataInfo) -> None:
+    if info.semantic_ids is None:
+        raise ConfigError(
+            f"model.name={config.model.name!r} generates semantic ids but none are loaded: run "
+            "`--mode tokenize --workdir DIR` and set --config.model.semantic_ids=DIR (or leave "
+            "it empty and let --mode train tokenize into the run's workdir)."
+        )
+    if config.model.session_items < 1:
+        raise ConfigError(f"model.session_items={config.model.session_items}: use >= 1.")
+
+
+def side_arrays(config: ml_collections.ConfigDict, info: DataInfo) -> dict:
+    """The encoder's optional genre / year inputs, from model.side_features."""
+    features = set(config.model.side_features) - {"semantic_ids"}
+    unknown = features - {"genres", "year"}
+    if unknown:
+        raise ConfigError(f"model.side_features has unknown {sorted(unknown)}: use genres, year.")
+    genres = info.item_genres if "genres" in features else None
+    years = info.item_year_bucket if "year" in features else None
+    if ("genres" in features and genres is None) or ("year" in features and years is None):
+        raise ConfigError("model.side_features asks for item features this dataset lacks.")
+    return dict(
+        item_genres=None if genres is None else np.asarray(genres, np.float32),
+        item_year_bucket=None if years is None else np.asarray(years, np.int32),
+        n_year_buckets=1 if years is None else int(np.max(years)) + 1,
+    )

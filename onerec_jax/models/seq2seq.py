@@ -1,0 +1,276 @@
+"""Encoder-decoder over semantic ids, shared by TIGER (models/tiger.py) and the OneRec
+semantic-id decoder (models/onerec.py, `model.head="semantic_ids"`).
+
+The encoder reads the user's history, either as code tokens (TIGER: each item spelled as its
+L+1 codes, optionally after a hashed user token) or as items (OneRec: each item embedded as the
+sum of its code embeddings, plus optional item-id and side-feature embeddings). The decoder
+generates the next items' codes, level by level, attending to the encoder's output; its
+feed-forward layers are dense or a sparse mixture of experts (models/moe.py).
+
+One token vocabulary serves both sides: 0 = padding, 1 = BOS, `2 + offset[l] + c` = code `c` of
+level `l` (offset = cumulative codebook sizes). Decoder position `p` predicts a code of level
+`p % (L+1)`; its logits cover the code columns of every level and the loss and the beam search
+read only that level's slice (`level_columns`).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from onerec_jax.errors import ConfigError
+from onerec_jax.models import layers
+from onerec_jax.models.moe import MoEFeedForward
+
+PAD, BOS, FIRST_CODE = 0, 1, 2
+
+
+def code_offsets(code_sizes: tuple[int, ...]) -> np.ndarray:
+    """[L+1] first column of each level's codes in the decoder's output."""
+    return np.cumsum((0, *code_sizes[:-1])).astype(np.int32)
+
+
+def level_columns(code_sizes: tuple[int, ...], length: int) -> np.ndarray:
+    """[length, sum(code_sizes)] bool: decoder position p may emit the codes of level p % (L+1)."""
+    offsets, depth = code_offsets(code_sizes), len(code_sizes)
+    out = np.zeros((length, sum(code_sizes)), bool)
+    for p in range(length):
+        level = p % depth
+        out[p, offsets[level] : offsets[level] + code_sizes[level]] = True
+    return out
+
+
+class CrossAttention(nn.Module):
+    """Queries [B, W, Q, D] (W beams or 1) attend to one memory [B, S, D] per row."""
+
+    num_heads: int
+    dropout: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, memory, memory_mask, *, train: bool):
+        dim = x.shape[-1]
+        head_dim = dim // self.num_heads
+        shape = (dim, self.num_heads, head_dim)
+        kernel = lambda name: self.param(  # noqa: E731
+            name, layers.dense_init(("embed", "heads", "kv")), shape
+        ).astype(self.dtype)
+        q = jnp.einsum("bwqd,dhk->bwqhk", x, kernel("query"))
+        k = jnp.einsum("bsd,dhk->bshk", memory, kernel("key"))
+        v = jnp.einsum("bsd,dhk->bshk", memory, kernel("value"))
+        logits = jnp.einsum("bwqhk,bshk->bwhqs", q, k).astype(jnp.float32) / np.sqrt(head_dim)
+        logits = jnp.where(memory_mask[:, None, None, None, :], logits, -1e9)
+        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        weights = nn.Dropout(self.dropout)(weights, deterministic=not train)
+        out = jnp.einsum("bwhqs,bshk->bwqhk", weights, v)
+        out_init = layers.dense_init(("heads", "kv", "embed"), fan_in_axes=(0, 1))
+        w_out = self.param("out", out_init, (self.num_heads, head_dim, dim)).astype(self.dtype)
+        return jnp.einsum("bwqhk,hkd->bwqd", out, w_out)
+
+
+class DecoderBlock(nn.Module):
+    """Pre-RMSNorm: causal self-attention, cross-attention, dense or mixture-of-experts FFN."""
+
+    num_heads: int
+    mlp_dim: int
+    dropout: float
+    activation: str = "swiglu"
+    num_experts: int = 0  # 0: dense feed-forward
+    experts_per_token: int = 2
+    expert_capacity: float = 1.25
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, tokens, memory, memory_mask, *, train: bool):
+        """x [B, W, Q, D], tokens [B, W, Q] (PAD = masked) -> (x, MoE statistics or {})."""
+        b, w, q, d = x.shape
+        drop = nn.Dropout(self.dropout)
+        norm = lambda name: nn.RMSNorm(dtype=self.dtype, epsilon=1e-6, name=name)  # noqa: E731
+        causal = jnp.tril(jnp.ones((q, q), bool))[None, None]  # [1, 1, Q, Q]
+        attn = layers.SelfAttention(self.num_heads, self.dropout, False, self.dtype, name="attn")
+        h = attn(norm("norm_attn")(x).reshape(b * w, q, d), causal, None, train=train)
+        x = x + drop(h.reshape(b, w, q, d), deterministic=not train)
+        cross = CrossAttention(self.num_heads, self.dropout, self.dtype, name="cross")
+        h = cross(norm("norm_cross")(x), memory, memory_mask, train=train)
+        x = x + drop(h, deterministic=not train)
+        h = norm("norm_ffn")(x).reshape(b * w, q, d)
+        stats = {}
+        if self.num_experts:
+            moe = MoEFeedForward(
+                num_experts=self.num_experts,
+                top_k=self.experts_per_token,
+                hidden_dim=self.mlp_dim,
+                capacity_factor=self.expert_capacity,
+                activation=self.activation,
+                dropout=self.dropout,
+                dtype=self.dtype,
+                name="moe",
+            )
+            h, stats = moe(h, (tokens > PAD).reshape(b * w, q), train=train)
+        else:
+            ffn = layers.FeedForward(
+                self.mlp_dim, self.activation, self.dropout, self.dtype, name="ffn"
+            )
+            h = ffn(h, train=train)
+        x = x + drop(h.reshape(b, w, q, d), deterministic=not train)
+        return x, stats
+
+
+class EncoderDecoder(nn.Module):
+    """History -> memory (`encode`); memory + decoder tokens -> code logits (`decode`)."""
+
+    vocab_size: int  # items + padding
+    item_codes: np.ndarray  # [V, L+1] int32 codes >= 0 (row 0 unused)
+    code_sizes: tuple[int, ...]  # [L+1] codebook size per level, collision level last
+    max_len: int  # history items the encoder sees
+    encoder_input: str = "codes"  # "codes" (TIGER) or "items" (OneRec)
+    session_items: int = 1  # M: next items the decoder is trained to generate
+    dim: int = 64
+    num_layers: int = 2  # encoder blocks
+    decoder_layers: int = 2
+    num_heads: int = 2
+    mlp_dim: int = 128
+    dropout: float = 0.1
+    activation: str = "swiglu"
+    num_experts: int = 0
+    experts_per_token: int = 2
+    expert_capacity: float = 1.25
+    item_ids: bool = False  # "items": add an item-id embedding to the code embeddings
+    item_genres: np.ndarray | None = None  # "items": [V, G] multi-hot genres
+    item_year_bucket: np.ndarray | None = None  # "items": [V] year bucket
+    n_year_buckets: int = 1
+    user_buckets: int = 0  # "codes": hashed user tokens (TIGER), 0 = none
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        if self.encoder_input not in ("codes", "items"):
+            raise ConfigError(f"encoder_input={self.encoder_input!r}: use 'codes' or 'items'.")
+        n_codes = int(sum(self.code_sizes))
+        embed_init = nn.with_logical_partitioning(
+            nn.initializers.normal(self.dim**-0.5), ("vocab", "embed")
+        )
+        self.token_embedding = nn.Embed(
+            FIRST_CODE + n_codes, self.dim, dtype=self.dtype, embedding_init=embed_init
+        )
+        depth = len(self.code_sizes)
+        enc_len = self.max_len * depth + 1 if self.encoder_input == "codes" else self.max_len
+        pos_init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("length", "embed"))
+        self.encoder_positions = self.param("encoder_positions", pos_init, (enc_len, self.dim))
+        self.decoder_positions = self.param(
+            "decoder_positions", pos_init, (self.session_items * depth, self.dim)
+        )
+        side = nn.with_logical_partitioning(nn.initializers.normal(self.dim**-0.5), (None, "embed"))
+        if self.item_ids:
+            self.id_embedding = nn.Embed(
+                self.vocab_size, self.dim, dtype=self.dtype, embedding_init=embed_init
+            )
+        if self.item_genres is not None:
+            self.genre_embedding = self.param(
+                "genre_embedding", side, (self.item_genres.shape[1], self.dim)
+            )
+        if self.item_year_bucket is not None:
+            self.year_embedding = self.param(
+                "year_embedding", side, (self.n_year_buckets, self.dim)
+            )
+        if self.user_buckets:
+            self.user_embedding = self.param("user_embedding", side, (self.user_buckets, self.dim))
+        self.encoder_blocks = [
+            layers.Block(
+                self.num_heads,
+                self.mlp_dim,
+                self.dropout,
+                "rmsnorm",
+                True,
+                self.activation,
+                False,
+                self.dtype,
+                name=f"encoder_{i}",
+            )  # fmt: skip
+            for i in range(self.num_layers)
+        ]
+        self.decoder_blocks = [
+            DecoderBlock(
+                self.num_heads,
+                self.mlp_dim,
+                self.dropout,
+                self.activation,
+                self.num_experts,
+                self.experts_per_token,
+                self.expert_capacity,
+                self.dtype,
+                name=f"decoder_{i}",
+            )  # fmt: skip
+            for i in range(self.decoder_layers)
+        ]
+        self.encoder_norm = nn.RMSNorm(dtype=self.dtype, epsilon=1e-6)
+        self.decoder_norm = nn.RMSNorm(dtype=self.dtype, epsilon=1e-6)
+        self.head = nn.Dense(
+            n_codes, dtype=self.dtype, kernel_init=layers.dense_init(("embed", "vocab"))
+        )
+        self.dropout_layer = nn.Dropout(self.dropout)
+
+    def _code_tokens(self, items: jax.Array) -> jax.Array:
+        """[...] item ids -> [..., L+1] token ids (PAD for the padding item)."""
+        offsets = code_offsets(self.code_sizes)
+        tokens = jnp.asarray(self.item_codes + offsets + FIRST_CODE, jnp.int32)[items]
+        return jnp.where((items > 0)[..., None], tokens, PAD)
+
+    def encode(self, inputs, user, *, train: bool = False):
+        """inputs [B, T] left-padded item ids, user [B] -> (memory [B, S, D], mask [B, S])."""
+        b, t = inputs.shape
+        if self.encoder_input == "codes":
+            tokens = self._code_tokens(inputs).reshape(b, -1)  # [B, T*(L+1)]
+            x = self.token_embedding(tokens)
+            valid = tokens > PAD
+            if self.user_buckets:  # the paper's hashed user id, one token before the history
+                u = self.user_embedding[user % self.user_buckets].astype(self.dtype)
+                x = jnp.concatenate([u[:, None], x], axis=1)
+                valid = jnp.concatenate([jnp.ones((b, 1), bool), valid], axis=1)
+        else:
+            x = self.token_embedding(self._code_tokens(inputs)).sum(-2)  # [B, T, D]
+            real = (inputs > 0)[..., None]
+            if self.item_ids:
+                x = x + self.id_embedding(inputs)
+            if self.item_genres is not None:
+                genres = jnp.asarray(self.item_genres)[inputs]
+                genres = genres / jnp.maximum(genres.sum(-1, keepdims=True), 1.0)
+                x = x + (genres @ self.genre_embedding).astype(self.dtype)
+            if self.item_year_bucket is not None:
+                years = jnp.asarray(self.item_year_bucket)[inputs]
+                x = x + self.year_embedding[years].astype(self.dtype)
+            x, valid = x * real, inputs > 0
+        length = x.shape[1]
+        # Positions count back from the most recent token, as in the item models.
+        x = x + self.encoder_positions[layers.positions_from_end(length)].astype(self.dtype)
+        x = self.dropout_layer(x, deterministic=not train) * valid[..., None]
+        mask = valid[:, None, None, :]  # bidirectional over real tokens
+        positions = layers.positions_from_end(length)
+        for block in self.encoder_blocks:
+            x = block(x, mask, positions, train=train)
+        return self.encoder_norm(x), valid
+
+    def decode(self, memory, memory_mask, tokens, *, train: bool = False):
+        """tokens [B, W, Q] (BOS first) -> (logits [B, W, Q, sum(code_sizes)] f32, MoE stats)."""
+        q = tokens.shape[-1]
+        x = self.token_embedding(tokens) + self.decoder_positions[:q].astype(self.dtype)
+        x = self.dropout_layer(x, deterministic=not train)
+        stats = []
+        for block in self.decoder_blocks:
+            x, s = block(x, tokens, memory, memory_mask, train=train)
+            stats.append(s)
+        logits = self.head(self.decoder_norm(x)).astype(jnp.float32)
+        return logits, merge_stats(stats)
+
+    def __call__(self, inputs, user, tokens, *, train: bool):
+        memory, mask = self.encode(inputs, user, train=train)
+        return self.decode(memory, mask, tokens, train=train)
+
+
+def merge_stats(per_layer: list[dict]) -> dict:
+    """Mean of the MoE layers' losses and statistics ({} for dense decoders)."""
+    per_layer = [s for s in per_layer if s]
+    if not per_layer:
+        return {}
+    return {k: sum(s[k] for s in per_layer) / len(per_layer) for k in per_layer[0]}
