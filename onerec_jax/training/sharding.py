@@ -24,6 +24,7 @@ DEFAULT_RULES = (
     ("batch", ("data", "fsdp")),
     ("vocab", "model"),
     ("embed", "fsdp"),
+    ("expert", "model"),  # before "mlp": Flax gives a mesh axis to the first matching rule
     ("mlp", "model"),
     ("heads", "model"),
     ("kv", None),

@@ -1,0 +1,178 @@
+"""Constrained beam search over semantic-id levels: the top-k unseen items of a generative model.
+
+A generative recommender names an item by its `L + 1` code tokens (see
+`onerec_jax.tokenize.semantic_ids`). `beam_search` decodes them level by level from the prefix
+tables (`PrefixTables.stacked()`), so every returned path is a real item:
+
+- at every level a code whose prefix + code starts no item's id scores -inf;
+- at the last level the user's history items (and item 0, the padding) score -inf too;
+- intermediate levels keep the `beam` best prefixes over `beam x C_l` expansions; the last level
+  takes the top `k` over all `beam x C_L` expansions, so `k` may exceed `beam`. Full paths map to
+  distinct items, so the result never repeats an item.
+
+A path's score is the sum of its per-level log-probabilities, `log_softmax` of the model's
+logits over the level's full vocabulary (not renormalised after masking). Beams that are dead
+(score -inf: fewer live prefixes than `beam`, or at the start, where only the empty prefix is
+live) never produce a live child; returned slots that no item fills are item 0 with score -inf.
+NaN log-probabilities count as -inf, so a model emitting NaN returns nothing rather than garbage.
+
+Everything is per batch row (no cross-row operation) and fixed-shape: under `jax.jit` with the
+batch dimension of `context` and `history` sharded over a mesh's "data" axis, the search runs
+sharded. The largest intermediates are [B, beam, C_l] and the [B, n_items + 1] seen-item mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+# (context, tokens [B, W, level] int32, level: int) -> logits [B, W, C_level] (unnormalised).
+StepFn = Callable[[Any, jax.Array, int], jax.Array]
+
+STATIC_ARGNAMES = ("step_fn", "code_sizes", "n_items", "beam", "k")  # for jax.jit
+
+
+def _check_static(valid, next_prefix, code_sizes: Sequence[int], n_items, beam, k) -> None:
+    depth = len(code_sizes)
+    if depth < 1 or min(code_sizes) < 1:
+        raise ValueError(f"code_sizes={tuple(code_sizes)} needs >= 1 level, each size >= 1")
+    if valid.ndim != 3 or valid.shape != next_prefix.shape:
+        raise ValueError(
+            f"valid {valid.shape} and next_prefix {next_prefix.shape} must both be "
+            "[L + 1, P, C], as PrefixTables.stacked() returns them"
+        )
+    if valid.shape[0] != depth or max(code_sizes) > valid.shape[2]:
+        raise ValueError(
+            f"prefix tables {valid.shape} do not fit code_sizes={tuple(code_sizes)}: "
+            "build both from the same SemanticIds"
+        )
+    if n_items < 1:
+        raise ValueError(f"the catalogue has no item (n_items={n_items})")
+    if beam < 1 or k < 1:
+        raise ValueError(f"beam={beam} and k={k} must be >= 1")
+
+
+def _level_logprobs(step_fn: StepFn, context, tokens, level: int, size: int) -> jax.Array:
+    """[B, W, size] float32 log-probabilities of the next code; NaN becomes -inf."""
+    logits = step_fn(context, tokens, level)
+    expected = (*tokens.shape[:2], size)
+    if logits.shape != expected:
+        raise ValueError(
+            f"step_fn returned logits {logits.shape} at level {level}; expected "
+            f"[B, W, C_{level}] = {expected}"
+        )
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.where(jnp.isnan(logp), -jnp.inf, logp)
+
+
+def _seen_mask(history: jax.Array, n_items: int) -> jax.Array:
+    """[B, n_items + 1] bool: True for the items in `history [B, H]` and for item 0."""
+    batch = history.shape[0]
+    rows = jnp.arange(batch, dtype=jnp.int32)[:, None]  # [B, 1]
+    # Ids outside 0..n_items are dropped (map them past the end: a negative index would wrap).
+    ids = jnp.where((history >= 0) & (history <= n_items), history, n_items + 1)
+    seen = jnp.zeros((batch, n_items + 1), bool).at[rows, ids].set(True, mode="drop")
+    return seen.at[:, 0].set(True)
+
+
+def beam_search(
+    step_fn: StepFn,
+    context: Any,
+    valid: jax.Array,
+    next_prefix: jax.Array,
+    code_sizes: tuple[int, ...],
+    history: jax.Array,
+    *,
+    n_items: int,
+    beam: int,
+    k: int,
+) -> tuple[jax.Array, jax.Array]:
+    """Constrained beam search over the L + 1 code levels; the top-k distinct unseen items.
+
+    Jit it with the callable and the sizes static: `make_beam_search(step_fn, code_sizes, ...)`
+    binds them, or `jax.jit(beam_search, static_argnames=STATIC_ARGNAMES)` takes them per call
+    (`step_fn` must then be the same object each call, or it recompiles). The loop over levels
+    is unrolled (L + 1 is small).
+
+    Args:
+      step_fn: `(context, tokens [B, W, level] int32, level) -> logits [B, W, C_level]`, where
+        W = beam and `level` is a Python int (level 0: tokens is [B, W, 0]). Tokens of dead
+        beams are arbitrary in-range codes; their logits are ignored.
+      context: any pytree (e.g. encoder memory), passed to `step_fn` untouched.
+      valid: [L + 1, P, C] bool, `PrefixTables.stacked()[0]` (jnp or np).
+      next_prefix: [L + 1, P, C] int32, `PrefixTables.stacked()[1]`: the next prefix id, at the
+        last level the item id (1..n_items); -1 where invalid.
+      code_sizes: static, C_l per level (`SemanticIds.codebook_sizes`).
+      history: [B, H] int32 items the user has seen (0 = padding); never returned.
+      n_items: static, number of real items (ids 1..n_items).
+      beam: static, prefixes kept at each intermediate level.
+      k: static, items returned; may exceed `beam`.
+
+    Returns:
+      items [B, k] int32 and scores [B, k] float32 (summed log-probabilities), best first,
+      ties by lower (beam, code) position; slots no item fills are item 0 with score -inf.
+    """
+    code_sizes = tuple(int(c) for c in code_sizes)
+    valid, next_prefix = jnp.asarray(valid), jnp.asarray(next_prefix, jnp.int32)
+    _check_static(valid, next_prefix, code_sizes, n_items, beam, k)
+    history = jnp.asarray(history, jnp.int32)
+    batch, depth = history.shape[0], len(code_sizes)
+    neg_inf = jnp.float32(-jnp.inf)
+
+    # Only the empty prefix (id 0) is live at the start: one live beam, the others -inf.
+    scores = jnp.full((batch, beam), neg_inf).at[:, 0].set(0.0)  # [B, W]
+    prefix = jnp.zeros((batch, beam), jnp.int32)  # [B, W] prefix ids at the current level
+    tokens = jnp.zeros((batch, beam, 0), jnp.int32)  # [B, W, level]
+
+    def expand(level, scores, prefix, tokens):
+        """Candidate scores and children [B, W * C_level], flat index = beam_index * C + code."""
+        size = code_sizes[level]
+        logp = _level_logprobs(step_fn, context, tokens, level, size)  # [B, W, C]
+        allowed = valid[level, :, :size][prefix]  # [B, W, C]
+        children = next_prefix[level, :, :size][prefix]  # [B, W, C]
+        cand = jnp.where(allowed, scores[..., None] + logp, neg_inf)  # [B, W, C]
+        return cand.reshape(batch, beam * size), children.reshape(batch, beam * size)
+
+    for level in range(depth - 1):
+        cand, children = expand(level, scores, prefix, tokens)
+        scores, pos = jax.lax.top_k(cand, beam)  # [B, W]
+        parent, code = pos // code_sizes[level], pos % code_sizes[level]  # [B, W]
+        # Dead beams (-inf) restart from prefix 0; their -inf score keeps their children dead.
+        prefix = jnp.where(scores > neg_inf, jnp.take_along_axis(children, pos, axis=1), 0)
+        tokens = jnp.take_along_axis(tokens, parent[..., None], axis=1)  # [B, W, level]
+        tokens = jnp.concatenate([tokens, code[..., None].astype(jnp.int32)], axis=-1)
+
+    # Last level: children are item ids (-1 where invalid, read as item 0, always masked).
+    cand, children = expand(depth - 1, scores, prefix, tokens)
+    items = jnp.maximum(children, 0)  # [B, W * C_L]
+    seen = jnp.take_along_axis(_seen_mask(history, n_items), items, axis=1)  # [B, W * C_L]
+    cand = jnp.where(seen, neg_inf, cand)
+    if k > cand.shape[1]:  # fewer expansions than slots: the rest is padding
+        extra = k - cand.shape[1]
+        cand = jnp.concatenate([cand, jnp.full((batch, extra), neg_inf)], axis=1)
+        items = jnp.concatenate([items, jnp.zeros((batch, extra), jnp.int32)], axis=1)
+    top_scores, pos = jax.lax.top_k(cand, k)  # [B, k]
+    top_items = jnp.where(top_scores > neg_inf, jnp.take_along_axis(items, pos, axis=1), 0)
+    return top_items.astype(jnp.int32), top_scores
+
+
+def make_beam_search(
+    step_fn: StepFn, code_sizes: Sequence[int], *, n_items: int, beam: int, k: int
+) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """Jitted `search(context, valid, next_prefix, history) -> (items [B, k], scores [B, k])`.
+
+    The static options are bound here; the arrays are traced, so one compilation serves every
+    batch of the same shapes. To run sharded, pass `context` and `history` split over the
+    mesh's "data" axis along their batch dimension (and the tables replicated).
+    """
+    sizes = tuple(int(c) for c in code_sizes)
+
+    def search(context, valid, next_prefix, history):
+        return beam_search(
+            step_fn, context, valid, next_prefix, sizes, history, n_items=n_items, beam=beam, k=k
+        )
+
+    return jax.jit(search)

@@ -1,0 +1,163 @@
+"""Sparse mixture-of-experts feed-forward layer (Switch/GShard routing), a drop-in for FeedForward.
+
+Each real token picks its `top_k` experts by router probability; assignments are served in
+GShard's priority order (every token's 1st choice before any 2nd choice, then by token order)
+until an expert holds `capacity` of them, and the rest are dropped: those tokens get no
+contribution from that expert (0 output if all their choices drop), so the caller's residual
+passes them through. Dispatch and combine are one-hot [N, E, C] tensors contracted with
+einsums: fixed shapes under jit, and the expert axis of the weights and of the expert inputs is
+named "expert", which the default rules shard over the "model" mesh axis.
+
+Gates: with top_k > 1, the chosen experts' probabilities renormalised to sum 1 over the chosen k
+(before capacity; a dropped assignment just loses its term). With top_k == 1 the raw
+probability is kept, as in Switch: a renormalised single gate would be 1 and the router would
+get no gradient from the task loss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from onerec_jax.errors import ConfigError
+
+_ACTIVATIONS: dict[str, Callable] = {"relu": nn.relu, "gelu": nn.gelu}
+
+
+def expert_init(names: tuple[str | None, ...]):
+    """Fan-in scaled normal init for [E, in, out] weights: each expert's slice as a Dense."""
+    init = nn.initializers.variance_scaling(
+        1.0, "fan_in", "normal", in_axis=1, out_axis=2, batch_axis=(0,)
+    )
+    return nn.with_logical_partitioning(init, names)
+
+
+def buffer_capacity(capacity_factor: float, n_tokens: int, top_k: int, num_experts: int) -> int:
+    """Static slots per expert for a call of `n_tokens` (real or padding) tokens.
+
+    The capacity limit proper depends on the number of real tokens, known only at run time; it
+    never exceeds this buffer, nor `n_tokens` (a token picks an expert at most once).
+    """
+    if capacity_factor <= 0:
+        return n_tokens
+    return max(1, min(n_tokens, math.ceil(capacity_factor * n_tokens * top_k / num_experts)))
+
+
+class MoEFeedForward(nn.Module):
+    """Top-k routed experts, each a FeedForward of width `hidden_dim`; returns (y, stats)."""
+
+    num_experts: int  # E
+    top_k: int  # experts per token
+    hidden_dim: int  # each expert's hidden width
+    # Slots per expert = ceil(capacity_factor * N_real * top_k / E); <= 0: no limit.
+    capacity_factor: float = 1.25
+    activation: str = "swiglu"  # "swiglu" (gated), "gelu" or "relu"
+    dropout: float = 0.0  # on the experts' hidden activations
+    router_bias: bool = False  # learned per-expert router bias
+    dtype: jnp.dtype = jnp.float32  # expert compute dtype; the router is always float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array, *, train: bool) -> tuple[jax.Array, dict]:
+        """Route and run the experts.
+
+        Args:
+          x: [B, T, D] token features.
+          mask: [B, T] bool, True for real tokens; padding is never routed and takes no capacity.
+          train: enables dropout (needs a "dropout" rng when dropout > 0).
+
+        Returns:
+          y: [B, T, D], 0 for padding and for tokens whose every assignment was dropped.
+          stats: "load_balance_loss" (E * sum_e f_e * P_e over real tokens; f_e = share of the
+            N_real * top_k routed assignments, before capacity, that go to e; P_e = mean router
+            probability; 1.0 when either is uniform), "router_z_loss" (mean over real tokens of
+            logsumexp(router logits)^2), "tokens_per_expert" [E] float32 (assignments kept),
+            "dropped_share" (share of the N_real * top_k assignments dropped by capacity).
+        """
+        n_exp, k = self.num_experts, self.top_k
+        if not 1 <= k <= n_exp:
+            raise ConfigError(f"moe top_k={k} must be between 1 and num_experts={n_exp}")
+        if self.activation not in ("swiglu", *_ACTIVATIONS):
+            raise ConfigError(
+                f"unknown moe activation {self.activation!r}: use swiglu, gelu or relu"
+            )
+        batch, length, dim = x.shape
+        n = batch * length
+        xf = x.reshape(n, dim)  # [N, D]
+        real = mask.reshape(n).astype(jnp.float32)  # [N]
+        n_real = jnp.sum(real)
+
+        # Router, in float32 whatever the compute dtype: top-k and softmax are precision-sensitive.
+        logits = nn.Dense(
+            n_exp,
+            use_bias=self.router_bias,
+            dtype=jnp.float32,
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.variance_scaling(1.0, "fan_in", "normal"), ("embed", None)
+            ),
+            name="router",
+        )(xf.astype(jnp.float32))  # [N, E]
+        probs = jax.nn.softmax(logits, axis=-1)
+        top_probs, expert_index = jax.lax.top_k(probs, k)  # [N, K]; ties: lowest expert first
+        gates = top_probs / jnp.sum(top_probs, -1, keepdims=True) if k > 1 else top_probs
+        self.sow("intermediates", "expert_index", expert_index)
+
+        # Position of each assignment in its expert's queue, in priority order (choice, token).
+        real_int = real.astype(jnp.int32)[:, None, None]
+        chosen = jax.nn.one_hot(expert_index, n_exp, dtype=jnp.int32) * real_int  # [N, K, E]
+        queue = jnp.cumsum(chosen.transpose(1, 0, 2).reshape(k * n, n_exp), axis=0) - 1
+        position = jnp.sum(queue.reshape(k, n, n_exp).transpose(1, 0, 2) * chosen, -1)  # [N, K]
+        slots = buffer_capacity(self.capacity_factor, n, k, n_exp)
+        if self.capacity_factor > 0:
+            limit = jnp.ceil(self.capacity_factor * n_real * k / n_exp)  # over real tokens only
+        else:
+            limit = jnp.inf
+        kept = (real[:, None] > 0) & (position < jnp.minimum(limit, slots))  # [N, K]
+        self.sow("intermediates", "kept", kept)
+
+        # One-hot dispatch [N, E, C]; a token's k experts differ, so its rows never collide.
+        slot = jax.nn.one_hot(jnp.where(kept, position, slots), slots)  # [N, K, C]; dropped: 0
+        chosen_f = chosen.astype(jnp.float32)
+        dispatch = jnp.einsum("nke,nkc->nec", chosen_f, slot)
+        combine = jnp.einsum("nke,nkc,nk->nec", chosen_f, slot, gates)
+
+        expert_in = jnp.einsum("nec,nd->ecd", dispatch.astype(self.dtype), xf.astype(self.dtype))
+        expert_in = nn.with_logical_constraint(expert_in, ("expert", None, "embed"))  # [E, C, D]
+        expert_out = self._experts(expert_in, train=train)  # [E, C, D]
+        y = jnp.einsum("nec,ecd->nd", combine.astype(self.dtype), expert_out)
+
+        assignments = n_real * k
+        routed_share = jnp.sum(chosen_f, axis=(0, 1)) / jnp.maximum(assignments, 1.0)  # [E] f_e
+        mean_prob = jnp.sum(probs * real[:, None], 0) / jnp.maximum(n_real, 1.0)  # [E] P_e
+        z = jax.nn.logsumexp(logits, axis=-1)  # [N]
+        tokens_per_expert = jnp.einsum("nke,nk->e", chosen_f, kept.astype(jnp.float32))
+        stats = {
+            "load_balance_loss": n_exp * jnp.sum(routed_share * mean_prob),
+            "router_z_loss": jnp.sum(real * z**2) / jnp.maximum(n_real, 1.0),
+            "tokens_per_expert": tokens_per_expert,
+            "dropped_share": (assignments - jnp.sum(tokens_per_expert))
+            / jnp.maximum(assignments, 1.0),
+        }
+        return y.reshape(batch, length, dim).astype(x.dtype), stats
+
+    def _experts(self, h: jax.Array, *, train: bool) -> jax.Array:
+        """All experts' FeedForward on their slots: [E, C, D] -> [E, C, D]."""
+        n_exp, dim = self.num_experts, h.shape[-1]
+        up_shape, down_shape = (n_exp, dim, self.hidden_dim), (n_exp, self.hidden_dim, dim)
+        up_names, down_names = ("expert", "embed", "mlp"), ("expert", "mlp", "embed")
+
+        def up(name):  # [E, C, D] -> [E, C, H]
+            kernel = self.param(name, expert_init(up_names), up_shape)
+            return jnp.einsum("ecd,edh->ech", h, kernel.astype(self.dtype))
+
+        if self.activation == "swiglu":
+            hidden = nn.silu(up("wg")) * up("wi")
+        else:
+            hidden = _ACTIVATIONS[self.activation](up("wi"))
+        hidden = nn.Dropout(self.dropout)(hidden, deterministic=not train)
+        wo = self.param("wo", expert_init(down_names), down_shape)
+        out = jnp.einsum("ech,ehd->ecd", hidden, wo.astype(self.dtype))
+        return nn.with_logical_constraint(out, ("expert", None, "embed"))

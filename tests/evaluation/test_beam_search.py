@@ -1,0 +1,305 @@
+"""Tests for onerec_jax.evaluation.beam_search against brute force and a loop-based numpy beam."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from onerec_jax.evaluation.beam_search import STATIC_ARGNAMES, beam_search, make_beam_search
+from onerec_jax.tokenize.semantic_ids import SemanticIds, from_codes, random_codes
+
+NEG_INF = -np.inf
+
+
+# ---------------------------------------------------------------- a deterministic toy model
+
+
+def _prefix_rows(code_sizes: tuple[int, ...]) -> int:
+    """Rows of the logit table: every prefix of the content levels has its own mixed-radix row."""
+    return int(np.prod(code_sizes[:-1]))
+
+
+def _row_of(prefix, code_sizes):
+    """Mixed-radix index of `prefix [..., level]` (works on numpy and jax arrays alike)."""
+    row = 0
+    for j in range(prefix.shape[-1]):
+        row = row * code_sizes[j] + prefix[..., j]
+    return row
+
+
+@functools.cache
+def toy_step_fn(code_sizes: tuple[int, ...]):
+    """step_fn reading logits from context [B, L + 1, rows, C_max], one row per (user, prefix).
+
+    Cached per catalogue shape so the jitted searches see the same callable (no recompiles).
+    """
+
+    def step_fn(context, tokens, level):  # tokens [B, W, level] -> logits [B, W, C_level]
+        rows = _row_of(tokens, code_sizes) + jnp.zeros(tokens.shape[:2], jnp.int32)  # [B, W]
+        logits = jax.vmap(lambda table, r: table[r])(context[:, level], rows)  # [B, W, C_max]
+        return logits[..., : code_sizes[level]]
+
+    return step_fn
+
+
+def random_context(rng, batch, code_sizes, scale=2.0):
+    """[B, L + 1, rows, C_max] float32 random logits (continuous: no ties between items)."""
+    shape = (batch, len(code_sizes), _prefix_rows(code_sizes), max(code_sizes))
+    return (scale * rng.standard_normal(shape)).astype(np.float32)
+
+
+def random_history(rng, batch, n_items, width):
+    """[B, H] int32 item ids with about a third of the slots padding (0)."""
+    history = rng.integers(1, n_items + 1, (batch, width))
+    return np.where(rng.random((batch, width)) < 0.33, 0, history).astype(np.int32)
+
+
+# ---------------------------------------------------------------- slow numpy references
+
+
+def ref_logp(table, code_sizes, level, prefix):
+    """float64 log_softmax over the level's full vocabulary for one user's `prefix` tuple."""
+    row = table[level, _row_of(np.asarray(prefix, np.int64), code_sizes), : code_sizes[level]]
+    row = row.astype(np.float64)
+    shifted = row - row.max()
+    return shifted - np.log(np.exp(shifted).sum())
+
+
+def ref_item_score(table, sem: SemanticIds, item):
+    codes = sem.codes[item]
+    return sum(
+        ref_logp(table, sem.codebook_sizes, level, tuple(codes[:level]))[codes[level]]
+        for level in range(sem.id_length)
+    )
+
+
+def brute_force(context, sem: SemanticIds, history, k):
+    """Top-k unseen items of every row by enumerating the whole catalogue."""
+    items = np.zeros((len(context), k), np.int32)
+    scores = np.full((len(context), k), NEG_INF)
+    for b, table in enumerate(context):
+        seen = set(history[b].tolist())
+        ranked = sorted(
+            (
+                (ref_item_score(table, sem, i), i)
+                for i in range(1, sem.n_items + 1)
+                if i not in seen
+            ),
+            key=lambda t: -t[0],
+        )[:k]
+        for j, (score, item) in enumerate(ranked):
+            items[b, j], scores[b, j] = item, score
+    return items, scores
+
+
+def ref_beam(context, sem: SemanticIds, history, beam, k):
+    """The same algorithm in loops: keep `beam` prefixes per level, then the top-k items.
+
+    Candidates are listed beam by beam, code by code, and sorted stably, which is the tie order
+    of `lax.top_k` over the flat [beam * C] candidates.
+    """
+    tables = sem.prefix_tables()
+    sizes, depth = sem.codebook_sizes, sem.id_length
+    items = np.zeros((len(context), k), np.int32)
+    scores = np.full((len(context), k), NEG_INF)
+    for b, table in enumerate(context):
+        beams = [(0.0, (), 0)]  # (score, tokens, prefix id); only the empty prefix is live
+        for level in range(depth):
+            cands = []
+            for score, tokens, prefix in beams:
+                logp = ref_logp(table, sizes, level, tokens)
+                for code in range(sizes[level]):
+                    child = int(tables.next_prefix[level][prefix, code])
+                    if not tables.valid[level][prefix, code]:
+                        continue
+                    if level == depth - 1 and (child in history[b].tolist()):
+                        continue
+                    cands.append((score + logp[code], (*tokens, code), child))
+            cands.sort(key=lambda c: -c[0])
+            beams = cands[: (beam if level < depth - 1 else k)]
+        for j, (score, _, item) in enumerate(beams):
+            items[b, j], scores[b, j] = item, score
+    return items, scores
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def run_search(context, sem: SemanticIds, history, beam, k):
+    """Jitted beam search through `make_beam_search`, as numpy arrays."""
+    valid, next_prefix = sem.prefix_tables().stacked()
+    search = _searcher(sem.codebook_sizes, sem.n_items, beam, k)
+    items, scores = search(jnp.asarray(context), valid, next_prefix, jnp.asarray(history))
+    return np.asarray(items), np.asarray(scores)
+
+
+@functools.cache
+def _searcher(code_sizes, n_items, beam, k):
+    return make_beam_search(toy_step_fn(code_sizes), code_sizes, n_items=n_items, beam=beam, k=k)
+
+
+def assert_same_ranking(items, scores, ref_items, ref_scores):
+    np.testing.assert_array_equal(np.isneginf(scores), np.isneginf(ref_scores))
+    finite = np.isfinite(ref_scores)
+    np.testing.assert_allclose(scores[finite], ref_scores[finite], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(items, ref_items)
+
+
+@pytest.fixture(scope="module")
+def catalogue() -> SemanticIds:
+    """30 items over codebooks (4, 3, 5), with collisions: a 4-level id (4, 3, 5, C)."""
+    rng = np.random.default_rng(0)
+    sem = from_codes(rng.integers(0, [4, 3, 5], (30, 3)), (4, 3, 5))
+    assert sem.codebook_sizes[-1] >= 2  # the collision level is exercised
+    return sem
+
+
+# ---------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("k", [5, 30])
+def test_exhaustive_beam_equals_brute_force(catalogue, k):
+    rng = np.random.default_rng(k)
+    beam = max(catalogue.prefix_tables().n_prefixes)  # >= valid prefixes at every level
+    context = random_context(rng, 4, catalogue.codebook_sizes)
+    history = random_history(rng, 4, catalogue.n_items, 6)
+    items, scores = run_search(context, catalogue, history, beam, k)
+    ref_items, ref_scores = brute_force(context, catalogue, history, k)
+    assert_same_ranking(items, scores, ref_items, ref_scores)
+    if k == 30:  # more slots than unseen items: padding at the end of every row
+        assert (items == 0).any(axis=1).all()
+
+
+def test_narrow_beam_invariants_over_random_inputs():
+    for seed in range(3):
+        rng = np.random.default_rng(100 + seed)
+        sem = random_codes(40, 3, 4, rng)
+        tables, batch, beam, k = sem.prefix_tables(), 16, 3, 8
+        context = random_context(rng, batch, sem.codebook_sizes, scale=3.0)
+        history = random_history(rng, batch, sem.n_items, 10)
+        items, scores = run_search(context, sem, history, beam, k)
+        assert items.shape == (batch, k) and items.dtype == np.int32
+        assert scores.dtype == np.float32
+        assert np.all(scores[:, :-1] >= scores[:, 1:])  # non-increasing
+        for b in range(batch):
+            real = items[b][np.isfinite(scores[b])]
+            assert np.all(items[b][~np.isfinite(scores[b])] == 0)
+            assert np.all((real >= 1) & (real <= sem.n_items))
+            assert len(set(real.tolist())) == len(real)  # distinct
+            assert not set(real.tolist()) & set(history[b].tolist())
+            for item, score in zip(real, scores[b][: len(real)], strict=True):
+                codes = sem.codes[item]
+                assert sem.code_to_item(codes[None])[0] == item  # a real full id
+                node = 0  # the id walks the prefix tables to this very item
+                for level, code in enumerate(codes):
+                    assert tables.valid[level][node, code]
+                    node = tables.next_prefix[level][node, code]
+                assert node == item
+                # The score is this item's own path log-probability.
+                np.testing.assert_allclose(score, ref_item_score(context[b], sem, item), atol=1e-5)
+
+
+def test_fewer_unseen_items_than_k_pads_with_item_zero(catalogue):
+    rng = np.random.default_rng(7)
+    n, k = catalogue.n_items, 10
+    keep = rng.choice(np.arange(1, n + 1), 3, replace=False)  # the only unseen items
+    seen = np.setdiff1d(np.arange(1, n + 1), keep)
+    history = np.zeros((2, n + 2), np.int32)  # 0-padded
+    history[0, : len(seen)] = rng.permutation(seen)
+    history[1, :n] = np.arange(1, n + 1)  # row 1 has seen everything
+    context = random_context(rng, 2, catalogue.codebook_sizes)
+    beam = max(catalogue.prefix_tables().n_prefixes)
+    items, scores = run_search(context, catalogue, history, beam, k)
+    assert sorted(items[0, :3].tolist()) == sorted(keep.tolist())
+    assert np.all(items[0, 3:] == 0) and np.all(np.isneginf(scores[0, 3:]))
+    assert np.all(items[1] == 0) and np.all(np.isneginf(scores[1]))
+    assert_same_ranking(items, scores, *brute_force(context, catalogue, history, k))
+
+
+@pytest.mark.parametrize(("beam", "k"), [(1, 3), (2, 7), (4, 4)])
+def test_narrow_beam_equals_numpy_beam_reference(beam, k):
+    rng = np.random.default_rng(beam)
+    sem = random_codes(40, 3, 4, rng)
+    context = random_context(rng, 6, sem.codebook_sizes, scale=3.0)
+    history = random_history(rng, 6, sem.n_items, 8)
+    items, scores = run_search(context, sem, history, beam, k)
+    assert_same_ranking(items, scores, *ref_beam(context, sem, history, beam, k))
+
+
+def test_beam_smaller_than_final_k_and_dead_beams(catalogue):
+    """k > beam x C_L: the final level ranks all beam x C_L expansions, the rest is padding."""
+    rng = np.random.default_rng(3)
+    beam, k = 2, 2 * catalogue.codebook_sizes[-1] + 3
+    context = random_context(rng, 3, catalogue.codebook_sizes)
+    history = np.zeros((3, 1), np.int32)
+    items, scores = run_search(context, catalogue, history, beam, k)
+    assert np.all(items[:, -3:] == 0) and np.all(np.isneginf(scores[:, -3:]))
+    assert_same_ranking(items, scores, *ref_beam(context, catalogue, history, beam, k))
+
+
+def test_sharded_over_eight_devices_matches_unsharded(catalogue):
+    devices = jax.devices()
+    assert len(devices) >= 8, "tests/conftest.py configures 8 CPU devices"
+    mesh = jax.sharding.Mesh(np.array(devices[:8]), ("data",))
+    rng = np.random.default_rng(11)
+    sizes, beam, k = catalogue.codebook_sizes, 4, 6
+    context = random_context(rng, 16, sizes)
+    history = random_history(rng, 16, catalogue.n_items, 5)
+    valid, next_prefix = catalogue.prefix_tables().stacked()
+    expected = run_search(context, catalogue, history, beam, k)
+
+    search = jax.jit(beam_search, static_argnames=STATIC_ARGNAMES)
+    rows = NamedSharding(mesh, P("data"))
+    items, scores = search(
+        toy_step_fn(sizes),
+        jax.device_put(context, rows),
+        valid,
+        next_prefix,
+        sizes,
+        jax.device_put(history, rows),
+        n_items=catalogue.n_items,
+        beam=beam,
+        k=k,
+    )
+    assert items.sharding.is_equivalent_to(rows, items.ndim)  # stayed split over the batch
+    np.testing.assert_array_equal(np.asarray(items), expected[0])
+    np.testing.assert_allclose(np.asarray(scores), expected[1], rtol=1e-6, atol=1e-6)
+
+
+def test_nan_logits_return_nothing_for_that_row(catalogue):
+    rng = np.random.default_rng(5)
+    context = random_context(rng, 2, catalogue.codebook_sizes)
+    context[1, 1] = np.nan  # user 1's level-1 logits are broken
+    history = np.zeros((2, 1), np.int32)
+    beam = max(catalogue.prefix_tables().n_prefixes)
+    items, scores = run_search(context, catalogue, history, beam, 4)
+    assert np.all(items[1] == 0) and np.all(np.isneginf(scores[1]))
+    assert np.all(items[0] > 0) and np.all(np.isfinite(scores[0]))
+
+
+def test_bad_arguments_raise_clear_errors(catalogue):
+    valid, next_prefix = catalogue.prefix_tables().stacked()
+    sizes, step = catalogue.codebook_sizes, toy_step_fn(catalogue.codebook_sizes)
+    context = np.zeros((1, len(sizes), _prefix_rows(sizes), max(sizes)), np.float32)
+    history = np.zeros((1, 1), np.int32)
+    kw = {"n_items": catalogue.n_items, "beam": 2, "k": 3}
+    with pytest.raises(ValueError, match="do not fit code_sizes"):
+        beam_search(step, context, valid, next_prefix, sizes[:-1], history, **kw)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        beam_search(step, context, valid, next_prefix, sizes, history, **{**kw, "k": 0})
+    with pytest.raises(ValueError, match="step_fn returned logits"):
+        beam_search(
+            lambda c, t, level: jnp.zeros((*t.shape[:2], 99)),
+            context,
+            valid,
+            next_prefix,
+            sizes,
+            history,
+            **kw,
+        )
