@@ -63,9 +63,14 @@ def base_config() -> ml_collections.ConfigDict:
     m.head = "items"  # OneRec: "items" (score every item) or "semantic_ids" (generate codes)
     m.decoder_layers = 2  # decoder blocks (num_layers is the encoder's)
     m.session_items = 1  # M: next items generated per example (1 = next-item recommendation)
+    # Causal encoder: one pass over a training window trains a target at every slot (as SASRec),
+    # ~max_len times cheaper per target than False: TIGER's bidirectional encoder, one example
+    # (a full encoder pass) per target.
+    m.encoder_causal = True
     m.num_experts = 0  # decoder feed-forward: 0 = dense, else a mixture of this many experts
     m.experts_per_token = 2  # top-k routing
-    m.expert_capacity = 1.25  # per-expert capacity factor (<= 0: unlimited, no token dropped)
+    m.expert_capacity = 1.25  # per-expert capacity factor in training (<= 0: no token dropped)
+    m.expert_group_size = 1024  # tokens routed together (capacity per group); inference: dropless
     m.moe_aux_weight = 0.01  # load-balancing loss weight (Switch Transformer)
     m.moe_z_weight = 1e-3  # router z-loss weight (ST-MoE)
     m.item_id_embedding = True  # OneRec semantic-id encoder: add an item-id embedding
@@ -178,16 +183,16 @@ GENERATIVE_ABLATIONS = {
     "beam10": {"eval.beam": 10},
     "beam50": {"eval.beam": 50},
     "session3": {"model.session_items": 3},  # session-wise: the next 3 items
+    "bidir": {"model.encoder_causal": False},  # the papers' bidirectional encoder (costly)
 }
 
 
 def _generative_variant(c: ml_collections.ConfigDict, arg: str) -> None:
     m = c.model
     m.dim, m.num_heads, m.num_layers, m.decoder_layers, m.dropout = 64, 2, 2, 2, 0.1
-    c.data.max_len = 50  # TIGER reads 20 items; one example per target position is costly
+    c.data.max_len = 50  # TIGER reads 20 items; code tokens make the encoder 4x longer
     c.data.bucket_boundaries = (8, 16, 32)
     c.eval.batch_size = 128  # users x beam hypotheses are decoded at once
-    c.train.batch_size = 256
     if arg == "tiger":
         m.name, m.mlp_dim, m.num_experts = "tiger", 256, 0
     else:  # OneRec: items as code-embedding sums, a mixture-of-experts decoder

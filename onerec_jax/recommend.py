@@ -40,7 +40,7 @@ class Recommendation(NamedTuple):
     title: str  # without "(year)"; "" when the dataset has no titles
     year: int  # 0 when unknown
     genres: tuple[str, ...]
-    score: float  # the model's score (a logit for softmax-trained models)
+    score: float  # the model's score (a logit; generative models: the id's log-probability)
 
 
 class Recommender:
@@ -51,6 +51,8 @@ class Recommender:
         self.catalogue = Catalogue(data, items)
         self.max_len = int(config.data.max_len)
         self._user_state = jax.jit(model.user_state)
+        if getattr(model, "generative", False):
+            self._generate = jax.jit(model.generate, static_argnames=("k",))
         self._top_k = jax.jit(_top_k_fn(model, data.n_items), static_argnames=("k", "chunk_size"))
 
     @classmethod
@@ -113,14 +115,18 @@ class Recommender:
         batch = {"inputs": inputs}
         if user is not None:
             batch["user"] = np.asarray([user], np.int32)
-        state = self._user_state(self.params, batch)
         seen = np.unique(history)
         width = 1 << max(len(seen) - 1, 0).bit_length()  # few shapes, few recompilations
         masked = np.zeros((1, width), np.int32)
         masked[0, : len(seen)] = seen
         k = min(k, self.data.n_items)
-        chunk = int(self.config.eval.chunk_size)
-        items, scores = self._top_k(self.params, state, masked, k=k, chunk_size=chunk)
+        if getattr(self.model, "generative", False):  # constrained beam search over codes
+            batch.setdefault("user", np.zeros((1,), np.int32))  # a new user: hashed as user 0
+            items, scores = self._generate(self.params, batch, masked, k=k)
+        else:
+            state = self._user_state(self.params, batch)
+            chunk = int(self.config.eval.chunk_size)
+            items, scores = self._top_k(self.params, state, masked, k=k, chunk_size=chunk)
         out = []
         for dense, score in zip(np.asarray(items)[0], np.asarray(scores)[0], strict=True):
             if dense > 0:  # 0: fewer than k unseen items

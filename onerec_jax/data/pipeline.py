@@ -2,8 +2,8 @@
 
 Training examples are windows of a user's training history: inputs `h[a:b]`, targets
 `h[a+1:b+1]`, left-padded with item 0. Generative models (models/tiger.py, the OneRec
-semantic-id decoder) train instead on one example per target position: the history before it
-and the next M items with their semantic-id codes (`generative_train_dataset`).
+semantic-id decoder) read the same windows with the next M items' semantic-id codes at every
+slot, or one example per target position (`generative_train_dataset`).
 
 Window indices are computed once with numpy; examples are
 gathered lazily from the CSR arrays. Every pipeline cuts GLOBAL batches first and gives process
@@ -277,6 +277,24 @@ def target_examples(data: SequenceData, *, max_len: int, session_items: int = 1)
     return TargetExamples(user=user, lo=end - length, length=length, n_targets=n_targets)
 
 
+def _next_items(
+    items: np.ndarray, first: np.ndarray, n_real: np.ndarray, codes: np.ndarray, m: int
+) -> dict[str, np.ndarray]:
+    """Targets `items[first : first + n_real]` padded to `m`, with their code rows.
+
+    first, n_real: [...] (n_real 0 = no target). Returns targets [..., M], target_codes
+    [..., M, L+1] (zeros on padding) and mask [..., M].
+    """
+    slot = np.arange(m)
+    mask = slot < n_real[..., None]  # [..., M]
+    targets = np.where(mask, np.take(items, first[..., None] + slot, mode="clip"), 0)
+    return {
+        "targets": targets.astype(np.int32),
+        "target_codes": np.where(mask[..., None], codes[targets], 0).astype(np.int32),
+        "mask": mask,
+    }
+
+
 def _target_rows(
     items: np.ndarray,
     examples: TargetExamples,
@@ -286,20 +304,32 @@ def _target_rows(
     codes: np.ndarray,
     session_items: int,
 ) -> dict[str, np.ndarray]:
-    """Generative rows: left-padded histories, next-M targets and their code tokens."""
+    """One example per target: the history and one target position (P = 1)."""
     lo, length = examples.lo[ids], examples.length[ids]
     inputs, _ = _left_padded(items, lo, length, width)
-    slot = np.arange(session_items)
-    mask = slot[None, :] < examples.n_targets[ids][:, None]  # [rows, M]
-    targets = np.where(mask, np.take(items, (lo + length)[:, None] + slot, mode="clip"), 0)
-    target_codes = np.where(mask[..., None], codes[targets], 0)  # [rows, M, L+1]
-    return {
-        "inputs": inputs,  # [rows, W] int32 history items, left-padded
-        "targets": targets.astype(np.int32),  # [rows, M] next items (0 past the history's end)
-        "target_codes": target_codes.astype(np.int32),  # [rows, M, L+1] their semantic ids
-        "mask": mask,  # [rows, M] bool real targets
-        "user": examples.user[ids],  # [rows]
-    }
+    nxt = _next_items(items, (lo + length)[:, None], examples.n_targets[ids][:, None], codes,
+                      session_items)  # fmt: skip
+    return {"inputs": inputs, "user": examples.user[ids], **nxt}
+
+
+def _window_code_rows(
+    items: np.ndarray,
+    windows: Windows,
+    ids: np.ndarray,
+    width: int,
+    *,
+    codes: np.ndarray,
+    session_items: int,
+    train_end: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """Next-item windows with a target position per input slot (P = W, causal encoder)."""
+    lo, length, user = windows.lo[ids], windows.length[ids], windows.user[ids]
+    inputs, valid = _left_padded(items, lo, length, width)
+    # slot q of a window holds input lo + q - (W - length); its first target follows it
+    first = lo[:, None] + 1 + np.arange(width) - (width - length)[:, None]  # [rows, W]
+    n_real = np.where(valid, np.minimum(session_items, train_end[user][:, None] - first), 0)
+    nxt = _next_items(items, first, n_real, codes, session_items)
+    return {"inputs": inputs, "user": user, **nxt}
 
 
 def generative_train_dataset(
@@ -310,6 +340,8 @@ def generative_train_dataset(
     batch_size: int,
     seed: int,
     session_items: int = 1,
+    per_target: bool = False,
+    stride: int | None = None,
     num_epochs: int | None = None,
     shuffle: bool = True,
     bucket_boundaries: Sequence[int] | None = None,
@@ -319,29 +351,42 @@ def generative_train_dataset(
 ) -> grain.IterDataset:
     """This process's generative training batches (`batch_size` is global; None epochs = forever).
 
-    `codes` [n_items + 1, L + 1] are the items' semantic ids (`SemanticIds.codes`). Each batch:
-    `inputs` [b, W] int32 histories, `targets` [b, M] int32 next items, `target_codes`
-    [b, M, L+1] int32, `mask` [b, M] bool, `user` [b] int32; W = max_len or the bucket's width.
-    Batches are cut globally and sliced per process, as `train_dataset`.
+    `codes` [n_items + 1, L + 1] are the items' semantic ids (`SemanticIds.codes`). Two layouts:
+      - windows (default, for a causal encoder): the next-item windows of `train_dataset`;
+        every input slot is a target position, P = W;
+      - `per_target=True` (TIGER's bidirectional encoder): one example per training target,
+        its history before it, P = 1 (`target_examples`).
+    Each batch: `inputs` [b, W] int32 histories (left-padded), `user` [b] int32, and per target
+    position the next M = `session_items` items, cut at the end of the training history:
+    `targets` [b, P, M] int32, `target_codes` [b, P, M, L+1] int32, `mask` [b, P, M] bool.
+    W = max_len or the bucket's width. Batches are cut globally and sliced per process, as
+    `train_dataset`.
     """
     if seed < 0:
         raise ConfigError(f"seed must be non-negative, got {seed}")
+    if session_items < 1:
+        raise ConfigError(f"session_items={session_items}: use >= 1 (1 = next item).")
     p, _, local = _process_share(batch_size, process_index, process_count)
-    examples = target_examples(data, max_len=max_len, session_items=session_items)
-    if len(examples) < batch_size:
-        raise ConfigError(
-            f"only {len(examples)} training targets, fewer than one batch of {batch_size}: "
-            "lower batch_size"
-        )
     codes = np.asarray(codes)
     if codes.ndim != 2 or codes.shape[0] != data.n_items + 1:
         raise ConfigError(
             f"semantic ids have shape {codes.shape}, expected [{data.n_items + 1}, L + 1]: "
             "they were made for another dataset; rerun --mode tokenize on this one."
         )
-    rows_fn = functools.partial(
-        _target_rows, codes=np.maximum(codes, 0), session_items=session_items
-    )
+    codes = np.maximum(codes, 0)
+    if per_target:
+        examples = target_examples(data, max_len=max_len, session_items=session_items)
+        rows_fn = functools.partial(_target_rows, codes=codes, session_items=session_items)
+    else:
+        examples = training_windows(data, max_len=max_len, stride=stride)
+        rows_fn = functools.partial(
+            _window_code_rows, codes=codes, session_items=session_items, train_end=data.train.ends
+        )
+    if len(examples) < batch_size:
+        raise ConfigError(
+            f"only {len(examples)} training examples, fewer than one batch of {batch_size}: "
+            "lower batch_size"
+        )
     return _bucketed_dataset(
         data.items, examples, max_len, batch_size=batch_size, process=p, local=local, seed=seed,
         shuffle=shuffle, num_epochs=num_epochs, bucket_boundaries=bucket_boundaries,

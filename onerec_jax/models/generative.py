@@ -24,6 +24,7 @@ from onerec_jax.models.base import DataInfo, ScoringModel
 class GenerativeModel(ScoringModel):
     generative = True
     dot_product_scores = False
+    needs_user_ids = False  # a new user is served from their items (TIGER hashes user 0)
 
     def __init__(self, module, config: ml_collections.ConfigDict, info: DataInfo):
         super().__init__(module, config, info)
@@ -43,13 +44,13 @@ class GenerativeModel(ScoringModel):
         raise NotImplementedError("generative models recommend through generate(), not scores")
 
     def _decoder_io(self, target_codes, mask):
-        """[B, M, L+1] codes, [B, M] mask -> decoder tokens, target columns, token mask, each
-        [B, 1, M*(L+1)]: tokens are BOS then the targets' code tokens shifted right."""
-        b = target_codes.shape[0]
-        columns = (target_codes + self.offsets).reshape(b, 1, -1)  # column in the logits
-        real = jnp.repeat(mask, self.depth, axis=-1).reshape(b, 1, -1)
+        """[B, P, M, L+1] codes, [B, P, M] mask -> decoder tokens, target columns, token mask,
+        each [B, P, M*(L+1)]: tokens are BOS then the targets' code tokens shifted right."""
+        b, p = target_codes.shape[:2]
+        columns = (target_codes + self.offsets).reshape(b, p, -1)  # column in the logits
+        real = jnp.repeat(mask, self.depth, axis=-1).reshape(b, p, -1)
         tokens = jnp.where(real, columns + seq2seq.FIRST_CODE, seq2seq.PAD)
-        bos = jnp.full((b, 1, 1), seq2seq.BOS, tokens.dtype)
+        bos = jnp.full((b, p, 1), seq2seq.BOS, tokens.dtype)
         return jnp.concatenate([bos, tokens[..., :-1]], axis=-1), columns, real
 
     def init(self, rng, batch):
@@ -67,8 +68,8 @@ class GenerativeModel(ScoringModel):
         )  # fmt: skip
         allowed = jnp.asarray(seq2seq.level_columns(self.code_sizes, tokens.shape[-1]))
         logits = jnp.where(allowed, logits, -1e9)  # each position sees only its level's codes
-        log_probs = jax.nn.log_softmax(logits, axis=-1)  # [B, 1, Q, C]
-        nll = -jnp.take_along_axis(log_probs, columns[..., None], axis=-1)[..., 0]
+        log_probs = jax.nn.log_softmax(logits, axis=-1)  # [B, P, Q, C]
+        nll = -jnp.take_along_axis(log_probs, columns[..., None], axis=-1)[..., 0]  # [B, P, Q]
         smoothing = self.config.loss.label_smoothing
         if smoothing > 0:  # uniform over the level's codes
             uniform = -(log_probs * allowed).sum(-1) / allowed.sum(-1)
@@ -92,13 +93,15 @@ class GenerativeModel(ScoringModel):
         metrics["loss"] = loss
         return loss, metrics
 
-    def generate(self, params, batch, history):
-        """(items [B, K], scores [B, K]): the top eval.k valid items outside `history` [B, H]
-        by the sum of code log-probabilities, from a beam of eval.beam prefixes per level."""
+    def generate(self, params, batch, history, k: int | None = None):
+        """(items [B, K], scores [B, K]): the top K (default eval.k) valid items outside
+        `history` [B, H] by the sum of code log-probabilities, from a beam of eval.beam
+        prefixes per level. Jit with `static_argnames="k"`."""
         variables = {"params": params}
-        memory, memory_mask = self.module.apply(
+        memory, valid = self.module.apply(
             variables, batch["inputs"], batch["user"], method=self.module.encode
         )
+        memory_mask = valid[:, None, :]  # the last slot reads the whole history
         offsets = jnp.asarray(self.offsets)
 
         def step_fn(context, tokens, level):  # tokens [B, W, level] codes so far
@@ -114,7 +117,7 @@ class GenerativeModel(ScoringModel):
 
         return beam_search(
             step_fn, (memory, memory_mask), self.valid, self.next_prefix, self.code_sizes,
-            history, n_items=self.info.n_items, beam=self.beam, k=self.k,
+            history, n_items=self.info.n_items, beam=self.beam, k=k or self.k,
         )  # fmt: skip
 
 

@@ -58,6 +58,9 @@ class MoEFeedForward(nn.Module):
     activation: str = "swiglu"  # "swiglu" (gated), "gelu" or "relu"
     dropout: float = 0.0  # on the experts' hidden activations
     router_bias: bool = False  # learned per-expert router bias
+    # Tokens are routed in groups of this many (GShard), each with its own capacity, so the
+    # dispatch tensors grow as N * group_size rather than N^2; 0: one group of all tokens.
+    group_size: int = 0
     dtype: jnp.dtype = jnp.float32  # expert compute dtype; the router is always float32
 
     @nn.compact
@@ -105,29 +108,16 @@ class MoEFeedForward(nn.Module):
         gates = top_probs / jnp.sum(top_probs, -1, keepdims=True) if k > 1 else top_probs
         self.sow("intermediates", "expert_index", expert_index)
 
-        # Position of each assignment in its expert's queue, in priority order (choice, token).
-        real_int = real.astype(jnp.int32)[:, None, None]
-        chosen = jax.nn.one_hot(expert_index, n_exp, dtype=jnp.int32) * real_int  # [N, K, E]
-        queue = jnp.cumsum(chosen.transpose(1, 0, 2).reshape(k * n, n_exp), axis=0) - 1
-        position = jnp.sum(queue.reshape(k, n, n_exp).transpose(1, 0, 2) * chosen, -1)  # [N, K]
-        slots = buffer_capacity(self.capacity_factor, n, k, n_exp)
-        if self.capacity_factor > 0:
-            limit = jnp.ceil(self.capacity_factor * n_real * k / n_exp)  # over real tokens only
+        if self.capacity_factor <= 0:  # dropless: every expert on every token, gated
+            h = jnp.broadcast_to(xf.astype(self.dtype), (n_exp, n, dim))
+            expert_out = self._experts(h, train=train)  # [E, N, D]
+            chosen_f = jax.nn.one_hot(expert_index, n_exp) * real[:, None, None]  # [N, K, E]
+            weight = jnp.einsum("nke,nk->ne", chosen_f, gates)
+            y = jnp.einsum("ne,end->nd", weight.astype(self.dtype), expert_out)
+            kept = real[:, None] > 0  # [N, K]
+            self.sow("intermediates", "kept", kept)
         else:
-            limit = jnp.inf
-        kept = (real[:, None] > 0) & (position < jnp.minimum(limit, slots))  # [N, K]
-        self.sow("intermediates", "kept", kept)
-
-        # One-hot dispatch [N, E, C]; a token's k experts differ, so its rows never collide.
-        slot = jax.nn.one_hot(jnp.where(kept, position, slots), slots)  # [N, K, C]; dropped: 0
-        chosen_f = chosen.astype(jnp.float32)
-        dispatch = jnp.einsum("nke,nkc->nec", chosen_f, slot)
-        combine = jnp.einsum("nke,nkc,nk->nec", chosen_f, slot, gates)
-
-        expert_in = jnp.einsum("nec,nd->ecd", dispatch.astype(self.dtype), xf.astype(self.dtype))
-        expert_in = nn.with_logical_constraint(expert_in, ("expert", None, "embed"))  # [E, C, D]
-        expert_out = self._experts(expert_in, train=train)  # [E, C, D]
-        y = jnp.einsum("nec,ecd->nd", combine.astype(self.dtype), expert_out)
+            y, kept, chosen_f = self._dispatch(xf, real, expert_index, gates, train=train)
 
         assignments = n_real * k
         routed_share = jnp.sum(chosen_f, axis=(0, 1)) / jnp.maximum(assignments, 1.0)  # [E] f_e
@@ -142,6 +132,48 @@ class MoEFeedForward(nn.Module):
             / jnp.maximum(assignments, 1.0),
         }
         return y.reshape(batch, length, dim).astype(x.dtype), stats
+
+    def _dispatch(self, xf, real, expert_index, gates, *, train: bool):
+        """Capacity-limited routing in groups of `group_size` tokens: (y [N, D], kept [N, K],
+        chosen [N, K, E] one-hot of real tokens' choices)."""
+        n_exp, k, (n, dim) = self.num_experts, self.top_k, xf.shape
+        size = n if self.group_size <= 0 else min(self.group_size, n)
+        groups = -(-n // size)
+        pad = groups * size - n
+        if pad:  # padding tokens: not real, never routed
+            xf = jnp.concatenate([xf, jnp.zeros((pad, dim), xf.dtype)])
+            real = jnp.concatenate([real, jnp.zeros((pad,), real.dtype)])
+            expert_index = jnp.concatenate([expert_index, jnp.zeros((pad, k), expert_index.dtype)])
+            gates = jnp.concatenate([gates, jnp.zeros((pad, k), gates.dtype)])
+        xg, rg = xf.reshape(groups, size, dim), real.reshape(groups, size)
+        # Position of each assignment in its expert's queue within its group, in priority order
+        # (choice, then token).
+        chosen = jax.nn.one_hot(expert_index, n_exp, dtype=jnp.int32) * (real > 0)[:, None, None]
+        chosen = chosen.reshape(groups, size, k, n_exp)  # [G, S, K, E]
+        order = chosen.transpose(0, 2, 1, 3).reshape(groups, k * size, n_exp)
+        queue = jnp.cumsum(order, axis=1) - 1
+        queue = queue.reshape(groups, k, size, n_exp).transpose(0, 2, 1, 3)
+        position = jnp.sum(queue * chosen, -1)  # [G, S, K]
+        slots = buffer_capacity(self.capacity_factor, size, k, n_exp)
+        n_real = jnp.sum(rg, axis=1)[:, None, None]  # [G, 1, 1] real tokens per group
+        limit = jnp.ceil(self.capacity_factor * n_real * k / n_exp)  # over real tokens only
+        kept = (rg[..., None] > 0) & (position < jnp.minimum(limit, slots))  # [G, S, K]
+
+        # One-hot dispatch [G, S, E, C]; a token's k experts differ, so its rows never collide.
+        slot = jax.nn.one_hot(jnp.where(kept, position, slots), slots)  # dropped: all 0
+        chosen_f = chosen.astype(jnp.float32)
+        dispatch = jnp.einsum("gske,gskc->gsec", chosen_f, slot)
+        gates_g = gates.reshape(groups, size, k)
+        combine = jnp.einsum("gske,gskc,gsk->gsec", chosen_f, slot, gates_g)
+        expert_in = jnp.einsum("gsec,gsd->egcd", dispatch.astype(self.dtype), xg.astype(self.dtype))
+        expert_in = expert_in.reshape(n_exp, groups * slots, dim)
+        expert_in = nn.with_logical_constraint(expert_in, ("expert", None, "embed"))  # [E, GC, D]
+        expert_out = self._experts(expert_in, train=train).reshape(n_exp, groups, slots, dim)
+        y = jnp.einsum("gsec,egcd->gsd", combine.astype(self.dtype), expert_out)
+        y = y.reshape(groups * size, dim)[:n]
+        kept = kept.reshape(groups * size, k)[:n]
+        self.sow("intermediates", "kept", kept)
+        return y, kept, chosen_f.reshape(groups * size, k, n_exp)[:n]
 
     def _experts(self, h: jax.Array, *, train: bool) -> jax.Array:
         """All experts' FeedForward on their slots: [E, C, D] -> [E, C, D]."""

@@ -43,7 +43,8 @@ def level_columns(code_sizes: tuple[int, ...], length: int) -> np.ndarray:
 
 
 class CrossAttention(nn.Module):
-    """Queries [B, W, Q, D] (W beams or 1) attend to one memory [B, S, D] per row."""
+    """Queries [B, P, Q, D] (P target positions or beams) attend to one memory [B, S, D] per
+    row, under a mask [B, P or 1, S]."""
 
     num_heads: int
     dropout: float = 0.0
@@ -61,7 +62,7 @@ class CrossAttention(nn.Module):
         k = jnp.einsum("bsd,dhk->bshk", memory, kernel("key"))
         v = jnp.einsum("bsd,dhk->bshk", memory, kernel("value"))
         logits = jnp.einsum("bwqhk,bshk->bwhqs", q, k).astype(jnp.float32) / np.sqrt(head_dim)
-        logits = jnp.where(memory_mask[:, None, None, None, :], logits, -1e9)
+        logits = jnp.where(memory_mask[:, :, None, None, :], logits, -1e9)  # [B, W|1, S]
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         weights = nn.Dropout(self.dropout)(weights, deterministic=not train)
         out = jnp.einsum("bwhqs,bshk->bwqhk", weights, v)
@@ -80,6 +81,7 @@ class DecoderBlock(nn.Module):
     num_experts: int = 0  # 0: dense feed-forward
     experts_per_token: int = 2
     expert_capacity: float = 1.25
+    expert_group_size: int = 1024
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -102,7 +104,10 @@ class DecoderBlock(nn.Module):
                 num_experts=self.num_experts,
                 top_k=self.experts_per_token,
                 hidden_dim=self.mlp_dim,
-                capacity_factor=self.expert_capacity,
+                # Capacity in training only: inference is dropless, so a user's recommendations
+                # do not depend on who else is in the batch.
+                capacity_factor=self.expert_capacity if train else 0.0,
+                group_size=self.expert_group_size,
                 activation=self.activation,
                 dropout=self.dropout,
                 dtype=self.dtype,
@@ -137,11 +142,13 @@ class EncoderDecoder(nn.Module):
     num_experts: int = 0
     experts_per_token: int = 2
     expert_capacity: float = 1.25
+    expert_group_size: int = 1024
     item_ids: bool = False  # "items": add an item-id embedding to the code embeddings
     item_genres: np.ndarray | None = None  # "items": [V, G] multi-hot genres
     item_year_bucket: np.ndarray | None = None  # "items": [V] year bucket
     n_year_buckets: int = 1
     user_buckets: int = 0  # "codes": hashed user tokens (TIGER), 0 = none
+    causal: bool = True  # encoder attends to earlier items only (every slot trains a target)
     dtype: jnp.dtype = jnp.float32
 
     def setup(self):
@@ -192,16 +199,17 @@ class EncoderDecoder(nn.Module):
         ]
         self.decoder_blocks = [
             DecoderBlock(
-                self.num_heads,
-                self.mlp_dim,
-                self.dropout,
-                self.activation,
-                self.num_experts,
-                self.experts_per_token,
-                self.expert_capacity,
-                self.dtype,
+                num_heads=self.num_heads,
+                mlp_dim=self.mlp_dim,
+                dropout=self.dropout,
+                activation=self.activation,
+                num_experts=self.num_experts,
+                experts_per_token=self.experts_per_token,
+                expert_capacity=self.expert_capacity,
+                expert_group_size=self.expert_group_size,
+                dtype=self.dtype,
                 name=f"decoder_{i}",
-            )  # fmt: skip
+            )
             for i in range(self.decoder_layers)
         ]
         self.encoder_norm = nn.RMSNorm(dtype=self.dtype, epsilon=1e-6)
@@ -216,6 +224,21 @@ class EncoderDecoder(nn.Module):
         offsets = code_offsets(self.code_sizes)
         tokens = jnp.asarray(self.item_codes + offsets + FIRST_CODE, jnp.int32)[items]
         return jnp.where((items > 0)[..., None], tokens, PAD)
+
+    def memory_slots(self, length: int) -> np.ndarray:
+        """[S] the history slot (0..T-1) of each memory token; -1 for the user token."""
+        if self.encoder_input == "items":
+            return np.arange(length)
+        slots = np.arange(length * len(self.code_sizes)) // len(self.code_sizes)
+        return np.concatenate([[-1], slots]) if self.user_buckets else slots
+
+    def memory_mask(self, valid, positions: int, length: int):
+        """[B, P, S]: what decoder position p reads. With a causal encoder and P = T target
+        positions (one per history slot), slots <= p; otherwise (P = 1) every real token."""
+        if positions == 1:
+            return valid[:, None, :]
+        slots = self.memory_slots(length)
+        return valid[:, None, :] & jnp.asarray(slots[None, :] <= np.arange(positions)[:, None])
 
     def encode(self, inputs, user, *, train: bool = False):
         """inputs [B, T] left-padded item ids, user [B] -> (memory [B, S, D], mask [B, S])."""
@@ -245,14 +268,18 @@ class EncoderDecoder(nn.Module):
         # Positions count back from the most recent token, as in the item models.
         x = x + self.encoder_positions[layers.positions_from_end(length)].astype(self.dtype)
         x = self.dropout_layer(x, deterministic=not train) * valid[..., None]
-        mask = valid[:, None, None, :]  # bidirectional over real tokens
+        mask = valid[:, None, None, :]  # [B, 1, 1, S] real keys
+        if self.causal:  # a token reads the tokens of its own and earlier history slots
+            slots = self.memory_slots(t)
+            mask = mask & jnp.asarray(slots[None, :] <= slots[:, None])[None, None]
         positions = layers.positions_from_end(length)
         for block in self.encoder_blocks:
             x = block(x, mask, positions, train=train)
         return self.encoder_norm(x), valid
 
     def decode(self, memory, memory_mask, tokens, *, train: bool = False):
-        """tokens [B, W, Q] (BOS first) -> (logits [B, W, Q, sum(code_sizes)] f32, MoE stats)."""
+        """memory [B, S, D], memory_mask [B, P|1, S], tokens [B, P, Q] (BOS first) ->
+        (logits [B, P, Q, sum(code_sizes)] float32, MoE stats)."""
         q = tokens.shape[-1]
         x = self.token_embedding(tokens) + self.decoder_positions[:q].astype(self.dtype)
         x = self.dropout_layer(x, deterministic=not train)
@@ -264,7 +291,9 @@ class EncoderDecoder(nn.Module):
         return logits, merge_stats(stats)
 
     def __call__(self, inputs, user, tokens, *, train: bool):
-        memory, mask = self.encode(inputs, user, train=train)
+        """tokens [B, P, Q]: P = 1 (the whole history) or T (causal: slot p reads slots <= p)."""
+        memory, valid = self.encode(inputs, user, train=train)
+        mask = self.memory_mask(valid, tokens.shape[1], inputs.shape[1])
         return self.decode(memory, mask, tokens, train=train)
 
 

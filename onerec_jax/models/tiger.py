@@ -28,6 +28,7 @@ def build(config: ml_collections.ConfigDict, info: DataInfo) -> GenerativeModel:
         max_len=info.max_len,
         encoder_input="codes",
         session_items=m.session_items,
+        causal=m.encoder_causal,
         dim=m.dim,
         num_layers=m.num_layers,
         decoder_layers=m.decoder_layers,
@@ -38,6 +39,7 @@ def build(config: ml_collections.ConfigDict, info: DataInfo) -> GenerativeModel:
         num_experts=m.num_experts,
         experts_per_token=m.experts_per_token,
         expert_capacity=m.expert_capacity,
+        expert_group_size=m.expert_group_size,
         user_buckets=m.user_tokens,
         dtype=compute_dtype(config.train.compute_dtype),
     )

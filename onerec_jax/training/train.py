@@ -92,7 +92,8 @@ class Trainer:
         self.info = data_info(data, items, c.data.max_len, c.model.semantic_ids)
         self.model = build_model(c, self.info)
         self.generative = getattr(self.model, "generative", False)
-        if self.generative:  # one example per training target
+        self.per_target = self.generative and not c.model.encoder_causal
+        if self.per_target:  # a bidirectional encoder: one example per training target
             examples = pipeline.target_examples(
                 data, max_len=c.data.max_len, session_items=c.model.session_items
             )
@@ -158,6 +159,8 @@ class Trainer:
                 batch_size=c.train.batch_size,
                 seed=seed,
                 session_items=c.model.session_items,
+                per_target=self.per_target,
+                stride=c.data.window_stride or None,
                 bucket_boundaries=tuple(c.data.bucket_boundaries) or None,
                 worker_count=c.data.worker_count,
             )

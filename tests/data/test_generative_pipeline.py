@@ -24,10 +24,10 @@ def reference_examples(data, max_len: int, m: int) -> list[tuple]:
     return out
 
 
-def all_rows(data, codes, max_len, m, batch_size=1):
+def all_rows(data, codes, max_len, m, batch_size=1, per_target=True):
     ds = generative_train_dataset(
         data, codes, max_len=max_len, batch_size=batch_size, seed=0, session_items=m,
-        num_epochs=1, shuffle=False,
+        num_epochs=1, shuffle=False, per_target=per_target,
     )  # fmt: skip
     return list(ds)
 
@@ -39,13 +39,15 @@ def test_examples_match_the_spec(max_len, m):
     codes[0] = -1  # the padding row, as SemanticIds stores it
     got = []
     for b in all_rows(data, codes, max_len, m):
+        assert b["targets"].shape == (1, 1, m) and b["target_codes"].shape == (1, 1, m, 2)
         for r in range(len(b["user"])):
-            got.append((int(b["user"][r]), tuple(b["inputs"][r]), tuple(b["targets"][r])))
+            got.append((int(b["user"][r]), tuple(b["inputs"][r]), tuple(b["targets"][r, 0])))
             # target codes are the targets' code rows; padding targets get zeros and mask False
-            real = b["mask"][r]
-            np.testing.assert_array_equal(real, b["targets"][r] > 0)
-            np.testing.assert_array_equal(b["target_codes"][r][real], codes[b["targets"][r][real]])
-            assert (b["target_codes"][r][~real] == 0).all()
+            real = b["mask"][r, 0]
+            np.testing.assert_array_equal(real, b["targets"][r, 0] > 0)
+            tc = b["target_codes"][r, 0]
+            np.testing.assert_array_equal(tc[real], codes[b["targets"][r, 0][real]])
+            assert (tc[~real] == 0).all()
     assert sorted(got) == sorted(reference_examples(data, max_len, m))
 
 
@@ -55,7 +57,7 @@ def test_session_targets_by_hand():
     ex = target_examples(HAND, max_len=4, session_items=3)
     assert len(ex) == 9 + 0 + 2  # users' training parts have 10, 1 and 3 items
     rows = {
-        (int(b["user"][0]), tuple(b["inputs"][0])): tuple(b["targets"][0])
+        (int(b["user"][0]), tuple(b["inputs"][0])): tuple(b["targets"][0, 0])
         for b in all_rows(HAND, np.zeros((HAND.n_items + 1, 2), np.int32), 4, 3)
     }
     assert rows[(0, (5, 6, 7, 8))] == (9, 10, 0)
@@ -64,10 +66,33 @@ def test_session_targets_by_hand():
     assert rows[(2, (0, 0, 7, 2))] == (9, 0, 0)
 
 
+@pytest.mark.parametrize("max_len,m", [(4, 1), (6, 3)])
+def test_window_layout_has_the_next_items_at_every_slot(max_len, m):
+    """Causal-encoder layout: slot q's targets are the M items after its input, within the
+    training part; padding slots have none."""
+    data = random_data(2, n_users=8, max_items=14)
+    codes = np.stack([np.arange(data.n_items + 1) % 3, np.arange(data.n_items + 1) % 7], 1)
+    windows = 0
+    for b in all_rows(data, codes, max_len, m, per_target=False):
+        u, inputs = int(b["user"][0]), b["inputs"][0]
+        h = [int(x) for x in data.sequence(u)[:-2]]
+        assert b["targets"].shape == (1, max_len, m)
+        for q in range(max_len):
+            if inputs[q] == 0:
+                assert not b["mask"][0, q].any()
+                continue
+            i = h.index(int(inputs[q]))  # items are unique per dataset here
+            want = h[i + 1 : i + 1 + m]
+            assert tuple(b["targets"][0, q]) == tuple(want) + (0,) * (m - len(want))
+            np.testing.assert_array_equal(b["target_codes"][0, q, : len(want)], codes[want])
+        windows += 1
+    assert windows > data.n_users  # long histories give several windows
+
+
 def test_processes_split_each_global_batch():
     data = random_data(1, n_users=10, max_items=12)
     codes = np.zeros((data.n_items + 1, 3), np.int32)
-    kw = dict(max_len=5, batch_size=8, seed=3, num_epochs=1)
+    kw = dict(max_len=5, batch_size=8, seed=3, num_epochs=1, per_target=True)
     whole = list(generative_train_dataset(data, codes, **kw))
     parts = [
         list(generative_train_dataset(data, codes, process_index=p, process_count=2, **kw))

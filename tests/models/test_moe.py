@@ -245,3 +245,24 @@ def test_experts_shard_over_the_model_axis_with_the_same_output():
     )
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
     _assert_stats(stats, jax.tree.map(np.asarray, stats_ref))
+
+
+def test_groups_route_with_their_own_capacity():
+    """group_size=8 over 3 x 8 tokens (one with padding) = each group of 8 routed on its own."""
+    grouped = MoEFeedForward(4, 2, HIDDEN, capacity_factor=0.5, group_size=8)
+    x, mask = _inputs(batch=3, length=8, seed=3, padding=((1, 2), (1, 5)))
+    params = _init(grouped, x, mask)
+    y, stats, _, kept = _apply(grouped, params, x, mask)
+    kept_total = 0
+    for g in range(3):
+        ref_y, _, _, ref_kept, _, _ = _reference(
+            params, x[g : g + 1], mask[g : g + 1], top_k=2, capacity_factor=0.5,
+            activation="swiglu",
+        )  # fmt: skip
+        np.testing.assert_allclose(y[g], ref_y[0], atol=1e-5)
+        np.testing.assert_array_equal(kept[8 * g : 8 * (g + 1)], ref_kept)
+        kept_total += ref_kept.sum()
+    assert float(stats["tokens_per_expert"].sum()) == kept_total
+    # one group of all 24 tokens keeps a different set (capacity is pooled), so groups matter
+    whole = MoEFeedForward(4, 2, HIDDEN, capacity_factor=0.5)
+    assert not np.array_equal(_apply(whole, params, x, mask)[3], kept)
