@@ -4,9 +4,12 @@ Each real token picks its `top_k` experts by router probability; assignments are
 GShard's priority order (every token's 1st choice before any 2nd choice, then by token order)
 until an expert holds `capacity` of them, and the rest are dropped: those tokens get no
 contribution from that expert (0 output if all their choices drop), so the caller's residual
-passes them through. Dispatch and combine are one-hot [N, E, C] tensors contracted with
-einsums: fixed shapes under jit, and the expert axis of the weights and of the expert inputs is
-named "expert", which the default rules shard over the "model" mesh axis.
+passes them through. Tokens are routed in groups of `group_size` (GShard), each group with its
+own capacity. Dispatch and combine are gathers into and out of fixed-size expert buffers
+[E, groups * C, D] (fixed shapes under jit, O(N * k * D) work rather than the O(N * E * C * D)
+of one-hot einsums); the expert axis of the weights and buffers is named "expert", which the
+default rules shard over the "model" mesh axis. With `capacity_factor <= 0` (dropless, used at
+inference) every expert runs on every token and the gates pick: exact, E times the FFN work.
 
 Gates: with top_k > 1, the chosen experts' probabilities renormalised to sum 1 over the chosen k
 (before capacity; a dropped assignment just loses its term). With top_k == 1 the raw
@@ -145,7 +148,7 @@ class MoEFeedForward(nn.Module):
             real = jnp.concatenate([real, jnp.zeros((pad,), real.dtype)])
             expert_index = jnp.concatenate([expert_index, jnp.zeros((pad, k), expert_index.dtype)])
             gates = jnp.concatenate([gates, jnp.zeros((pad, k), gates.dtype)])
-        xg, rg = xf.reshape(groups, size, dim), real.reshape(groups, size)
+        rg = real.reshape(groups, size)
         # Position of each assignment in its expert's queue within its group, in priority order
         # (choice, then token).
         chosen = jax.nn.one_hot(expert_index, n_exp, dtype=jnp.int32) * (real > 0)[:, None, None]
@@ -159,21 +162,24 @@ class MoEFeedForward(nn.Module):
         limit = jnp.ceil(self.capacity_factor * n_real * k / n_exp)  # over real tokens only
         kept = (rg[..., None] > 0) & (position < jnp.minimum(limit, slots))  # [G, S, K]
 
-        # One-hot dispatch [G, S, E, C]; a token's k experts differ, so its rows never collide.
-        slot = jax.nn.one_hot(jnp.where(kept, position, slots), slots)  # dropped: all 0
-        chosen_f = chosen.astype(jnp.float32)
-        dispatch = jnp.einsum("gske,gskc->gsec", chosen_f, slot)
-        gates_g = gates.reshape(groups, size, k)
-        combine = jnp.einsum("gske,gskc,gsk->gsec", chosen_f, slot, gates_g)
-        expert_in = jnp.einsum("gsec,gsd->egcd", dispatch.astype(self.dtype), xg.astype(self.dtype))
-        expert_in = expert_in.reshape(n_exp, groups * slots, dim)
-        expert_in = nn.with_logical_constraint(expert_in, ("expert", None, "embed"))  # [E, GC, D]
-        expert_out = self._experts(expert_in, train=train).reshape(n_exp, groups, slots, dim)
-        y = jnp.einsum("gsec,egcd->gsd", combine.astype(self.dtype), expert_out)
-        y = y.reshape(groups * size, dim)[:n]
-        kept = kept.reshape(groups * size, k)[:n]
-        self.sow("intermediates", "kept", kept)
-        return y, kept, chosen_f.reshape(groups * size, k, n_exp)[:n]
+        # Each kept assignment owns slot g * C + position of its expert's buffer [E, G * C]:
+        # gather the tokens into the buffers, run the experts, gather the outputs back. O(N * K
+        # * D) work, where one-hot [N, E, C] dispatch einsums cost O(N * E * C * D).
+        kept = kept.reshape(groups * size, k)  # [N', K]
+        slot = (jnp.arange(groups)[:, None, None] * slots + position).reshape(groups * size, k)
+        slot = jnp.where(kept, slot, groups * slots)  # dropped: out of range
+        token = jnp.broadcast_to(jnp.arange(groups * size)[:, None], (groups * size, k))
+        owner = jnp.full((n_exp, groups * slots), groups * size, jnp.int32)  # empty: zero row
+        owner = owner.at[expert_index, slot].set(token, mode="drop")  # [E, G * C]
+        x_rows = jnp.concatenate([xf, jnp.zeros((1, dim), xf.dtype)]).astype(self.dtype)
+        expert_in = nn.with_logical_constraint(x_rows[owner], ("expert", None, "embed"))
+        expert_out = self._experts(expert_in, train=train)  # [E, G * C, D]
+        picked = expert_out[expert_index, jnp.minimum(slot, groups * slots - 1)]  # [N', K, D]
+        weight = (gates * kept).astype(self.dtype)  # [N', K]
+        y = jnp.einsum("nk,nkd->nd", weight, picked)[:n]
+        chosen_f = chosen.astype(jnp.float32).reshape(groups * size, k, n_exp)[:n]
+        self.sow("intermediates", "kept", kept[:n])
+        return y, kept[:n], chosen_f
 
     def _experts(self, h: jax.Array, *, train: bool) -> jax.Array:
         """All experts' FeedForward on their slots: [E, C, D] -> [E, C, D]."""

@@ -1,0 +1,131 @@
+"""Generative models at ML-25M shapes: training step time and beam-search evaluation time.
+
+  python benchmarks/generative_eval.py --variants onerec_sid,tiger --users 162541 --beam 20
+
+No file is read: users are synthetic with ML-25M's shape (`train_throughput.synthetic_sequences`:
+59,047 items, lognormal lengths, median 71), semantic ids are random codes (3 levels x 256 +
+the collision token; timing does not depend on what the codes mean), and params are freshly
+initialised (beam search costs the same whatever the weights). Per variant, in this process:
+`Trainer.train_step` compiled and timed over `--steps` steps (targets/s = real target items per
+step / median step time), then `Evaluator.evaluate(params, "test")` over `--users` users twice:
+the first pass includes compilation (one per history width), the second is the steady time,
+extrapolated linearly to 162,541 users when fewer are run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_throughput import ML25M_ITEMS, ML25M_USERS, synthetic_sequences  # noqa: E402
+
+
+def run_variant(args, variant: str, ids_path: str) -> dict:
+    import jax
+    from absl import flags, logging
+
+    from onerec_jax.defaults import apply_variant, base_config
+    from onerec_jax.evaluation.evaluator import Evaluator
+    from onerec_jax.training import sharding
+    from onerec_jax.training.train import Trainer
+
+    flags.FLAGS(sys.argv[:1])  # Grain reads absl flags
+    logging.set_verbosity(logging.WARNING)
+    c = apply_variant(base_config(), variant)
+    c.model.side_features = ()  # no item file
+    c.model.semantic_ids = ids_path
+    c.train.num_steps = 10_000  # only shapes the learning-rate schedule
+    c.data.bucket_boundaries = ()  # full-width windows: one compilation
+    c.eval.beam = args.beam
+    if args.eval_batch:
+        c.eval.batch_size = args.eval_batch
+    data = synthetic_sequences(args.train_users, args.n_items, args.seed)
+    trainer = Trainer(c, data, items=None)
+    it = iter(trainer.batches(args.seed))
+    host = [next(it) for _ in range(4)]
+    targets = float(np.mean([b["mask"].sum() for b in host]))
+    batches = [sharding.global_batch(b, trainer.mesh, trainer.rules) for b in host]
+    state = trainer.init_state(args.seed)
+    rng = jax.random.key(args.seed)
+    start = time.perf_counter()
+    step = trainer.train_step.lower(state, batches[0], rng).compile()
+    compile_s = time.perf_counter() - start
+    times = []
+    for i in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        state, metrics = step(state, batches[i % len(batches)], rng)
+        jax.block_until_ready((state, metrics))
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    step_s = float(np.median(times))
+    row = {
+        "variant": variant,
+        "batch": c.train.batch_size,
+        "max_len": c.data.max_len,
+        "targets_per_step": targets,
+        "step_ms": 1e3 * step_s,
+        "targets_per_s": targets / step_s,
+        "compile_s": compile_s,
+        "beam": args.beam,
+        "eval_batch": c.eval.batch_size,
+    }
+    print("TRAIN " + json.dumps(row), flush=True)
+    if args.users > 0:
+        eval_data = synthetic_sequences(args.users, args.n_items, args.seed + 1)
+        evaluator = Evaluator(trainer.model, eval_data, c, trainer.mesh, trainer.rules)
+        params = state["params"]
+        first, _ = evaluator.evaluate(params, "test")
+        steady, _ = evaluator.evaluate(params, "test") if args.twice else (first, None)
+        row.update(
+            users=args.users,
+            first_s=first["seconds"],
+            steady_s=steady["seconds"],
+            full_s=steady["seconds"] * ML25M_USERS / args.users,
+            extrapolated=args.users != ML25M_USERS,
+        )
+        print("EVAL " + json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--variants", default="onerec_sid,tiger")
+    p.add_argument("--users", type=int, default=ML25M_USERS, help="evaluated users (0: none)")
+    p.add_argument("--beam", type=int, default=20)
+    p.add_argument("--eval_batch", type=int, default=0, help="users per batch (0: the variant's)")
+    p.add_argument("--twice", action="store_true", help="evaluate twice; report the second")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--train_users", type=int, default=4096)
+    p.add_argument("--n_items", type=int, default=ML25M_ITEMS)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+
+    from onerec_jax.tokenize.semantic_ids import random_codes
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ids = Path(tmp) / "semantic_ids.npz"
+        random_codes(args.n_items, 3, 256, args.seed).save(ids)
+        rows = [run_variant(args, v, str(ids)) for v in args.variants.split(",")]
+    when = datetime.date.today().isoformat()
+    print(f"\n{platform.node()} {os.cpu_count()} CPUs, {when}, beam {args.beam}")
+    print("| variant | train step ms | targets/s | eval s (users) | all 162,541 users s |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        ev = f"{r['steady_s']:.0f} ({r['users']:,})" if "steady_s" in r else "-"
+        full = f"{r['full_s']:.0f}" if "full_s" in r else "-"
+        print(f"| {r['variant']} | {r['step_ms']:.0f} | {r['targets_per_s']:,.0f} | {ev} | {full} |")
+
+
+if __name__ == "__main__":
+    main()
