@@ -25,7 +25,9 @@ from pathlib import Path
 
 from onerec_jax.evaluation import report
 
-VARIANTS = ("pop", "bpr", "ncf", "gru4rec", "sasrec", "bert4rec", "onerec")
+# Item-scoring models, then the semantic-id schemes (each tokenizes into its run folder first).
+VARIANTS = ("pop", "bpr", "ncf", "gru4rec", "sasrec", "bert4rec", "onerec",
+            "onerec_sidfeat", "tiger", "onerec_sid")  # fmt: skip
 
 # (command, log file) -> exit code; tests pass a fake one.
 Runner = Callable[[list[str], Path], int]

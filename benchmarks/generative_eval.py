@@ -124,7 +124,8 @@ def main() -> None:
     for r in rows:
         ev = f"{r['steady_s']:.0f} ({r['users']:,})" if "steady_s" in r else "-"
         full = f"{r['full_s']:.0f}" if "full_s" in r else "-"
-        print(f"| {r['variant']} | {r['step_ms']:.0f} | {r['targets_per_s']:,.0f} | {ev} | {full} |")
+        cells = [r["variant"], f"{r['step_ms']:.0f}", f"{r['targets_per_s']:,.0f}", ev, full]
+        print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

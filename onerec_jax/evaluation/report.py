@@ -215,14 +215,18 @@ def _protocol_text(row: RunRow) -> str:
         "history masked" if p.get("mask_history") else "history NOT masked",
         f"loss {row.loss}",
     ]
-    if p.get("split", "leave-one-out") != "leave-one-out" or p.get("ranking", "full") != "full":
-        parts.append(f"{p.get('split')}, {p.get('ranking')} ranking")
+    if p.get("split", "leave-one-out") != "leave-one-out":
+        parts.append(f"{p.get('split')} split")
+    if p.get("ranking", "full") != "full":  # generative: top-K by beam search, exact @K <= K
+        parts.append(f"top-K by {p.get('ranking')}")
     return ", ".join(parts)
 
 
 def _comparable_key(row: RunRow) -> tuple:
     p = row.protocol
-    keys = ("split", "ranking", "mask_history", "min_rating", "min_user_interactions",
+    # Not "ranking": a beam-searched top-K gives the same HR/NDCG/MRR@K as a full ranking
+    # would for K up to its length, so those rows compare with the full-ranking ones.
+    keys = ("split", "mask_history", "min_rating", "min_user_interactions",
             "min_item_interactions")  # fmt: skip
     return (row.data, *(str(p.get(k)) for k in keys))
 

@@ -120,6 +120,54 @@ class GenerativeModel(ScoringModel):
             history, n_items=self.info.n_items, beam=self.beam, k=k or self.k,
         )  # fmt: skip
 
+    def generate_session(self, params, batch, history, m: int | None = None):
+        """(items [B, M], scores [B, M]): the next M (default model.session_items) items, one
+        after another: item j is the best of a constrained beam search whose decoder prefix holds
+        items 0..j-1's codes (session-wise generation, as trained); none repeats the history
+        or an earlier pick. Jit with `static_argnames="m"`."""
+        m = m or self.session_items
+        if m > self.session_items:
+            raise ConfigError(
+                f"a session of {m} items needs a model trained with model.session_items >= {m} "
+                f"(this one: {self.session_items})."
+            )
+        variables = {"params": params}
+        memory, valid = self.module.apply(
+            variables, batch["inputs"], batch["user"], method=self.module.encode
+        )
+        memory_mask = valid[:, None, :]
+        offsets = jnp.asarray(self.offsets)
+        code_tokens = jnp.asarray(
+            np.maximum(self.info.semantic_ids.codes, 0) + self.offsets + seq2seq.FIRST_CODE,
+            jnp.int32,
+        )  # [V, L+1] an item's decoder tokens
+        b = history.shape[0]
+        chosen = jnp.zeros((b, 0), jnp.int32)  # decoder tokens of the items picked so far
+        items, scores = [], []
+        for _ in range(m):
+
+            def step_fn(context, tokens, level, chosen=chosen):
+                w = tokens.shape[1]
+                prefix = jnp.broadcast_to(chosen[:, None, :], (b, w, chosen.shape[1]))
+                current = tokens + offsets[:level] + seq2seq.FIRST_CODE
+                bos = jnp.full((b, w, 1), seq2seq.BOS, jnp.int32)
+                dec = jnp.concatenate([bos, prefix, current.astype(jnp.int32)], axis=-1)
+                logits, _ = self.module.apply(
+                    variables, context[0], context[1], dec, method=self.module.decode
+                )
+                lo = int(self.offsets[level])
+                return logits[:, :, -1, lo : lo + self.code_sizes[level]]
+
+            top, score = beam_search(
+                step_fn, (memory, memory_mask), self.valid, self.next_prefix, self.code_sizes,
+                history, n_items=self.info.n_items, beam=self.beam, k=1,
+            )  # fmt: skip
+            items.append(top[:, 0])
+            scores.append(score[:, 0])
+            chosen = jnp.concatenate([chosen, code_tokens[top[:, 0]]], axis=1)
+            history = jnp.concatenate([history, top], axis=1)
+        return jnp.stack(items, 1), jnp.stack(scores, 1)
+
 
 def check_semantic_ids(config: ml_collections.ConfigDict, info: DataInfo) -> None:
     if info.semantic_ids is None:

@@ -125,7 +125,8 @@ def fit_planted(variant: str, steps: int, **model) -> float:
     sem = random_codes(N_ITEMS, 2, 4, 1)
     c = tiny(variant, **model)
     model_ = build_model(c, info_for(data, sem, 5))
-    ds = iter(generative_train_dataset(data, sem.codes, max_len=5, batch_size=64, seed=0))
+    ds = iter(generative_train_dataset(data, sem.codes, max_len=5, batch_size=64, seed=0,
+                                       session_items=c.model.session_items))  # fmt: skip
     first = {k: jnp.asarray(v) for k, v in next(ds).items()}
     params = unboxed(model_.init(jax.random.key(0), first))
     tx = optax.adam(3e-3)
@@ -142,6 +143,13 @@ def fit_planted(variant: str, steps: int, **model) -> float:
         params, opt, metrics = step(params, opt, batch, jax.random.key(i))
     # test: history = the user's items before the test target (the last one)
     hist = np.stack([data.sequence(u)[:-1] for u in range(data.n_users)])
+    if model_.session_items > 1:  # session-wise: the next M items of the cycle, one by one
+        session, _ = jax.jit(model_.generate_session)(
+            params, {"inputs": jnp.asarray(hist[:, -5:]), "user": jnp.zeros(len(hist), int)},
+            jnp.asarray(hist),
+        )  # fmt: skip
+        want = (hist[:, -1:] + np.arange(model_.session_items)) % N_ITEMS + 1
+        metrics = {**metrics, "session_accuracy": float((np.asarray(session) == want).mean())}
     inputs = jnp.asarray(hist[:, -5:], jnp.int32)
     user = jnp.arange(data.n_users, dtype=jnp.int32)
     items, scores = jax.jit(model_.generate)(params, {"inputs": inputs, "user": user},
@@ -152,9 +160,10 @@ def fit_planted(variant: str, steps: int, **model) -> float:
     return float((items[:, 0] == target).mean()), metrics
 
 
-def test_tiny_tiger_learns_the_planted_rule():
-    hr1, _ = fit_planted("tiger", 120)
+def test_tiny_tiger_learns_the_planted_rule_and_generates_sessions():
+    hr1, metrics = fit_planted("tiger", 150, session_items=3)
     assert hr1 >= 0.95
+    assert metrics["session_accuracy"] >= 0.9  # items 2 and 3 come from the decoder's prefix
 
 
 def test_tiny_onerec_decoder_learns_the_planted_rule_and_logs_experts():
