@@ -52,7 +52,7 @@ class Recommender:
         self.max_len = int(config.data.max_len)
         self._user_state = jax.jit(model.user_state)
         if getattr(model, "generative", False):
-            self._generate = jax.jit(model.generate, static_argnames=("k",))
+            self._generate = jax.jit(model.generate, static_argnames=("k", "beam"))
         self._top_k = jax.jit(_top_k_fn(model, data.n_items), static_argnames=("k", "chunk_size"))
 
     @classmethod
@@ -122,7 +122,8 @@ class Recommender:
         k = min(k, self.data.n_items)
         if getattr(self.model, "generative", False):  # constrained beam search over codes
             batch.setdefault("user", np.zeros((1,), np.int32))  # a new user: hashed as user 0
-            items, scores = self._generate(self.params, batch, masked, k=k)
+            beam = max(k, int(self.config.eval.beam))  # a beam of k prefixes can yield k items
+            items, scores = self._generate(self.params, batch, masked, k=k, beam=beam)
         else:
             state = self._user_state(self.params, batch)
             chunk = int(self.config.eval.chunk_size)

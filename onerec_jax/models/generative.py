@@ -93,15 +93,17 @@ class GenerativeModel(ScoringModel):
         metrics["loss"] = loss
         return loss, metrics
 
-    def generate(self, params, batch, history, k: int | None = None):
+    def generate(self, params, batch, history, k: int | None = None, beam: int | None = None):
         """(items [B, K], scores [B, K]): the top K (default eval.k) valid items outside
-        `history` [B, H] by the sum of code log-probabilities, from a beam of eval.beam
-        prefixes per level. Jit with `static_argnames="k"`."""
+        `history` [B, H] by the sum of code log-probabilities, from a beam of `beam` (default
+        eval.beam) prefixes per level; fewer than K (item 0, score -inf) when the last level
+        offers fewer. Jit with `static_argnames=("k", "beam")`."""
         variables = {"params": params}
         memory, valid = self.module.apply(
             variables, batch["inputs"], batch["user"], method=self.module.encode
         )
         memory_mask = valid[:, None, :]  # the last slot reads the whole history
+        context = memory[:, -1:]  # its slot state (EncoderDecoder.slot_states with P = 1)
         offsets = jnp.asarray(self.offsets)
 
         def step_fn(context, tokens, level):  # tokens [B, W, level] codes so far
@@ -109,15 +111,13 @@ class GenerativeModel(ScoringModel):
             prefix = tokens + offsets[:level] + seq2seq.FIRST_CODE
             bos = jnp.full((b, w, 1), seq2seq.BOS, jnp.int32)
             dec = jnp.concatenate([bos, prefix.astype(jnp.int32)], axis=-1)
-            logits, _ = self.module.apply(
-                variables, context[0], context[1], dec, method=self.module.decode
-            )
+            logits, _ = self.module.apply(variables, *context, dec, method=self.module.decode)
             lo = int(self.offsets[level])
             return logits[:, :, -1, lo : lo + self.code_sizes[level]]
 
         return beam_search(
-            step_fn, (memory, memory_mask), self.valid, self.next_prefix, self.code_sizes,
-            history, n_items=self.info.n_items, beam=self.beam, k=k or self.k,
+            step_fn, (memory, memory_mask, context), self.valid, self.next_prefix, self.code_sizes,
+            history, n_items=self.info.n_items, beam=beam or self.beam, k=k or self.k,
         )  # fmt: skip
 
     def generate_session(self, params, batch, history, m: int | None = None):
@@ -135,7 +135,7 @@ class GenerativeModel(ScoringModel):
         memory, valid = self.module.apply(
             variables, batch["inputs"], batch["user"], method=self.module.encode
         )
-        memory_mask = valid[:, None, :]
+        memory_mask, context = valid[:, None, :], memory[:, -1:]
         offsets = jnp.asarray(self.offsets)
         code_tokens = jnp.asarray(
             np.maximum(self.info.semantic_ids.codes, 0) + self.offsets + seq2seq.FIRST_CODE,
@@ -152,15 +152,13 @@ class GenerativeModel(ScoringModel):
                 current = tokens + offsets[:level] + seq2seq.FIRST_CODE
                 bos = jnp.full((b, w, 1), seq2seq.BOS, jnp.int32)
                 dec = jnp.concatenate([bos, prefix, current.astype(jnp.int32)], axis=-1)
-                logits, _ = self.module.apply(
-                    variables, context[0], context[1], dec, method=self.module.decode
-                )
+                logits, _ = self.module.apply(variables, *context, dec, method=self.module.decode)
                 lo = int(self.offsets[level])
                 return logits[:, :, -1, lo : lo + self.code_sizes[level]]
 
             top, score = beam_search(
-                step_fn, (memory, memory_mask), self.valid, self.next_prefix, self.code_sizes,
-                history, n_items=self.info.n_items, beam=self.beam, k=1,
+                step_fn, (memory, memory_mask, context), self.valid, self.next_prefix,
+                self.code_sizes, history, n_items=self.info.n_items, beam=self.beam, k=1,
             )  # fmt: skip
             items.append(top[:, 0])
             scores.append(score[:, 0])

@@ -214,6 +214,9 @@ class EncoderDecoder(nn.Module):
         ]
         self.encoder_norm = nn.RMSNorm(dtype=self.dtype, epsilon=1e-6)
         self.decoder_norm = nn.RMSNorm(dtype=self.dtype, epsilon=1e-6)
+        self.context_projection = nn.Dense(
+            self.dim, dtype=self.dtype, kernel_init=layers.dense_init(("embed", None))
+        )
         self.head = nn.Dense(
             n_codes, dtype=self.dtype, kernel_init=layers.dense_init(("embed", "vocab"))
         )
@@ -231,6 +234,16 @@ class EncoderDecoder(nn.Module):
             return np.arange(length)
         slots = np.arange(length * len(self.code_sizes)) // len(self.code_sizes)
         return np.concatenate([[-1], slots]) if self.user_buckets else slots
+
+    def slot_states(self, memory, positions: int, length: int):
+        """[B, P, D] the encoder state of each target position's own (most recent) slot: the
+        decoder's query context, which tells it where "now" is in the window. P = 1: the last
+        slot (the whole history)."""
+        if positions == 1:
+            return memory[:, -1:]
+        slots = self.memory_slots(length)
+        last = np.array([np.flatnonzero(slots == p).max() for p in range(positions)])
+        return memory[:, last]
 
     def memory_mask(self, valid, positions: int, length: int):
         """[B, P, S]: what decoder position p reads. With a causal encoder and P = T target
@@ -277,11 +290,12 @@ class EncoderDecoder(nn.Module):
             x = block(x, mask, positions, train=train)
         return self.encoder_norm(x), valid
 
-    def decode(self, memory, memory_mask, tokens, *, train: bool = False):
-        """memory [B, S, D], memory_mask [B, P|1, S], tokens [B, P, Q] (BOS first) ->
-        (logits [B, P, Q, sum(code_sizes)] float32, MoE stats)."""
+    def decode(self, memory, memory_mask, context, tokens, *, train: bool = False):
+        """memory [B, S, D], memory_mask [B, P|1, S], context [B, P|1, D] (`slot_states`),
+        tokens [B, P, Q] (BOS first) -> (logits [B, P, Q, sum(code_sizes)] float32, MoE stats)."""
         q = tokens.shape[-1]
         x = self.token_embedding(tokens) + self.decoder_positions[:q].astype(self.dtype)
+        x = x + self.context_projection(context)[:, :, None, :]
         x = self.dropout_layer(x, deterministic=not train)
         stats = []
         for block in self.decoder_blocks:
@@ -293,8 +307,9 @@ class EncoderDecoder(nn.Module):
     def __call__(self, inputs, user, tokens, *, train: bool):
         """tokens [B, P, Q]: P = 1 (the whole history) or T (causal: slot p reads slots <= p)."""
         memory, valid = self.encode(inputs, user, train=train)
-        mask = self.memory_mask(valid, tokens.shape[1], inputs.shape[1])
-        return self.decode(memory, mask, tokens, train=train)
+        p, t = tokens.shape[1], inputs.shape[1]
+        mask = self.memory_mask(valid, p, t)
+        return self.decode(memory, mask, self.slot_states(memory, p, t), tokens, train=train)
 
 
 def merge_stats(per_layer: list[dict]) -> dict:
