@@ -177,6 +177,7 @@ GENERATIVE_ABLATIONS = {
     "random": {"tokenize.method": "random"},  # random codes: a control without semantics
     "collab": {"features.blocks": ("collab",)},  # needs features.collab_workdir (a SASRec run)
     "mixed": {"features.blocks": ("genres", "year", "title", "tags", "collab")},
+    "k32": {"tokenize.codebook_size": 32},
     "k64": {"tokenize.codebook_size": 64},
     "nomoe": {"model.num_experts": 0},  # dense decoder feed-forward
     "moe8": {"model.num_experts": 8},
