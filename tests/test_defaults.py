@@ -5,10 +5,16 @@ from pathlib import Path
 
 import pytest
 
-from onerec_jax.defaults import ONEREC_ABLATIONS, apply_variant, base_config
+from onerec_jax.defaults import (
+    GENERATIVE_ABLATIONS,
+    ONEREC_ABLATIONS,
+    apply_variant,
+    base_config,
+    needs_semantic_ids,
+)
 
 REPO = Path(__file__).resolve().parents[1]
-MODELS = ("sasrec", "onerec", "gru4rec", "bert4rec", "pop", "bpr", "ncf")
+MODELS = ("sasrec", "onerec", "gru4rec", "bert4rec", "pop", "bpr", "ncf", "tiger")
 
 
 def _get_config(name, arg):
@@ -44,3 +50,28 @@ def test_ablations_change_one_thing_of_onerec():
         assert c == plain  # nothing else differs
     with pytest.raises(ValueError, match="onerec_<nopos"):
         apply_variant(base_config(), "onerec_deep")
+
+
+@pytest.mark.parametrize("base", ["tiger", "onerec_sid"])
+def test_generative_studies_change_one_thing(base):
+    plain = apply_variant(base_config(), base).to_dict()
+    for name, changes in GENERATIVE_ABLATIONS.items():
+        c = apply_variant(base_config(), f"{base}_{name}").to_dict()
+        for key, value in changes.items():
+            section, field = key.split(".")
+            assert c[section][field] == value
+            c[section][field] = plain[section][field]
+        assert c == plain, name
+
+
+def test_generative_variants_and_who_reads_semantic_ids():
+    tiger, sid = apply_variant(base_config(), "tiger"), apply_variant(base_config(), "onerec_sid")
+    assert (tiger.model.name, tiger.model.num_experts) == ("tiger", 0)
+    assert (sid.model.name, sid.model.head) == ("onerec", "semantic_ids")
+    assert sid.model.num_experts > 1
+    feat = apply_variant(base_config(), "onerec_sidfeat")
+    assert feat.model.head == "items" and "semantic_ids" in feat.model.side_features
+    assert needs_semantic_ids(tiger) and needs_semantic_ids(sid) and needs_semantic_ids(feat)
+    assert not needs_semantic_ids(apply_variant(base_config(), "onerec"))
+    with pytest.raises(ValueError, match="onerec_sid_<"):
+        apply_variant(base_config(), "onerec_sid_huge")
