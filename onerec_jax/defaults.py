@@ -79,7 +79,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss = lo = ml_collections.ConfigDict()
     lo.name = "full_softmax"  # full_softmax (chunked), sampled_softmax or bce (one negative)
     lo.chunk_size = 16384  # most items per chunk of the full softmax (one chunk: dense, faster)
-    lo.label_smoothing = 0.0  # full softmax only
+    lo.label_smoothing = 0.0  # full softmax and generative models
+    # Generative models: each level's softmax over the codes that continue the prefix to some item
+    # (as constrained beam search decodes); False: over the level's whole codebook.
+    lo.valid_codes_only = True
     lo.n_negatives = 256  # sampled softmax: shared sampled negatives per step
     lo.sampler = "uniform"  # sampled softmax: "uniform" or "popularity" (training counts)
     lo.in_batch = True  # sampled softmax: other positions' targets are negatives too
@@ -185,6 +188,7 @@ GENERATIVE_ABLATIONS = {
     "beam50": {"eval.beam": 50},
     "session3": {"model.session_items": 3},  # session-wise: the next 3 items
     "bidir": {"model.encoder_causal": False},  # the papers' bidirectional encoder (costly)
+    "allcodes": {"loss.valid_codes_only": False},  # softmax over the level's whole codebook
 }
 
 

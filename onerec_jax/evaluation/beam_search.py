@@ -32,7 +32,7 @@ import jax.numpy as jnp
 # (context, tokens [B, W, level] int32, level: int) -> logits [B, W, C_level] (unnormalised).
 StepFn = Callable[[Any, jax.Array, int], jax.Array]
 
-STATIC_ARGNAMES = ("step_fn", "code_sizes", "n_items", "beam", "k")  # for jax.jit
+STATIC_ARGNAMES = ("step_fn", "code_sizes", "n_items", "beam", "k", "renormalize")  # for jax.jit
 
 
 def _check_static(valid, next_prefix, code_sizes: Sequence[int], n_items, beam, k) -> None:
@@ -55,8 +55,11 @@ def _check_static(valid, next_prefix, code_sizes: Sequence[int], n_items, beam, 
         raise ValueError(f"beam={beam} and k={k} must be >= 1")
 
 
-def _level_logprobs(step_fn: StepFn, context, tokens, level: int, size: int) -> jax.Array:
-    """[B, W, size] float32 log-probabilities of the next code; NaN becomes -inf."""
+def _level_logprobs(
+    step_fn: StepFn, context, tokens, level: int, size: int, allowed=None
+) -> jax.Array:
+    """[B, W, size] float32 log-probabilities of the next code; NaN becomes -inf. With
+    `allowed` [B, W, size], normalised over the allowed codes only."""
     logits = step_fn(context, tokens, level)
     expected = (*tokens.shape[:2], size)
     if logits.shape != expected:
@@ -64,7 +67,10 @@ def _level_logprobs(step_fn: StepFn, context, tokens, level: int, size: int) -> 
             f"step_fn returned logits {logits.shape} at level {level}; expected "
             f"[B, W, C_{level}] = {expected}"
         )
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    logits = logits.astype(jnp.float32)
+    if allowed is not None:  # finite, so a row with no allowed code stays finite (and dead)
+        logits = jnp.where(allowed, logits, -1e30)
+    logp = jax.nn.log_softmax(logits, axis=-1)
     return jnp.where(jnp.isnan(logp), -jnp.inf, logp)
 
 
@@ -89,6 +95,7 @@ def beam_search(
     n_items: int,
     beam: int,
     k: int,
+    renormalize: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Constrained beam search over the L + 1 code levels; the top-k distinct unseen items.
 
@@ -110,6 +117,8 @@ def beam_search(
       n_items: static, number of real items (ids 1..n_items).
       beam: static, prefixes kept at each intermediate level.
       k: static, items returned; may exceed `beam`.
+      renormalize: static; True: each level's log-probabilities are normalised over the codes
+        valid after the beam's prefix (for models trained that way, `loss.valid_codes_only`).
 
     Returns:
       items [B, k] int32 and scores [B, k] float32 (summed log-probabilities), best first,
@@ -130,8 +139,9 @@ def beam_search(
     def expand(level, scores, prefix, tokens):
         """Candidate scores and children [B, W * C_level], flat index = beam_index * C + code."""
         size = code_sizes[level]
-        logp = _level_logprobs(step_fn, context, tokens, level, size)  # [B, W, C]
         allowed = valid[level, :, :size][prefix]  # [B, W, C]
+        logp = _level_logprobs(step_fn, context, tokens, level, size,
+                               allowed if renormalize else None)  # fmt: skip
         children = next_prefix[level, :, :size][prefix]  # [B, W, C]
         cand = jnp.where(allowed, scores[..., None] + logp, neg_inf)  # [B, W, C]
         return cand.reshape(batch, beam * size), children.reshape(batch, beam * size)

@@ -39,6 +39,9 @@ class GenerativeModel(ScoringModel):
         if self.beam < 1:
             raise ConfigError(f"eval.beam={self.beam}: use a beam width >= 1 (e.g. 20).")
         self.ranking = f"beam search, width {self.beam}"
+        # Train as we decode: each level's softmax over the codes valid after the prefix, and
+        # beam search normalised the same way (loss.valid_codes_only).
+        self.valid_only = bool(config.loss.valid_codes_only)
 
     def user_state(self, params, batch):
         raise NotImplementedError("generative models recommend through generate(), not scores")
@@ -53,6 +56,21 @@ class GenerativeModel(ScoringModel):
         bos = jnp.full((b, p, 1), seq2seq.BOS, tokens.dtype)
         return jnp.concatenate([bos, tokens[..., :-1]], axis=-1), columns, real
 
+    def _valid_columns(self, target_codes):
+        """[B, P, M, L+1] codes -> [B, P, M*(L+1), sum(C)] bool: at each decoder position, the
+        columns of the codes that extend the target's prefix toward some item (prefix tables)."""
+        total = int(sum(self.code_sizes))
+        prefix = jnp.zeros(target_codes.shape[:-1], jnp.int32)  # [B, P, M] prefix ids
+        blocks = []
+        for level, size in enumerate(self.code_sizes):
+            ok = self.valid[level, :, :size][prefix]  # [B, P, M, C_l]
+            lo = int(self.offsets[level])
+            blocks.append(jnp.pad(ok, [(0, 0)] * 3 + [(lo, total - lo - size)]))
+            code = jnp.clip(target_codes[..., level], 0, size - 1)
+            prefix = jnp.maximum(self.next_prefix[level, :, :size][prefix, code], 0)
+        mask = jnp.stack(blocks, axis=-2)  # [B, P, M, L+1, sum(C)]
+        return mask.reshape(*mask.shape[:2], -1, total)
+
     def init(self, rng, batch):
         b = batch["inputs"].shape[0]
         tokens = jnp.full((b, 1, self.session_items * self.depth), seq2seq.BOS, jnp.int32)
@@ -66,13 +84,16 @@ class GenerativeModel(ScoringModel):
             {"params": params}, batch["inputs"], batch["user"], tokens, train=True,
             rngs={"dropout": rng},
         )  # fmt: skip
-        allowed = jnp.asarray(seq2seq.level_columns(self.code_sizes, tokens.shape[-1]))
-        logits = jnp.where(allowed, logits, -1e9)  # each position sees only its level's codes
+        if self.valid_only:  # only the codes that continue the target's prefix to some item
+            allowed = self._valid_columns(batch["target_codes"])
+        else:  # each position sees its level's codes
+            allowed = jnp.asarray(seq2seq.level_columns(self.code_sizes, tokens.shape[-1]))
+        logits = jnp.where(allowed, logits, -1e9)
         log_probs = jax.nn.log_softmax(logits, axis=-1)  # [B, P, Q, C]
         nll = -jnp.take_along_axis(log_probs, columns[..., None], axis=-1)[..., 0]  # [B, P, Q]
         smoothing = self.config.loss.label_smoothing
         if smoothing > 0:  # uniform over the level's codes
-            uniform = -(log_probs * allowed).sum(-1) / allowed.sum(-1)
+            uniform = -(log_probs * allowed).sum(-1) / jnp.maximum(allowed.sum(-1), 1)
             nll = (1 - smoothing) * nll + smoothing * uniform
         count = real.sum()
         xent = (nll * real).sum() / jnp.maximum(count, 1)
@@ -103,7 +124,9 @@ class GenerativeModel(ScoringModel):
             variables, batch["inputs"], batch["user"], method=self.module.encode
         )
         memory_mask = valid[:, None, :]  # the last slot reads the whole history
-        context = memory[:, -1:]  # its slot state (EncoderDecoder.slot_states with P = 1)
+        context = self.module.apply(
+            variables, memory, 1, batch["inputs"].shape[1], method=self.module.slot_states
+        )  # [B, 1, D] its slot state
         offsets = jnp.asarray(self.offsets)
 
         def step_fn(context, tokens, level):  # tokens [B, W, level] codes so far
@@ -118,6 +141,7 @@ class GenerativeModel(ScoringModel):
         return beam_search(
             step_fn, (memory, memory_mask, context), self.valid, self.next_prefix, self.code_sizes,
             history, n_items=self.info.n_items, beam=beam or self.beam, k=k or self.k,
+            renormalize=self.valid_only,
         )  # fmt: skip
 
     def generate_session(self, params, batch, history, m: int | None = None):
@@ -135,7 +159,10 @@ class GenerativeModel(ScoringModel):
         memory, valid = self.module.apply(
             variables, batch["inputs"], batch["user"], method=self.module.encode
         )
-        memory_mask, context = valid[:, None, :], memory[:, -1:]
+        memory_mask = valid[:, None, :]
+        context = self.module.apply(
+            variables, memory, 1, batch["inputs"].shape[1], method=self.module.slot_states
+        )
         offsets = jnp.asarray(self.offsets)
         code_tokens = jnp.asarray(
             np.maximum(self.info.semantic_ids.codes, 0) + self.offsets + seq2seq.FIRST_CODE,
@@ -159,6 +186,7 @@ class GenerativeModel(ScoringModel):
             top, score = beam_search(
                 step_fn, (memory, memory_mask, context), self.valid, self.next_prefix,
                 self.code_sizes, history, n_items=self.info.n_items, beam=self.beam, k=1,
+                renormalize=self.valid_only,
             )  # fmt: skip
             items.append(top[:, 0])
             scores.append(score[:, 0])

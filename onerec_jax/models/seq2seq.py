@@ -237,13 +237,14 @@ class EncoderDecoder(nn.Module):
 
     def slot_states(self, memory, positions: int, length: int):
         """[B, P, D] the encoder state of each target position's own (most recent) slot: the
-        decoder's query context, which tells it where "now" is in the window. P = 1: the last
-        slot (the whole history)."""
-        if positions == 1:
-            return memory[:, -1:]
-        slots = self.memory_slots(length)
-        last = np.array([np.flatnonzero(slots == p).max() for p in range(positions)])
-        return memory[:, last]
+        decoder's query context, which tells it where "now" is in the window (P = 1: the last
+        slot, the whole history). With code tokens, the mean of the slot's L+1 token states,
+        whose residual streams hold the item's code embeddings."""
+        if self.encoder_input == "codes":
+            depth = len(self.code_sizes)
+            per_slot = memory[:, memory.shape[1] - length * depth :]  # without the user token
+            memory = per_slot.reshape(memory.shape[0], length, depth, -1).mean(2)  # [B, T, D]
+        return memory[:, -1:] if positions == 1 else memory[:, :positions]
 
     def memory_mask(self, valid, positions: int, length: int):
         """[B, P, S]: what decoder position p reads. With a causal encoder and P = T target

@@ -303,3 +303,45 @@ def test_bad_arguments_raise_clear_errors(catalogue):
             history,
             **kw,
         )
+
+
+def ref_item_score_renormalized(table, sem: SemanticIds, item):
+    """Sum over levels of log p(code | prefix), the softmax taken over the codes that continue
+    the prefix to some item (found by scanning the catalogue's codes)."""
+    codes, total = sem.codes[item], 0.0
+    for level in range(sem.id_length):
+        prefix = tuple(codes[:level])
+        allowed = {int(c[level]) for c in sem.codes[1:] if tuple(c[:level]) == prefix}
+        row = table[level, _row_of(np.asarray(prefix, np.int64), sem.codebook_sizes)]
+        row = row[: sem.codebook_sizes[level]].astype(np.float64)
+        live = np.array(sorted(allowed))
+        m = row[live].max()
+        total += row[codes[level]] - m - np.log(np.exp(row[live] - m).sum())
+    return total
+
+
+def test_renormalized_exhaustive_beam_equals_brute_force(catalogue):
+    rng = np.random.default_rng(7)
+    beam, k = max(catalogue.prefix_tables().n_prefixes), 8
+    context = random_context(rng, 3, catalogue.codebook_sizes)
+    history = random_history(rng, 3, catalogue.n_items, 6)
+    valid, next_prefix = catalogue.prefix_tables().stacked()
+    search = jax.jit(beam_search, static_argnames=STATIC_ARGNAMES)
+    items, scores = search(
+        toy_step_fn(catalogue.codebook_sizes), jnp.asarray(context), valid, next_prefix,
+        catalogue.codebook_sizes, jnp.asarray(history), n_items=catalogue.n_items, beam=beam,
+        k=k, renormalize=True,
+    )  # fmt: skip
+    for b in range(3):
+        seen = set(history[b].tolist())
+        ranked = sorted(
+            ((ref_item_score_renormalized(context[b], catalogue, i), i)
+             for i in range(1, catalogue.n_items + 1) if i not in seen),
+            key=lambda t: -t[0],
+        )[:k]  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(items[b]), [i for _, i in ranked])
+        np.testing.assert_allclose(np.asarray(scores[b]), [s for s, _ in ranked], atol=1e-5)
+    # a proper distribution over valid items: probabilities of all items sum to 1
+    every = sum(np.exp(ref_item_score_renormalized(context[0], catalogue, i))
+                for i in range(1, catalogue.n_items + 1))  # fmt: skip
+    assert every == pytest.approx(1.0)

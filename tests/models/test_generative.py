@@ -52,12 +52,12 @@ def unboxed(params):
                         is_leaf=lambda x: hasattr(x, "unbox"))  # fmt: skip
 
 
-@pytest.mark.parametrize("per_target", [False, True])
-def test_loss_is_the_level_restricted_cross_entropy(per_target):
+@pytest.mark.parametrize("per_target,valid_only", [(False, True), (True, False)])
+def test_loss_is_the_level_restricted_cross_entropy(per_target, valid_only):
     data = planted()
     sem = random_codes(N_ITEMS, 2, 4, 0)
     c = tiny("tiger", session_items=2, encoder_causal=not per_target)
-    c.loss.label_smoothing = 0.1
+    c.loss.update(label_smoothing=0.1, valid_codes_only=valid_only)
     model = build_model(c, info_for(data, sem, 5))
     ds = generative_train_dataset(data, sem.codes, max_len=5, batch_size=8, seed=0,
                                   session_items=2, per_target=per_target)  # fmt: skip
@@ -85,9 +85,15 @@ def test_loss_is_the_level_restricted_cross_entropy(per_target):
             for q in range(dec.shape[-1]):
                 if not real[b, p, q]:
                     continue
-                z = logits[b, p, q][allowed[q]]
+                level = q % depth
+                cols_q = np.flatnonzero(allowed[q])
+                if valid_only:  # the codes that continue this target's prefix to some item
+                    item_codes = codes[b, p, q // depth]
+                    same = (sem.codes[1:, :level] == item_codes[:level]).all(1)
+                    cols_q = np.unique(sem.codes[1:][same, level]) + offsets[level]
+                z = logits[b, p, q][cols_q]
                 logp = z - z.max() - np.log(np.exp(z - z.max()).sum())
-                target = cols[b, p, q] - offsets[q % depth]
+                target = list(cols_q).index(cols[b, p, q])
                 total += 0.9 * -logp[target] + 0.1 * -logp.mean()
                 count += 1
     assert count == depth * mask.sum() and count > 0
