@@ -74,7 +74,7 @@ def _level_logprobs(
     return jnp.where(jnp.isnan(logp), -jnp.inf, logp)
 
 
-def _seen_mask(history: jax.Array, n_items: int) -> jax.Array:
+def seen_mask(history: jax.Array, n_items: int) -> jax.Array:
     """[B, n_items + 1] bool: True for the items in `history [B, H]` and for item 0."""
     batch = history.shape[0]
     rows = jnp.arange(batch, dtype=jnp.int32)[:, None]  # [B, 1]
@@ -113,7 +113,8 @@ def beam_search(
       next_prefix: [L + 1, P, C] int32, `PrefixTables.stacked()[1]`: the next prefix id, at the
         last level the item id (1..n_items); -1 where invalid.
       code_sizes: static, C_l per level (`SemanticIds.codebook_sizes`).
-      history: [B, H] int32 items the user has seen (0 = padding); never returned.
+      history: [B, H] int32 items the user has seen (0 = padding), never returned; or their
+        [B, n_items + 1] bool mask (`seen_mask`), whose fixed shape spares recompilations.
       n_items: static, number of real items (ids 1..n_items).
       beam: static, prefixes kept at each intermediate level.
       k: static, items returned; may exceed `beam`.
@@ -127,7 +128,15 @@ def beam_search(
     code_sizes = tuple(int(c) for c in code_sizes)
     valid, next_prefix = jnp.asarray(valid), jnp.asarray(next_prefix, jnp.int32)
     _check_static(valid, next_prefix, code_sizes, n_items, beam, k)
-    history = jnp.asarray(history, jnp.int32)
+    history = jnp.asarray(history)
+    if history.dtype == jnp.bool_:
+        if history.shape[1] != n_items + 1:
+            raise ValueError(
+                f"a seen mask is [B, n_items + 1 = {n_items + 1}], got {history.shape}"
+            )
+        seen_all = history.at[:, 0].set(True)
+    else:
+        seen_all = seen_mask(history.astype(jnp.int32), n_items)
     batch, depth = history.shape[0], len(code_sizes)
     neg_inf = jnp.float32(-jnp.inf)
 
@@ -158,7 +167,7 @@ def beam_search(
     # Last level: children are item ids (-1 where invalid, read as item 0, always masked).
     cand, children = expand(depth - 1, scores, prefix, tokens)
     items = jnp.maximum(children, 0)  # [B, W * C_L]
-    seen = jnp.take_along_axis(_seen_mask(history, n_items), items, axis=1)  # [B, W * C_L]
+    seen = jnp.take_along_axis(seen_all, items, axis=1)  # [B, W * C_L]
     cand = jnp.where(seen, neg_inf, cand)
     if k > cand.shape[1]:  # fewer expansions than slots: the rest is padding
         extra = k - cand.shape[1]

@@ -12,7 +12,7 @@ from jax.experimental import multihost_utils
 
 from onerec_jax.data import pipeline
 from onerec_jax.data.sequences import SequenceData
-from onerec_jax.evaluation import metrics, ranking
+from onerec_jax.evaluation import beam_search, metrics, ranking
 from onerec_jax.training import sharding
 
 
@@ -29,6 +29,8 @@ class Evaluator:
         self._valid_users = pipeline.sample_users(data.n_users, e.valid_users, config.seed)
         if self.generative:
             self._generate = jax.jit(model.generate)
+            # histories of any width -> one [B, n_items + 1] mask: generate compiles once
+            self._seen = jax.jit(beam_search.seen_mask, static_argnums=1)
             self._scorer_params = lambda params: params
         elif model.dot_product_scores:  # states [B, D] against the item table, computed once
             self._ranker = ranking.make_ranker(mesh, **options)
@@ -64,7 +66,8 @@ class Evaluator:
             glob = sharding.global_batch(local, self.mesh, self.rules)
             inputs = {"inputs": glob["inputs"], "user": glob["user"]}
             if self.generative:
-                top_items, _ = self._generate(params, inputs, glob["history"])
+                seen = self._seen(glob["history"], self.data.n_items)
+                top_items, _ = self._generate(params, inputs, seen)
                 r = _ranks_in_list(top_items, glob["target"], self.data.n_items)
             else:
                 states = self._user_state(params, inputs)

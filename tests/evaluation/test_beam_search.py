@@ -11,7 +11,12 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from onerec_jax.evaluation.beam_search import STATIC_ARGNAMES, beam_search, make_beam_search
+from onerec_jax.evaluation.beam_search import (
+    STATIC_ARGNAMES,
+    beam_search,
+    make_beam_search,
+    seen_mask,
+)
 from onerec_jax.tokenize.semantic_ids import SemanticIds, from_codes, random_codes
 
 NEG_INF = -np.inf
@@ -345,3 +350,14 @@ def test_renormalized_exhaustive_beam_equals_brute_force(catalogue):
     every = sum(np.exp(ref_item_score_renormalized(context[0], catalogue, i))
                 for i in range(1, catalogue.n_items + 1))  # fmt: skip
     assert every == pytest.approx(1.0)
+
+
+def test_a_seen_mask_gives_the_same_result_as_the_history(catalogue):
+    rng = np.random.default_rng(11)
+    context = random_context(rng, 4, catalogue.codebook_sizes)
+    history = random_history(rng, 4, catalogue.n_items, 6)
+    by_ids = run_search(context, catalogue, history, 3, 6)
+    mask = seen_mask(jnp.asarray(history), catalogue.n_items)
+    by_mask = run_search(context, catalogue, np.asarray(mask), 3, 6)
+    np.testing.assert_array_equal(by_ids[0], by_mask[0])
+    np.testing.assert_array_equal(by_ids[1], by_mask[1])
