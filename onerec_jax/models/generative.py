@@ -19,6 +19,7 @@ from onerec_jax.errors import ConfigError
 from onerec_jax.evaluation.beam_search import beam_search
 from onerec_jax.models import seq2seq
 from onerec_jax.models.base import DataInfo, ScoringModel
+from onerec_jax.training.optim import compute_dtype
 
 
 class GenerativeModel(ScoringModel):
@@ -114,80 +115,69 @@ class GenerativeModel(ScoringModel):
         metrics["loss"] = loss
         return loss, metrics
 
-    def generate(self, params, batch, history, k: int | None = None, beam: int | None = None):
-        """(items [B, K], scores [B, K]): the top K (default eval.k) valid items outside
-        `history` [B, H] by the sum of code log-probabilities, from a beam of `beam` (default
-        eval.beam) prefixes per level; fewer than K (item 0, score -inf) when the last level
-        offers fewer. Jit with `static_argnames=("k", "beam")`."""
+    def _encoded(self, params, batch):
+        """(variables, search context): the encoder memory, its mask and the last slot's state."""
         variables = {"params": params}
         memory, valid = self.module.apply(
             variables, batch["inputs"], batch["user"], method=self.module.encode
         )
-        memory_mask = valid[:, None, :]  # the last slot reads the whole history
         context = self.module.apply(
             variables, memory, 1, batch["inputs"].shape[1], method=self.module.slot_states
-        )  # [B, 1, D] its slot state
+        )  # [B, 1, D]
+        return variables, (memory, valid[:, None, :], context)  # the last slot reads it all
+
+    def _search(self, variables, context, chosen, history, *, beam: int, k: int):
+        """Beam search for the next item after the decoder tokens `chosen` [B, J] (the codes of
+        items already generated in this session; J = 0 for the next item)."""
         offsets = jnp.asarray(self.offsets)
 
         def step_fn(context, tokens, level):  # tokens [B, W, level] codes so far
             b, w = tokens.shape[:2]
-            prefix = tokens + offsets[:level] + seq2seq.FIRST_CODE
+            before = jnp.broadcast_to(chosen[:, None, :], (b, w, chosen.shape[1]))
+            current = (tokens + offsets[:level] + seq2seq.FIRST_CODE).astype(jnp.int32)
             bos = jnp.full((b, w, 1), seq2seq.BOS, jnp.int32)
-            dec = jnp.concatenate([bos, prefix.astype(jnp.int32)], axis=-1)
+            dec = jnp.concatenate([bos, before, current], axis=-1)
             logits, _ = self.module.apply(variables, *context, dec, method=self.module.decode)
             lo = int(self.offsets[level])
             return logits[:, :, -1, lo : lo + self.code_sizes[level]]
 
         return beam_search(
-            step_fn, (memory, memory_mask, context), self.valid, self.next_prefix, self.code_sizes,
-            history, n_items=self.info.n_items, beam=beam or self.beam, k=k or self.k,
-            renormalize=self.valid_only,
+            step_fn, context, self.valid, self.next_prefix, self.code_sizes, history,
+            n_items=self.info.n_items, beam=beam, k=k, renormalize=self.valid_only,
         )  # fmt: skip
+
+    def generate(self, params, batch, history, k: int | None = None, beam: int | None = None):
+        """(items [B, K], scores [B, K]): the top K (default eval.k) valid items outside
+        `history` ([B, H] item ids or a [B, n_items + 1] seen mask) by the sum of code
+        log-probabilities, from a beam of `beam` (default eval.beam) prefixes per level; fewer
+        than K (item 0, score -inf) when the last level offers fewer. Jit with
+        `static_argnames=("k", "beam")`."""
+        variables, context = self._encoded(params, batch)
+        chosen = jnp.zeros((batch["inputs"].shape[0], 0), jnp.int32)
+        return self._search(
+            variables, context, chosen, history, beam=beam or self.beam, k=k or self.k
+        )
 
     def generate_session(self, params, batch, history, m: int | None = None):
         """(items [B, M], scores [B, M]): the next M (default model.session_items) items, one
         after another: item j is the best of a constrained beam search whose decoder prefix holds
         items 0..j-1's codes (session-wise generation, as trained); none repeats the history
-        or an earlier pick. Jit with `static_argnames="m"`."""
+        ([B, H] item ids) or an earlier pick. Jit with `static_argnames="m"`."""
         m = m or self.session_items
         if m > self.session_items:
             raise ConfigError(
                 f"a session of {m} items needs a model trained with model.session_items >= {m} "
                 f"(this one: {self.session_items})."
             )
-        variables = {"params": params}
-        memory, valid = self.module.apply(
-            variables, batch["inputs"], batch["user"], method=self.module.encode
-        )
-        memory_mask = valid[:, None, :]
-        context = self.module.apply(
-            variables, memory, 1, batch["inputs"].shape[1], method=self.module.slot_states
-        )
-        offsets = jnp.asarray(self.offsets)
+        variables, context = self._encoded(params, batch)
         code_tokens = jnp.asarray(
             np.maximum(self.info.semantic_ids.codes, 0) + self.offsets + seq2seq.FIRST_CODE,
             jnp.int32,
         )  # [V, L+1] an item's decoder tokens
-        b = history.shape[0]
-        chosen = jnp.zeros((b, 0), jnp.int32)  # decoder tokens of the items picked so far
+        chosen = jnp.zeros((history.shape[0], 0), jnp.int32)
         items, scores = [], []
         for _ in range(m):
-
-            def step_fn(context, tokens, level, chosen=chosen):
-                w = tokens.shape[1]
-                prefix = jnp.broadcast_to(chosen[:, None, :], (b, w, chosen.shape[1]))
-                current = tokens + offsets[:level] + seq2seq.FIRST_CODE
-                bos = jnp.full((b, w, 1), seq2seq.BOS, jnp.int32)
-                dec = jnp.concatenate([bos, prefix, current.astype(jnp.int32)], axis=-1)
-                logits, _ = self.module.apply(variables, *context, dec, method=self.module.decode)
-                lo = int(self.offsets[level])
-                return logits[:, :, -1, lo : lo + self.code_sizes[level]]
-
-            top, score = beam_search(
-                step_fn, (memory, memory_mask, context), self.valid, self.next_prefix,
-                self.code_sizes, history, n_items=self.info.n_items, beam=self.beam, k=1,
-                renormalize=self.valid_only,
-            )  # fmt: skip
+            top, score = self._search(variables, context, chosen, history, beam=self.beam, k=1)
             items.append(top[:, 0])
             scores.append(score[:, 0])
             chosen = jnp.concatenate([chosen, code_tokens[top[:, 0]]], axis=1)
@@ -221,3 +211,31 @@ def side_arrays(config: ml_collections.ConfigDict, info: DataInfo) -> dict:
         item_year_bucket=None if years is None else np.asarray(years, np.int32),
         n_year_buckets=1 if years is None else int(np.max(years)) + 1,
     )
+
+
+def build(config: ml_collections.ConfigDict, info: DataInfo, **module_fields) -> GenerativeModel:
+    """A GenerativeModel over `EncoderDecoder(config.model ..., **module_fields)`; the model
+    files pass what differs (encoder input, activation, item-id and side-feature inputs)."""
+    check_semantic_ids(config, info)
+    m = config.model
+    module = seq2seq.EncoderDecoder(
+        vocab_size=info.vocab_size,
+        item_codes=np.maximum(info.semantic_ids.codes, 0),
+        code_sizes=tuple(info.semantic_ids.codebook_sizes),
+        max_len=info.max_len,
+        session_items=m.session_items,
+        causal=m.encoder_causal,
+        dim=m.dim,
+        num_layers=m.num_layers,
+        decoder_layers=m.decoder_layers,
+        num_heads=m.num_heads,
+        mlp_dim=m.mlp_dim,
+        dropout=m.dropout,
+        num_experts=m.num_experts,
+        experts_per_token=m.experts_per_token,
+        expert_capacity=m.expert_capacity,
+        expert_group_size=m.expert_group_size,
+        dtype=compute_dtype(config.train.compute_dtype),
+        **module_fields,
+    )
+    return GenerativeModel(module, config, info)

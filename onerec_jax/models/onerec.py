@@ -210,31 +210,8 @@ def build(config: ml_collections.ConfigDict, info: DataInfo) -> ScoringModel:
 def build_semantic_id_decoder(config: ml_collections.ConfigDict, info: DataInfo) -> ScoringModel:
     """OneRec's encoder-decoder with a mixture-of-experts decoder over semantic ids."""
     from onerec_jax.models import generative
-    from onerec_jax.models.seq2seq import EncoderDecoder
 
-    generative.check_semantic_ids(config, info)
-    m = config.model
-    module = EncoderDecoder(
-        vocab_size=info.vocab_size,
-        item_codes=np.maximum(info.semantic_ids.codes, 0),
-        code_sizes=tuple(info.semantic_ids.codebook_sizes),
-        max_len=info.max_len,
-        encoder_input="items",
-        session_items=m.session_items,
-        causal=m.encoder_causal,
-        dim=m.dim,
-        num_layers=m.num_layers,
-        decoder_layers=m.decoder_layers,
-        num_heads=m.num_heads,
-        mlp_dim=m.mlp_dim,
-        dropout=m.dropout,
-        activation="swiglu",
-        num_experts=m.num_experts,
-        experts_per_token=m.experts_per_token,
-        expert_capacity=m.expert_capacity,
-        expert_group_size=m.expert_group_size,
-        item_ids=m.item_id_embedding,
-        **generative.side_arrays(config, info),
-        dtype=compute_dtype(config.train.compute_dtype),
-    )
-    return generative.GenerativeModel(module, config, info)
+    return generative.build(
+        config, info, encoder_input="items", activation="swiglu",
+        item_ids=config.model.item_id_embedding, **generative.side_arrays(config, info),
+    )  # fmt: skip
