@@ -347,6 +347,7 @@ def restore_best(trainer: Trainer, workdir: str | Path) -> tuple[int | None, Any
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """`--mode eval`: best params onto the devices present, test metrics recomputed."""
     workdir = Path(workdir)
+    config = ensure_semantic_ids(config, workdir)  # the run's own ids when none are named
     data, items = dataset.load_data(config.data)
     trainer = Trainer(config, data, items)
     best, params = restore_best(trainer, workdir)
