@@ -21,22 +21,24 @@ import os
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import ML25M_ITEMS, ML25M_USERS, synthetic_sequences  # noqa: E402
+from train_throughput import (  # noqa: E402
+    ML25M_ITEMS,
+    ML25M_USERS,
+    synthetic_sequences,
+    time_train_steps,
+)
 
 
 def run_variant(args, variant: str, ids_path: str) -> dict:
-    import jax
     from absl import flags, logging
 
     from onerec_jax.defaults import apply_variant, base_config
     from onerec_jax.evaluation.evaluator import Evaluator
-    from onerec_jax.training import sharding
     from onerec_jax.training.train import Trainer
 
     flags.FLAGS(sys.argv[:1])  # Grain reads absl flags
@@ -51,22 +53,8 @@ def run_variant(args, variant: str, ids_path: str) -> dict:
         c.eval.batch_size = args.eval_batch
     data = synthetic_sequences(args.train_users, args.n_items, args.seed)
     trainer = Trainer(c, data, items=None)
-    it = iter(trainer.batches(args.seed))
-    host = [next(it) for _ in range(4)]
+    state, host, compile_s, times, _ = time_train_steps(trainer, args.seed, args.warmup, args.steps)
     targets = float(np.mean([b["mask"].sum() for b in host]))
-    batches = [sharding.global_batch(b, trainer.mesh, trainer.rules) for b in host]
-    state = trainer.init_state(args.seed)
-    rng = jax.random.key(args.seed)
-    start = time.perf_counter()
-    step = trainer.train_step.lower(state, batches[0], rng).compile()
-    compile_s = time.perf_counter() - start
-    times = []
-    for i in range(args.warmup + args.steps):
-        start = time.perf_counter()
-        state, metrics = step(state, batches[i % len(batches)], rng)
-        jax.block_until_ready((state, metrics))
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
     step_s = float(np.median(times))
     row = {
         "variant": variant,

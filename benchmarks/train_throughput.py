@@ -131,6 +131,33 @@ def peak_memory() -> tuple[float, str]:
     return float("nan"), "unknown"
 
 
+def time_train_steps(trainer, seed: int, warmup: int, steps: int):
+    """Compiles `trainer.train_step` ahead of time and runs `warmup` + `steps` steps over 4
+    cycled batches, each blocked until done. Returns (state, host batches, compile s, the timed
+    steps' seconds, the last loss)."""
+    import jax
+
+    from onerec_jax.training import sharding
+
+    it = iter(trainer.batches(seed))
+    host = [next(it) for _ in range(4)]  # cycled through by the timed steps
+    batches = [sharding.global_batch(b, trainer.mesh, trainer.rules) for b in host]
+    state = trainer.init_state(seed)
+    rng = jax.random.key(seed)
+    start = time.perf_counter()
+    step = trainer.train_step.lower(state, batches[0], rng).compile()
+    compile_s = time.perf_counter() - start
+    times, loss_value = [], float("nan")
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        state, metrics = step(state, batches[i % len(batches)], rng)
+        jax.block_until_ready((state, metrics))
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+        loss_value = float(metrics["loss"])
+    return state, host, compile_s, times, loss_value
+
+
 def run_one(args, model: str, dim: int, loss: str, dtype: str, with_eval: bool) -> None:
     """Trains, times (and evaluates) one configuration in this process.
 
@@ -141,7 +168,6 @@ def run_one(args, model: str, dim: int, loss: str, dtype: str, with_eval: bool) 
     from absl import flags, logging
 
     from onerec_jax.evaluation.evaluator import Evaluator
-    from onerec_jax.training import sharding
     from onerec_jax.training.train import Trainer
 
     flags.FLAGS(sys.argv[:1])  # Grain reads absl flags
@@ -149,25 +175,11 @@ def run_one(args, model: str, dim: int, loss: str, dtype: str, with_eval: bool) 
     c = make_config(args, model, dim, loss, dtype)
     data = synthetic_sequences(args.train_users, args.n_items, args.seed)
     trainer = Trainer(c, data, items=None)
-    it = iter(trainer.batches(args.seed))
-    host = [next(it) for _ in range(4)]  # cycled through by the timed steps
+    state, host, compile_s, times, loss_value = time_train_steps(
+        trainer, args.seed, args.warmup, args.steps
+    )
     tokens = float(np.mean([b["mask"].sum() for b in host]))
     padding = 1.0 - float(np.mean([b["mask"].mean() for b in host]))
-    batches = [sharding.global_batch(b, trainer.mesh, trainer.rules) for b in host]
-    state = trainer.init_state(args.seed)
-    rng = jax.random.key(args.seed)
-
-    start = time.perf_counter()
-    step = trainer.train_step.lower(state, batches[0], rng).compile()
-    compile_s = time.perf_counter() - start
-    times, loss_value = [], float("nan")
-    for i in range(args.warmup + args.steps):
-        start = time.perf_counter()
-        state, metrics = step(state, batches[i % len(batches)], rng)
-        jax.block_until_ready((state, metrics))
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
-        loss_value = float(metrics["loss"])
     step_s = float(np.median(times))
     peak_bytes, peak_source = peak_memory()  # before evaluation
 
