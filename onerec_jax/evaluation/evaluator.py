@@ -33,7 +33,8 @@ class Evaluator:
             self._seen = jax.jit(beam_search.seen_mask, static_argnums=1)
             self._scorer_params = lambda params: params
         elif model.dot_product_scores:  # states [B, D] against the item table, computed once
-            self._ranker = ranking.make_ranker(mesh, **options)
+            # The table may carry padding rows (split over the mesh): rank the real items only.
+            self._ranker = ranking.make_ranker(mesh, n_items=data.n_items, rules=rules, **options)
             self._scorer_params = jax.jit(model.item_table)
         else:  # the model scores item chunks itself (e.g. NCF's MLP)
             self._ranker = ranking.make_ranker_with(

@@ -22,6 +22,7 @@ score (its column is masked like any history item, and it is never counted again
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +33,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from onerec_jax.data.sequences import SequenceData
+from onerec_jax.training import vocab_parallel
 
 BATCH_AXES = ("data", "fsdp")  # mesh axes the eval batch is split over; the rest replicate
 
@@ -81,24 +83,60 @@ def rank_and_topk_with(
       is -inf, i.e. when fewer than k items are unmasked), top_scores [B, k] float32.
     """
     _check_static(n_items, k, chunk_size)
-    n_rows = n_items + 1  # ids 0..n_items, item 0 never ranked
-    chunk = min(chunk_size, n_rows)
-    n_chunks = -(-n_rows // chunk)
     targets = targets.astype(jnp.int32)
     history = history.astype(jnp.int32)
-    batch = targets.shape[0]
     if target_scores is None:
         diagonal = score_chunk_fn(user_state, jnp.clip(targets, 0, n_items))  # [B, B]
         target_scores = jnp.diagonal(diagonal)
     target_scores = target_scores.astype(jnp.float32)  # [B]
+    count, top_scores, top_items = _scan_ids(
+        score_chunk_fn, user_state, n_items, targets, history, target_scores,
+        first_id=0, n_ids=n_items + 1, k=k, chunk_size=chunk_size, mask_history=mask_history,
+    )  # fmt: skip
+    return _finish(count, top_scores, top_items, target_scores, n_items)
+
+
+def _finish(count, top_scores, top_items, target_scores, n_items: int):
+    ranks = jnp.where(jnp.isfinite(target_scores), 1 + count, n_items).astype(jnp.int32)
+    top_items = jnp.where(top_scores == -jnp.inf, 0, top_items)
+    return ranks, top_items, top_scores
+
+
+def _scan_ids(
+    score_chunk_fn: ScoreChunkFn,
+    user_state: Any,
+    n_items: int,
+    targets: jax.Array,
+    history: jax.Array,
+    target_scores: jax.Array,
+    *,
+    first_id,
+    n_ids: int,
+    k: int,
+    chunk_size: int,
+    mask_history: bool,
+    varying: tuple[str, ...] = (),
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(count of items scoring above the target, running top-k scores, their ids) over ids
+    first_id .. first_id + n_ids - 1 (those in 1..n_items), chunk by chunk.
+
+    `first_id` is 0 or, on one shard of a split catalogue, a traced offset; `varying` then
+    names the shard_map axes the scores differ over (the loop carry must say so too).
+    """
+    chunk = min(chunk_size, n_ids)
+    n_chunks = -(-n_ids // chunk)
+    batch = targets.shape[0]
     rows = jnp.arange(batch, dtype=jnp.int32)[:, None]  # [B, 1]
     neg_inf = jnp.float32(-jnp.inf)
+    offset = not (isinstance(first_id, int) and first_id == 0)
 
     def body(c, carry):
         count, top_scores, top_items = carry  # [B], [B, k], [B, k]
-        start = c * chunk
+        start = first_id + c * chunk if offset else c * chunk
         ids = start + jnp.arange(chunk, dtype=jnp.int32)  # [C]
         valid = (ids >= 1) & (ids <= n_items)  # [C]
+        if offset:  # a chunk running past this shard's rows
+            valid = valid & (ids < first_id + n_ids)
         scores = score_chunk_fn(user_state, jnp.where(valid, ids, 0)).astype(jnp.float32)
         scores = jnp.where(valid[None, :], scores, neg_inf)  # [B, C]
         if mask_history and history.shape[1]:
@@ -125,10 +163,9 @@ def rank_and_topk_with(
         jnp.full((batch, k), neg_inf),
         jnp.zeros((batch, k), jnp.int32),
     )
-    count, top_scores, top_items = jax.lax.fori_loop(0, n_chunks, body, init)
-    ranks = jnp.where(jnp.isfinite(target_scores), 1 + count, n_items).astype(jnp.int32)
-    top_items = jnp.where(top_scores == neg_inf, 0, top_items)
-    return ranks, top_items, top_scores
+    if varying:
+        init = jax.lax.pcast(init, varying, to="varying")
+    return jax.lax.fori_loop(0, n_chunks, body, init)
 
 
 def _dot_scores(state: tuple[jax.Array, jax.Array], ids: jax.Array) -> jax.Array:
@@ -154,6 +191,7 @@ def rank_and_topk(
     k: int = 50,
     chunk_size: int = 8192,
     mask_history: bool = True,
+    n_items: int | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Full ranking of a dot-product model: score(u, i) = user_states[u] . item_table[i].
 
@@ -163,11 +201,12 @@ def rank_and_topk(
       targets: [B] int32 ids in 1..V-1 (0 on padding rows).
       history: [B, H] int32 the user's whole prefix before the target, 0-padded.
       k, chunk_size, mask_history: static; see `rank_and_topk_with`.
+      n_items: real items (default V - 1); rows past n_items (table padding) are never ranked.
 
     Returns:
       ranks [B] int32 (1-based), top_items [B, k] int32, top_scores [B, k] float32.
     """
-    n_items = item_table.shape[0] - 1
+    n_items = item_table.shape[0] - 1 if n_items is None else n_items
     target_rows = jnp.take(item_table, jnp.clip(targets, 0, n_items), axis=0)  # [B, D]
     target_scores = jnp.sum(
         user_states.astype(jnp.float32) * target_rows.astype(jnp.float32), axis=-1
@@ -185,22 +224,92 @@ def rank_and_topk(
     )
 
 
+def rank_and_topk_split(
+    user_states: jax.Array,
+    item_table: jax.Array,
+    targets: jax.Array,
+    history: jax.Array,
+    *,
+    axes: tuple[str, ...],
+    mesh: jax.sharding.Mesh | None = None,
+    n_items: int | None = None,
+    k: int = 50,
+    chunk_size: int = 8192,
+    mask_history: bool = True,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`rank_and_topk` on an item table whose rows are split over the mesh `axes`.
+
+    Each shard ranks its own rows (global ids offset + local) chunk by chunk against the
+    targets' scores, which are computed once up front exactly as `rank_and_topk` does; the
+    shards' counts of higher-scoring items are summed and their top-k lists (global ids) are
+    all-gathered over `axes`, in shard order, and merged by one more top_k, so ties still go
+    to the lower id. The table is never gathered: besides [B, chunk] scores, a device holds
+    only S * [B, k] candidates. The batch stays split as it arrives (the mesh's other axes).
+    """
+    n_items = item_table.shape[0] - 1 if n_items is None else n_items
+    _check_static(n_items, k, chunk_size)
+    shard_rows = item_table.shape[0] // math.prod(
+        (mesh or jax.sharding.get_abstract_mesh()).shape[a] for a in axes
+    )
+    targets = targets.astype(jnp.int32)
+    history = history.astype(jnp.int32)
+
+    def body(user_states, table_shard, targets, history):
+        first = vocab_parallel.local_offset(axes, shard_rows)
+        # As `rank_and_topk`: the targets' rows (each from its shard), one float32 dot each.
+        target_rows = vocab_parallel.local_take(table_shard, jnp.clip(targets, 0, n_items), axes)
+        target_scores = jnp.sum(
+            user_states.astype(jnp.float32) * target_rows.astype(jnp.float32), axis=-1
+        )  # [B]
+
+        def scores(state, ids):  # global ids -> this shard's rows
+            return _dot_scores((state, table_shard), jnp.clip(ids - first, 0, shard_rows - 1))
+
+        count, top_scores, top_items = _scan_ids(
+            scores, user_states, n_items, targets, history, target_scores, first_id=first,
+            n_ids=shard_rows, k=k, chunk_size=chunk_size, mask_history=mask_history,
+            varying=axes,
+        )  # fmt: skip
+        count = jax.lax.psum(count, axes)
+        every_score = jax.lax.all_gather(
+            top_scores, axes, axis=1, tiled=True, to="invarying"
+        )  # [B, S * k]
+        every_item = jax.lax.all_gather(top_items, axes, axis=1, tiled=True, to="invarying")
+        top_scores, pos = jax.lax.top_k(every_score, k)  # lower position = lower id on ties
+        top_items = jnp.take_along_axis(every_item, pos, axis=1)
+        return count, top_scores, top_items, target_scores
+
+    count, top_scores, top_items, target_scores = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(P(), P(axes, None), P(), P()),
+        out_specs=(P(), P(), P(), P()),
+        axis_names=set(axes),
+    )(user_states, item_table, targets, history)
+    return _finish(count, top_scores, top_items, target_scores, n_items)
+
+
 def make_ranker(
     mesh: jax.sharding.Mesh | None = None,
     *,
     k: int = 50,
     chunk_size: int = 8192,
     mask_history: bool = True,
+    n_items: int | None = None,
+    rules=None,
 ) -> Callable[..., tuple[jax.Array, jax.Array, jax.Array]]:
     """Jitted `rank_and_topk(user_states, item_table, targets, history)` with static options.
 
     With a mesh, the batch dimension of the user inputs and of the outputs is split over the
-    mesh's ("data", "fsdp") axes (the global batch must be a multiple of their size) and the
-    item table is replicated. The layouts are set by sharding constraints inside the jitted
-    function rather than by `in_shardings`, so inputs may arrive in any layout on the mesh (a
-    model's item table is typically sharded over "model"/"fsdp"; jit would reject it).
+    mesh's ("data", "fsdp") axes (the global batch must be a multiple of their size). An item
+    table whose rows split evenly over the mesh axes that `rules` (default: the global logical
+    rules) give "vocab" stays split and is ranked shard by shard (`rank_and_topk_split`);
+    otherwise it is replicated. The layouts are set by sharding constraints inside the jitted
+    function rather than by `in_shardings`, so inputs may arrive in any layout on the mesh.
+    `n_items`: the real items when the table has padding rows (default: rows - 1).
     """
-    fn = functools.partial(rank_and_topk, k=k, chunk_size=chunk_size, mask_history=mask_history)
+    options = dict(k=k, chunk_size=chunk_size, mask_history=mask_history, n_items=n_items)
+    fn = functools.partial(rank_and_topk, **options)
     if mesh is None:
         return jax.jit(fn)
     axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names) or None
@@ -209,9 +318,15 @@ def make_ranker(
     replicated = NamedSharding(mesh, P())
 
     def sharded(user_states, item_table, targets, history):
+        split = vocab_parallel.split_axes(item_table, mesh, rules)
+        table = NamedSharding(mesh, P(split, None)) if split else replicated
         user_states, item_table, targets, history = jax.lax.with_sharding_constraint(
-            (user_states, item_table, targets, history), (rows2d, replicated, rows, rows2d)
+            (user_states, item_table, targets, history), (rows2d, table, rows, rows2d)
         )
+        if split:
+            return rank_and_topk_split(
+                user_states, item_table, targets, history, axes=split, mesh=mesh, **options
+            )
         return fn(user_states, item_table, targets, history)
 
     return jax.jit(sharded, out_shardings=(rows, rows2d, rows2d))

@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from onerec_jax.errors import ConfigError
-from onerec_jax.training import losses
+from onerec_jax.training import losses, vocab_parallel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,9 +47,20 @@ class DataInfo:
 
 
 def next_item_loss(
-    cfg: ml_collections.ConfigDict, hidden, table, targets, mask, rng, item_log_probs
+    cfg: ml_collections.ConfigDict,
+    hidden,
+    table,
+    targets,
+    mask,
+    rng,
+    item_log_probs,
+    vocab_size: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """(loss_sum, count) of `cfg.name` over flattened positions; see training/losses.py."""
+    """(loss_sum, count) of `cfg.name` over flattened positions; see training/losses.py.
+
+    `vocab_size`: the table rows that are items, when the table is padded to split evenly over
+    the mesh (training/vocab_parallel.py); default: all rows.
+    """
     d = hidden.shape[-1]
     hidden, targets, mask = hidden.reshape(-1, d), targets.reshape(-1), mask.reshape(-1)
     if cfg.name == "full_softmax":
@@ -60,12 +71,13 @@ def next_item_loss(
             mask,
             chunk_size=cfg.chunk_size,
             label_smoothing=cfg.label_smoothing,
+            vocab_size=vocab_size,
         )
     if cfg.name == "sampled_softmax":
         pool = None
         rng, pool_rng = jax.random.split(rng)
         if cfg.hard_negatives > 0:
-            pool = jax.random.randint(pool_rng, (cfg.hard_pool_size,), 1, table.shape[0])
+            pool = jax.random.randint(pool_rng, (cfg.hard_pool_size,), 1, vocab_size or len(table))
         return losses.sampled_softmax_xent(
             hidden,
             table,
@@ -80,9 +92,10 @@ def next_item_loss(
             logq_correction=cfg.logq,
             hard_negatives=cfg.hard_negatives,
             hard_pool=pool,
+            vocab_size=vocab_size,
         )
     if cfg.name == "bce":
-        return losses.bce_one_negative(hidden, table, targets, mask, rng)
+        return losses.bce_one_negative(hidden, table, targets, mask, rng, vocab_size=vocab_size)
     raise ConfigError(f"loss.name={cfg.name!r}: use 'full_softmax', 'sampled_softmax' or 'bce'.")
 
 
@@ -112,7 +125,8 @@ class ScoringModel:
         return self.module.apply({"params": params}, inputs, train=train, rngs=rngs, method=method)
 
     def item_table(self, params) -> jax.Array:
-        """[V, D] output embeddings, row 0 = padding."""
+        """[V, D] output embeddings, row 0 = padding; rows >= V (only when the table is padded
+        to split over the mesh, training/vocab_parallel.py) are not items."""
         return self.module.apply({"params": params}, method=self.module.item_table)
 
     def user_state(self, params, batch) -> jax.Array:
@@ -127,7 +141,7 @@ class ScoringModel:
         chunk by chunk through it (evaluation/ranking.py `rank_and_topk_with`), with history
         masking still done by the shared ranker.
         """
-        rows = jnp.take(self.item_table(params), item_ids, axis=0)  # [C, D]
+        rows = vocab_parallel.take_rows(self.item_table(params), item_ids)  # [C, D]
         return jnp.einsum("bd,cd->bc", state, rows, preferred_element_type=jnp.float32,
                           precision=jax.lax.Precision.HIGHEST)  # fmt: skip
 
@@ -148,6 +162,7 @@ class ScoringModel:
             batch["mask"],
             loss_rng,
             self.item_log_probs,
+            vocab_size=self.info.vocab_size,
         )
         loss = total / jnp.maximum(count, 1.0)
         return loss, {"loss": loss, "tokens": count}

@@ -26,6 +26,7 @@ import numpy as np
 from onerec_jax.errors import ConfigError
 from onerec_jax.models import layers
 from onerec_jax.models.base import DataInfo, ScoringModel, next_item_loss
+from onerec_jax.training import vocab_parallel
 from onerec_jax.training.optim import compute_dtype
 
 
@@ -50,9 +51,13 @@ class OneRecItemHead(nn.Module):
         init = nn.with_logical_partitioning(
             nn.initializers.normal(self.dim**-0.5), ("vocab", "embed")
         )
-        # Row vocab_size is the [MASK] token of the reconstruction loss, never scored.
+        # Row vocab_size is the [MASK] token of the reconstruction loss, never scored; rows past
+        # it pad the table to split evenly over the mesh (training/vocab_parallel.py).
         self.id_embedding = nn.Embed(
-            self.vocab_size + 1, self.dim, dtype=self.dtype, embedding_init=init
+            vocab_parallel.padded_rows(self.vocab_size + 1),
+            self.dim,
+            dtype=self.dtype,
+            embedding_init=init,
         )
         side = nn.with_logical_partitioning(nn.initializers.normal(self.dim**-0.5), (None, "embed"))
         if self.item_genres is not None:
@@ -103,8 +108,11 @@ class OneRecItemHead(nn.Module):
 
     def embed_items(self, ids: jax.Array) -> jax.Array:
         """[...] item ids (incl. padding 0 and the mask token) -> fused embeddings [..., D]."""
-        parts = [self.id_embedding(ids)]
-        real = ids < self.vocab_size  # the mask token has no side features
+        return self._fuse([vocab_parallel.embed(self.id_embedding, ids)], ids)
+
+    def _fuse(self, parts: list[jax.Array], ids: jax.Array) -> jax.Array:
+        """The id embeddings `parts[0]` of `ids` fused with the items' side features."""
+        real = ids < self.vocab_size  # the mask token (and table padding) has no side features
         safe = jnp.where(real, ids, 0)
         if self.item_genres is not None:
             genres = jnp.asarray(self.item_genres)[safe]  # [..., G]
@@ -137,8 +145,16 @@ class OneRecItemHead(nn.Module):
         return self.final_norm(x)
 
     def item_table(self):
-        """[V, D] fused embeddings of every item (row 0 = padding): the prediction layer."""
-        return self.embed_items(jnp.arange(self.vocab_size))
+        """[V, D] fused embeddings of every item (row 0 = padding): the prediction layer.
+
+        On a vocab-split table: all its rows, fused row by row on their own devices (rows >= V,
+        the mask token and padding, are not items).
+        """
+        table = self.id_embedding.embedding
+        if not vocab_parallel.split_axes(table):
+            return self.embed_items(jnp.arange(self.vocab_size))
+        fused = self._fuse([table.astype(self.dtype)], jnp.arange(table.shape[0]))
+        return nn.with_logical_constraint(fused, ("vocab", "embed"))
 
 
 class OneRecItemModel(ScoringModel):
@@ -156,8 +172,9 @@ class OneRecItemModel(ScoringModel):
         hidden = self.apply(params, corrupted, train=True, rng=drop_rng)
         table = self.item_table(params)
         total, count = next_item_loss(
-            self.config.loss, hidden, table, inputs, masked, loss_rng, self.item_log_probs
-        )
+            self.config.loss, hidden, table, inputs, masked, loss_rng, self.item_log_probs,
+            vocab_size=self.info.vocab_size,
+        )  # fmt: skip
         aux = total / jnp.maximum(count, 1.0)
         metrics = {**metrics, "next_item_loss": loss, "aux_loss": aux}
         total_loss = loss + m.aux_weight * aux

@@ -8,6 +8,7 @@ import ml_collections
 
 from onerec_jax.models import layers
 from onerec_jax.models.base import DataInfo, ScoringModel
+from onerec_jax.training import vocab_parallel
 from onerec_jax.training.optim import compute_dtype
 
 
@@ -25,7 +26,7 @@ class SASRec(nn.Module):
     def setup(self):
         init = nn.initializers.normal(stddev=self.dim**-0.5)
         self.item_embedding = nn.Embed(
-            self.vocab_size,
+            vocab_parallel.padded_rows(self.vocab_size),  # splits evenly over the mesh
             self.dim,
             dtype=self.dtype,
             embedding_init=nn.with_logical_partitioning(init, ("vocab", "embed")),
@@ -55,7 +56,8 @@ class SASRec(nn.Module):
         """inputs [B, L] left-padded item ids -> hidden [B, L, D]."""
         length = inputs.shape[1]
         positions = layers.positions_from_end(length)
-        x = self.item_embedding(inputs) * jnp.sqrt(self.dim).astype(self.dtype)  # [B, L, D]
+        x = vocab_parallel.embed(self.item_embedding, inputs)  # [B, L, D]
+        x = x * jnp.sqrt(self.dim).astype(self.dtype)
         x = x + self.position_embedding[positions].astype(self.dtype)
         x = self.dropout_layer(x, deterministic=not train)
         x = x * (inputs > 0)[..., None]  # padding slots carry nothing
@@ -66,7 +68,7 @@ class SASRec(nn.Module):
         return x
 
     def item_table(self):
-        return self.item_embedding.embedding  # [V, D], shared with the input
+        return self.item_embedding.embedding  # [V (+ padding rows), D], shared with the input
 
 
 def build(config: ml_collections.ConfigDict, info: DataInfo) -> ScoringModel:
