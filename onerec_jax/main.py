@@ -1,4 +1,9 @@
-"""Command line: `python -m onerec_jax.main --config configs/X.py[:variant] --mode M`."""
+"""Command line: `python -m onerec_jax.main --config configs/X.py[:variant] --mode M`.
+
+Multi-process runs (launch/) start every process with the same command; `distributed` decides
+from flags and the launcher's environment whether to join them. Training and evaluation run on
+every process (all write the Orbax checkpoints); only process 0 writes reports and prints.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from onerec_jax import distributed
 from onerec_jax.data import dataset, sequences
 from onerec_jax.errors import UserError
 
@@ -28,6 +34,27 @@ _ITEMS = flags.DEFINE_multi_string(
     "repeated, e.g. --items='Toy Story (1995); Heat' --items=260.",
 )
 _K = flags.DEFINE_integer("k", 10, "--mode recommend: how many movies to recommend.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed",
+    None,
+    "Join a multi-process run: --distributed lets JAX detect the launcher (TPU pod, Open MPI), "
+    "--nodistributed ignores the launcher's environment; unset: decided by the flags below, the "
+    "JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID variables, or a SLURM step.",
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-process: HOST:PORT of process 0 (same on every process)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: how many processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this process, 0..N-1.")
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    "distributed_init_timeout", 300, "Multi-process: seconds to wait for every process to join."
+)
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "distributed_heartbeat_timeout",
+    100,
+    "Multi-process: seconds without a heartbeat after which a process counts as dead and the "
+    "others stop with an error.",
+)
 
 
 def prepare(config, workdir: str) -> sequences.SequenceData:
@@ -70,6 +97,40 @@ def _print_eval(out: dict, workdir: Path) -> None:
         print("matches the recorded results.json" if same else "DIFFERS from results.json")
 
 
+def _is_main() -> bool:
+    import jax
+
+    return jax.process_index() == 0
+
+
+def _join_processes(mode: str) -> bool:
+    """Joins the multi-process run the flags or environment ask for, before any JAX op;
+    False where this process has nothing to do (single-process modes run on process 0 only)."""
+    plan = distributed.plan(
+        distributed=_DISTRIBUTED.value,
+        coordinator_address=_COORDINATOR.value,
+        num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value,
+        initialization_timeout=_INIT_TIMEOUT.value,
+        heartbeat_timeout=_HEARTBEAT_TIMEOUT.value,
+    )
+    if mode in ("train", "eval"):
+        distributed.initialize(plan)
+        print(distributed.topology_line(), flush=True)
+        return True
+    if plan is None:
+        return True
+    index = plan.process_id
+    if index is None:  # only JAX can tell (e.g. a TPU pod's metadata)
+        distributed.initialize(plan)
+        import jax
+
+        index = jax.process_index()
+    if index != 0:
+        print(f"process {index}: --mode {mode} runs on process 0 only; nothing to do here.")
+    return index == 0
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -79,6 +140,8 @@ def main(argv):
         raise app.UsageError("--config is required, e.g. --config configs/demo.py")
     workdir = Path(_WORKDIR.value)
     try:
+        if not _join_processes(_MODE.value):
+            return
         if _MODE.value == "report":  # reads the runs under --workdir; needs no config
             from onerec_jax.evaluation import report
 
@@ -101,11 +164,14 @@ def main(argv):
             from onerec_jax.training import train  # JAX start-up only when training
 
             results = train.train_and_evaluate(config, workdir)
-            _print_results(results, workdir)
+            if _is_main():
+                _print_results(results, workdir)
         elif _MODE.value == "eval":
             from onerec_jax.training import train
 
-            _print_eval(train.evaluate_checkpoint(config, workdir), workdir)
+            out = train.evaluate_checkpoint(config, workdir)
+            if _is_main():
+                _print_eval(out, workdir)
         elif _MODE.value == "tokenize":
             from onerec_jax.tokenize import quality, run
 

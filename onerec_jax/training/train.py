@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 
 from onerec_jax import defaults
 from onerec_jax.data import dataset, item_arrays, pipeline
-from onerec_jax.errors import UserError
+from onerec_jax.errors import ConfigError, UserError
 from onerec_jax.evaluation.evaluator import Evaluator
 from onerec_jax.models.base import DataInfo, build_model
 from onerec_jax.training import checkpointing, optim, sharding
@@ -84,6 +84,11 @@ class Trainer:
     def __init__(self, config: ml_collections.ConfigDict, data, items):
         self.config, self.data = config, data
         c = config
+        if c.mesh.num_devices and jax.process_count() > 1:  # a prefix leaves processes out
+            raise ConfigError(
+                f"mesh.num_devices={c.mesh.num_devices} in a run of {jax.process_count()} "
+                "processes: leave it 0 (every device); size the mesh with mesh.shape."
+            )
         devices = jax.devices()[: c.mesh.num_devices] if c.mesh.num_devices else None
         self.mesh = sharding.make_mesh(c.mesh.shape, devices)
         self.rules = sharding.rules_from_config(c.mesh.rules)
@@ -183,7 +188,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     config = ensure_semantic_ids(config, workdir)
     if is_main:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    data, items = dataset.load_data(config.data)
+    data, items = load_data(config)
     trainer = Trainer(config, data, items)
     evaluator = Evaluator(trainer.model, data, config, trainer.mesh, trainer.rules)
     ckpt = checkpointing.Checkpointer(workdir / "checkpoints", metric=SELECT_METRIC)
@@ -299,6 +304,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     return results
 
 
+def load_data(config: ml_collections.ConfigDict):
+    """`dataset.load_data(config.data)`, on process 0 first: it downloads, generates or caches the
+    files once, then the other processes read them (instead of all writing them at once)."""
+    if jax.process_count() == 1:
+        return dataset.load_data(config.data)
+    if jax.process_index() == 0:
+        out = dataset.load_data(config.data)
+    multihost_utils.sync_global_devices("data ready")
+    if jax.process_index() != 0:
+        out = dataset.load_data(config.data)
+    return out
+
+
 def ensure_semantic_ids(config: ml_collections.ConfigDict, workdir: Path):
     """A config whose model.semantic_ids names ids: for a model that reads them with the path
     left empty, `--mode tokenize` runs into `workdir/semantic_ids` first (once; a rerun reuses
@@ -348,7 +366,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | Path) 
     """`--mode eval`: best params onto the devices present, test metrics recomputed."""
     workdir = Path(workdir)
     config = ensure_semantic_ids(config, workdir)  # the run's own ids when none are named
-    data, items = dataset.load_data(config.data)
+    data, items = load_data(config)
     trainer = Trainer(config, data, items)
     best, params = restore_best(trainer, workdir)
     if best is None:
