@@ -180,7 +180,9 @@ def test_tiny_onerec_decoder_learns_the_planted_rule_and_logs_experts():
     assert 0 <= float(metrics["moe/dropped_share"]) < 1
 
 
-@pytest.mark.parametrize("variant", ["tiger", "onerec_sid"])
+# The OneRec decoder only: TIGER shares every step of this path (GenerativeModel, the evaluator's
+# beam branch, the report) and learns its planted rule above (suite time).
+@pytest.mark.parametrize("variant", ["onerec_sid"])
 def test_end_to_end_tokenizes_trains_and_reports_beam_ranking(variant, tmp_path, tmp_path_factory):
     c = apply_variant(base_config(), variant)
     c.data.synthetic = "demo"
