@@ -38,7 +38,7 @@ if __name__ == "__main__" and "--xla_force_host_platform_device_count" not in os
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_throughput import peak_memory, synthetic_sequences  # noqa: E402
+from train_throughput import _table, peak_memory, synthetic_sequences  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BIG_LEAF = 1 << 20  # leaves of at least this many bytes are listed one by one
@@ -176,15 +176,6 @@ def run(config, *, steps: int, warmup: int, eval_users: int, seed: int = 0) -> d
 
 def _gb(x: float) -> str:
     return f"{x / 1e9:.3f} GB"
-
-
-def _table(header: list[str], rows: list[list[str]], markdown: bool) -> str:
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-    widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
-    lines = ["  ".join(x.ljust(w) for x, w in zip(r, widths, strict=True)) for r in [header, *rows]]
-    return "\n".join(lines)
 
 
 def report(result: dict, config, command: str, markdown: bool) -> str:
