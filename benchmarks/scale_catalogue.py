@@ -38,7 +38,12 @@ if __name__ == "__main__" and "--xla_force_host_platform_device_count" not in os
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_throughput import _table, peak_memory, synthetic_sequences  # noqa: E402
+from train_throughput import (  # noqa: E402
+    _table,
+    peak_memory,
+    run_timed_steps,
+    synthetic_sequences,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 BIG_LEAF = 1 << 20  # leaves of at least this many bytes are listed one by one
@@ -129,14 +134,7 @@ def run(config, *, steps: int, warmup: int, eval_users: int, seed: int = 0) -> d
     step = trainer.train_step.lower(state, batches[0], rng).compile()
     out["compile_s"] = time.perf_counter() - start
     out["train_step"] = compiled_report(step, table_rows, shards)
-    times, losses = [], []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
-        state, metrics = step(state, batches[i % len(batches)], rng)
-        jax.block_until_ready((state, metrics))
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-        losses.append(float(metrics["loss"]))
+    state, times, losses = run_timed_steps(step, state, batches, rng, warmup, steps)
     out["step_s"] = float(np.median(times))
     out["losses"] = losses
     out["train_peak_rss"], out["peak_source"] = peak_memory()

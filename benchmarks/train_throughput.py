@@ -147,15 +147,24 @@ def time_train_steps(trainer, seed: int, warmup: int, steps: int):
     start = time.perf_counter()
     step = trainer.train_step.lower(state, batches[0], rng).compile()
     compile_s = time.perf_counter() - start
-    times, loss_value = [], float("nan")
+    state, times, losses = run_timed_steps(step, state, batches, rng, warmup, steps)
+    return state, host, compile_s, times, losses[-1] if losses else float("nan")
+
+
+def run_timed_steps(step, state, batches: list, rng, warmup: int, steps: int):
+    """`warmup` + `steps` calls of the compiled `step` over the cycled `batches`, each blocked until
+    done. Returns (state, the timed steps' seconds, every step's loss)."""
+    import jax
+
+    times, losses = [], []
     for i in range(warmup + steps):
         start = time.perf_counter()
         state, metrics = step(state, batches[i % len(batches)], rng)
         jax.block_until_ready((state, metrics))
         if i >= warmup:
             times.append(time.perf_counter() - start)
-        loss_value = float(metrics["loss"])
-    return state, host, compile_s, times, loss_value
+        losses.append(float(metrics["loss"]))
+    return state, times, losses
 
 
 def run_one(args, model: str, dim: int, loss: str, dtype: str, with_eval: bool) -> None:
