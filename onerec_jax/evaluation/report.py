@@ -4,7 +4,9 @@ A run is a directory holding `config.json`, `results.json`, `checkpoints/` or `r
 (what `benchmarks/compare.py` leaves beside each run it launches). A run whose results.json is
 missing, unreadable, incomplete or not finite is listed with the reason under "Runs without
 usable results", never dropped. Test numbers are those of the checkpoint selected on validation
-NDCG@10 (PROTOCOL.md), which the table shows beside them.
+NDCG@10 (PROTOCOL.md), which the table shows beside them. Runs in `seed<k>` folders (what
+`benchmarks/compare.py --seeds` writes) are also summarised per variant over seeds
+(report_seeds.py: mean +- sample sd, seeds left out with the reason) with a plot of the spread.
 """
 
 from __future__ import annotations
@@ -12,15 +14,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 from onerec_jax.errors import UserError
-from onerec_jax.evaluation import report_plots
+from onerec_jax.evaluation import report_plots, report_seeds
 
 RUN_MARKERS = ("config.json", "results.json", "checkpoints", "run_status.json")
 RUN_STATUS = "run_status.json"  # written by a launcher: command, returncode, wall_seconds, error
 TEST_METRICS = (("hr@10", "HR@10"), ("ndcg@10", "NDCG@10"), ("mrr", "MRR"))
 REPORT, BARS_PNG, VALIDATION_PNG = "report.md", "report_ndcg_hr.png", "report_validation.png"
+SEEDS_PNG = "report_seeds.png"  # per-seed points and mean +- sd per variant
 
 
 @dataclasses.dataclass
@@ -56,13 +60,20 @@ class _Unusable(Exception):
     """results.json cannot be reported; the message is the reason shown."""
 
 
+def is_run(path: Path) -> bool:
+    """Whether `path` holds a run (any of RUN_MARKERS)."""
+    return any((path / m).exists() for m in RUN_MARKERS)
+
+
 def find_runs(root: Path) -> list[Path]:
-    """Run directories under `root` (itself included), sorted; a run's own subfolders are not
-    searched (checkpoints and TensorBoard folders are not runs)."""
-    if any((root / m).exists() for m in RUN_MARKERS):
+    """Run directories under `root` (itself included), sorted with numbers by value (seed2
+    before seed10); a run's own subfolders are not searched (checkpoints and TensorBoard folders
+    are not runs)."""
+    if is_run(root):
         return [root]
+    children = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
     found = []
-    for child in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for child in sorted(children, key=lambda p: report_seeds.natural_key(p.name)):
         found += find_runs(child)
     return found
 
@@ -240,8 +251,14 @@ def _seconds(s: float) -> str:
     return f"{s:,.0f}" if s >= 10 else f"{s:.1f}"
 
 
-def format_report(rows: list[RunRow], broken: list[BrokenRun], plots: list[str]) -> str:
-    """report.md's text: the table (best of each metric column in bold), plots, broken runs."""
+def format_report(
+    rows: list[RunRow],
+    broken: list[BrokenRun],
+    plots: list[str],
+    groups: Sequence[report_seeds.SeedGroup] = (),
+) -> str:
+    """report.md's text: the table (best of each metric column in bold), plots, the summary over
+    seeds when `groups` is not empty, broken runs."""
     lines = [
         "# Model comparison",
         "",
@@ -270,7 +287,7 @@ def format_report(rows: list[RunRow], broken: list[BrokenRun], plots: list[str])
     if not rows:
         lines.append("| (no run with usable results) |" + " |" * (len(header) - 1))
     lines.append("")
-    for png in plots:
+    for png in (p for p in plots if p != SEEDS_PNG):  # the seeds plot goes in its section
         caption = {
             BARS_PNG: "Test NDCG@10 and HR@10 with 95% intervals",
             VALIDATION_PNG: "Validation NDCG@10 against training time",
@@ -283,6 +300,8 @@ def format_report(rows: list[RunRow], broken: list[BrokenRun], plots: list[str])
             "wall clock since its first line (validation and pauses included; dashed).",
             "",
         ]
+    if groups:
+        lines += report_seeds.format_seed_section(groups, SEEDS_PNG if SEEDS_PNG in plots else None)
     lines += ["## Runs without usable results", ""]
     if broken:
         lines += ["| run | reason |", "|---|---|"]
@@ -296,8 +315,10 @@ def write_report(root: str | Path) -> Path:
     """Writes `root/report.md` and its PNG plots for every run under `root`; returns its path."""
     root = Path(root)
     rows, broken = collect_runs(root)
+    # A root that is itself a run named seed<k> is one run, not a variant over seeds.
+    groups = [] if is_run(root) else report_seeds.group_by_seed(rows, broken, root.resolve().name)
     plots = []
-    for png in (BARS_PNG, VALIDATION_PNG):
+    for png in (BARS_PNG, VALIDATION_PNG, SEEDS_PNG):
         (root / png).unlink(missing_ok=True)  # a stale plot must not outlive its data
     if rows:
         report_plots.plot_test_metrics(rows, root / BARS_PNG)
@@ -308,6 +329,9 @@ def write_report(root: str | Path) -> Path:
     if curves:
         report_plots.plot_validation(curves, root / VALIDATION_PNG, frozenset(unfinished))
         plots.append(VALIDATION_PNG)
+    if any(g.used for g in groups):
+        report_plots.plot_seed_spread(groups, root / SEEDS_PNG)
+        plots.append(SEEDS_PNG)
     path = root / REPORT
-    path.write_text(format_report(rows, broken, plots))
+    path.write_text(format_report(rows, broken, plots, groups))
     return path

@@ -1,4 +1,4 @@
-"""The report's PNG plots: test metrics per run, validation NDCG@10 over training time.
+"""The report's PNG plots: test metrics per run, validation over training time, seed spread.
 
 Drawn on `matplotlib.figure.Figure` objects (Agg canvas, no pyplot global state), so they are
 safe in tests, threads and machines without a display.
@@ -61,4 +61,47 @@ def plot_validation(
     ax.set_title("Validation NDCG@10 during training")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
+    fig.savefig(path, dpi=100)
+
+
+def plot_seed_spread(groups, path: str | Path) -> None:
+    """Per variant, each seed's test metric with its 95% interval and the mean +- sd over seeds.
+
+    Two panels, test NDCG@10 and HR@10. Seeds left out of the means are not drawn.
+
+    Args:
+      groups: `report_seeds.SeedGroup`s (their `variant`, `runs[i].seed`, `runs[i].row.test` and
+        `summary()` are read).
+      path: the PNG to write.
+    """
+    n = len(groups)
+    fig = Figure(figsize=(max(6.5, 2.0 + 1.4 * n), 4.4), layout="constrained")
+    axes = fig.subplots(1, 2)
+    x = np.arange(n)
+    tilt = n > 3
+    for ax, metric, label in zip(axes, ("ndcg@10", "hr@10"), ("NDCG@10", "HR@10"), strict=True):
+        for i, group in enumerate(groups):
+            used = [r for r in group.runs if r.row is not None]
+            # Seeds side by side left of the variant's tick, the mean +- sd right of it.
+            offsets = np.linspace(-0.3, -0.05, len(used)) if len(used) > 1 else np.array([-0.15])
+            for offset, run in zip(offsets, used, strict=True):
+                mean, ci = run.row.test[metric]
+                ax.errorbar(i + offset, mean, yerr=ci, fmt="o", color="tab:blue", markersize=4,
+                            capsize=2, label="one seed (95% interval)")  # fmt: skip
+            mean, sd = group.summary()[metric]
+            if used:
+                ax.errorbar(i + 0.2, mean, yerr=None if np.isnan(sd) else sd, fmt="D",
+                            color="black", markersize=6, capsize=5, elinewidth=2,
+                            label="mean +- sd over seeds")  # fmt: skip
+        ax.set_xticks(
+            x, [g.variant for g in groups], rotation=30 if tilt else 0,
+            ha="right" if tilt else "center",
+        )  # fmt: skip
+        ax.set_xlim(-0.6, n - 0.4)
+        ax.set_ylabel(f"test {label}")
+        ax.set_title(f"Test {label} over seeds")
+        ax.grid(axis="y", alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))  # one legend entry per kind of marker
+    fig.legend(unique.values(), unique.keys(), loc="outside lower center", ncols=2)
     fig.savefig(path, dpi=100)

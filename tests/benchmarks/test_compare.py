@@ -23,7 +23,8 @@ def _results(ndcg):
 
 
 class FakeTrainer:
-    """Stands for `python -m onerec_jax.main`: writes results.json, or fails for `failing`."""
+    """Stands for `python -m onerec_jax.main`: writes results.json (test NDCG@10 0.1, or with
+    --config.seed=k 0.05 + 0.01 k), or fails for a variant or "variant/seed<k>" in `failing`."""
 
     def __init__(self, failing=()):
         self.failing, self.calls = failing, []
@@ -32,10 +33,12 @@ class FakeTrainer:
         self.calls.append(command)
         workdir = Path(next(a for a in command if a.startswith("--workdir=")).split("=", 1)[1])
         variant = command[command.index("--config") + 1].rsplit(":", 1)[1]
-        if variant in self.failing:
+        seed = next((int(a.split("=")[1]) for a in command if a.startswith("--config.seed=")), None)
+        if variant in self.failing or f"{variant}/seed{seed}" in self.failing:
             log.write_text("step 1\rstep 2\nTraceback ...\nValueError: unknown variant\n\nhelp\n")
             return 2
-        (workdir / "results.json").write_text(json.dumps(_results(0.1)))
+        ndcg = 0.1 if seed is None else 0.05 + 0.01 * seed
+        (workdir / "results.json").write_text(json.dumps(_results(ndcg)))
         return 0
 
 
@@ -59,6 +62,11 @@ def test_arguments_become_config_flags():
         (["--config", "c.py", "--extra", "num_epochs"], "write KEY=VALUE"),
         (["--config", "c.py", "--variants", ","], "--variants is empty"),
         (["--config", "c.py", "--variants", "bpr,bpr"], "names a variant twice"),
+        (["--config", "c.py", "--seed", "1", "--seeds", "0,1"], "not allowed with argument"),
+        (["--config", "c.py", "--seeds", "0,x"], "'x' is not a non-negative integer"),
+        (["--config", "c.py", "--seeds", "0,-1"], "'-1' is not a non-negative integer"),
+        (["--config", "c.py", "--seeds", ","], "--seeds is empty"),
+        (["--config", "c.py", "--seeds", "1,2,1"], "names a seed twice"),
     ],
 )
 def test_bad_arguments_are_refused(argv, message, capsys):
@@ -91,3 +99,63 @@ def test_skips_done_variants_records_failures_and_reports(tmp_path, capsys):
     assert compare.main(argv, runner=fake) == 0
     assert len(fake.calls) == 1 and not (tmp_path / "sasrec" / "checkpoints").exists()
     assert json.loads((tmp_path / "sasrec" / "results.json").read_text())["test"]["ndcg@10"] == 0.1
+
+
+def test_seeds_plan_one_run_per_variant_and_seed():
+    args = compare.parse_args(["--config", "c.py", "--root", "R", "--variants", "sasrec,pop",
+                               "--seeds", " 2, 0,", "--extra", "train.num_epochs=2"])  # fmt: skip
+    assert args.seeds == [2, 0] and args.seed is None
+    runs = compare.planned_runs(args)  # every variant at the first seed, then the next
+    assert [(r.variant, r.seed, r.name) for r in runs] == [
+        ("sasrec", 2, "sasrec/seed2"), ("pop", 2, "pop/seed2"),
+        ("sasrec", 0, "sasrec/seed0"), ("pop", 0, "pop/seed0")]  # fmt: skip
+    args = compare.parse_args(["--config", "c.py", "--root", "R", "--variants", "pop"])
+    assert [(r.variant, r.seed, r.name) for r in compare.planned_runs(args)] == [
+        ("pop", None, "pop")
+    ]
+
+
+def test_seeds_train_into_seed_folders_and_report_mean_and_sd(tmp_path, capsys):
+    fake = FakeTrainer(failing=("pop/seed0",))
+    argv = ["--config", "c.py", "--root", str(tmp_path), "--variants", "sasrec,pop",
+            "--seeds", "0,1,2", "--extra", "loss.name=bce"]  # fmt: skip
+    assert compare.main(argv, runner=fake) == 1  # pop's seed 0 failed
+    assert [(c[4], c[7], c[8:]) for c in fake.calls] == [
+        (f"c.py:{v}", f"--workdir={tmp_path / v / f'seed{k}'}",
+         [f"--config.seed={k}", "--config.loss.name=bce"])
+        for k in (0, 1, 2) for v in ("sasrec", "pop")]  # fmt: skip
+    status = json.loads((tmp_path / "pop" / "seed0" / "run_status.json").read_text())
+    assert status["seed"] == 0 and status["returncode"] == 2
+    text = (tmp_path / "report.md").read_text().replace("**", "")  # bold: test_report_seeds.py
+    seeds = text.split("## Seeds")[1]
+    # sasrec test NDCG@10 0.05, 0.06, 0.07: mean 0.06, sample sd 0.01; HR@10 twice that.
+    assert "| sasrec | x | 3 of 3 (0, 1, 2) | 0.1200 +- 0.0200 | 0.0600 +- 0.0100 |" in seeds
+    # pop without seed 0: 0.06 and 0.07, mean 0.065, sd sqrt(0.00005 / 1) = 0.0071.
+    assert "| pop | x | 2 of 3 (1, 2) | 0.1300 +- 0.0141 | 0.0650 +- 0.0071 |" in seeds
+    assert "| pop | 0 | no results.json: training failed (exit 2): ValueError: unknown" in seeds
+    out = capsys.readouterr().out
+    assert "[pop/seed0] FAILED (exit 2)" in out and "  sasrec/seed2: done" in out
+    # More seeds later: the finished ones are skipped, only seed 3 trains.
+    fake = FakeTrainer()
+    argv = ["--config", "c.py", "--root", str(tmp_path), "--variants", "sasrec",
+            "--seeds", "0,1,2,3"]  # fmt: skip
+    assert compare.main(argv, runner=fake) == 0
+    assert [c[7] for c in fake.calls] == [f"--workdir={tmp_path / 'sasrec' / 'seed3'}"]
+    text = (tmp_path / "report.md").read_text().replace("**", "")
+    # 0.05..0.08: mean 0.065, sd sqrt(0.0005 / 3) = 0.0129.
+    assert "| sasrec | x | 4 of 4 (0, 1, 2, 3) | 0.1300 +- 0.0258 | 0.0650 +- 0.0129 |" in text
+    assert "| pop | 3 | no folder pop/seed3: seed 3 not run here" in text
+
+
+def test_a_root_mixing_the_two_layouts_is_refused(tmp_path, capsys):
+    (tmp_path / "sasrec").mkdir()
+    (tmp_path / "sasrec" / "results.json").write_text(json.dumps(_results(0.2)))
+    fake = FakeTrainer()
+    argv = ["--config", "c.py", "--root", str(tmp_path), "--variants", "sasrec"]
+    assert compare.main([*argv, "--seeds", "0,1"], runner=fake) == 2 and not fake.calls
+    assert "sasrec holds a single-seed run" in capsys.readouterr().err
+    (tmp_path / "pop" / "seed0").mkdir(parents=True)
+    (tmp_path / "pop" / "seed0" / "results.json").write_text(json.dumps(_results(0.2)))
+    argv = ["--config", "c.py", "--root", str(tmp_path), "--variants", "pop", "--seed", "0"]
+    assert compare.main(argv, runner=fake) == 2 and not fake.calls
+    assert "pop holds per-seed runs" in capsys.readouterr().err
