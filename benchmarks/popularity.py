@@ -4,41 +4,37 @@
   python benchmarks/popularity.py --config configs/ml_latest_small.py \
       --config.data.path=../shared/data/ml-latest-small
 
-Uses the same evaluation batches, history masking, ranker and metrics as every trained model:
-the "model" is a user state of 1 scored against a one-column item table of training counts.
+Not a second implementation: the `:pop` model of the config (models/pop.py, log(1 + training
+count) per item) is built by the trainer and scored by the same `Evaluator` as a `:pop` run, so
+the numbers are those of `python -m onerec_jax.main --config <config>:pop` (same batches, history
+masking, ranker, tie rule and metrics), without a workdir or checkpoints.
 """
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-import numpy as np
-from absl import app
+import ml_collections
+from absl import app, flags
 from ml_collections import config_flags
 
-from onerec_jax.data import dataset, item_arrays, pipeline
-from onerec_jax.evaluation import metrics, ranking
+from onerec_jax.data import dataset
+from onerec_jax.defaults import apply_variant
+from onerec_jax.evaluation.evaluator import Evaluator
+from onerec_jax.training.train import Trainer
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Dataset config file.")
+
+def popularity_metrics(config: ml_collections.ConfigDict) -> dict[str, dict[str, float]]:
+    """{"valid": metrics, "test": metrics} of the popularity model on `config`'s data."""
+    config = apply_variant(config.copy_and_resolve_references(), "pop")
+    data, _ = dataset.load_data(config.data, with_items=False)
+    trainer = Trainer(config, data, None)
+    params = trainer.init_state(config.seed)["params"]  # the counts: nothing is trained
+    evaluator = Evaluator(trainer.model, data, config, trainer.mesh, trainer.rules)
+    return {split: evaluator.evaluate(params, split)[0] for split in ("valid", "test")}
 
 
 def main(argv):
     del argv
-    config = _CONFIG.value
-    data, _ = dataset.load_data(config.data, with_items=False)
-    counts = item_arrays.train_counts(data).astype(np.float32)
-    # Ties in count are broken towards the lower item id, as a real ranker would not help.
-    table = jnp.asarray((counts - np.arange(len(counts)) * 1e-7)[:, None])  # [V, 1]
-    ranker = ranking.make_ranker(k=10, chunk_size=config.eval.chunk_size, mask_history=True)
-    for split in ("valid", "test"):
-        ranks, weights = [], []
-        for batch in pipeline.eval_dataset(data, split, max_len=config.data.max_len,
-                                           batch_size=config.eval.batch_size):  # fmt: skip
-            history = ranking.history_batch(data, split, batch["user"])
-            states = jnp.ones((len(batch["user"]), 1))
-            r, _, _ = ranker(states, table, jnp.asarray(batch["target"]), jnp.asarray(history))
-            ranks.append(np.asarray(r))
-            weights.append(batch["weight"])
-        m = metrics.metrics_from_ranks(np.concatenate(ranks), np.concatenate(weights))
+    for split, m in popularity_metrics(flags.FLAGS.config).items():
         print(
             f"popularity {split}: HR@10 {m['hr@10']:.4f} +- {m['hr@10_ci95']:.4f}  "
             f"NDCG@10 {m['ndcg@10']:.4f} +- {m['ndcg@10_ci95']:.4f}  "
@@ -47,4 +43,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # Defined here, not on import: tests import this module beside others defining --config.
+    config_flags.DEFINE_config_file("config", None, "Dataset config file.")
     app.run(main)

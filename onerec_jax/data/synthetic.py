@@ -187,8 +187,9 @@ class Synthetic:
         """Mean NDCG@k of ranking all items by `next_item_probs` (one target per user).
 
         As PROTOCOL.md ranks models: rank = 1 + number of non-history items whose probability
-        is strictly higher than the target's; the gain is 1 / log2(rank + 1) when rank <= k,
-        and 0 when the target is in the history.
+        is strictly higher than the target's + half the other non-history items of exactly the
+        target's probability; the gain is 1 / log2(rank + 1) when rank <= k, and 0 when the
+        target is in the history.
         """
         targets = self.dense_items(targets)
         if len(histories) != len(targets):
@@ -203,18 +204,20 @@ class Synthetic:
         rows[has] = self.item_cluster[flat[np.cumsum(lengths)[has] - 1]]
         target_score = scores[rows, targets]
         n_gt = np.zeros(n_users, np.int64)  # items (history included) scoring > the target
+        n_eq = np.zeros(n_users, np.int64)  # items (target and history included) scoring ==
         for r in np.unique(rows):
             sel = rows == r
-            n_gt[sel] = self.n_items - np.searchsorted(
-                sorted_scores[r], target_score[sel], side="right"
-            )
+            above = np.searchsorted(sorted_scores[r], target_score[sel], side="right")
+            n_gt[sel] = self.n_items - above
+            n_eq[sel] = above - np.searchsorted(sorted_scores[r], target_score[sel], side="left")
         keys = np.sort(np.repeat(np.arange(n_users), lengths) * self.n_items + flat)
         keys = keys[np.concatenate([[True], np.diff(keys) > 0])]  # (user, item), deduplicated
         users, items = keys // self.n_items, keys % self.n_items
-        hist_gt = np.bincount(
-            users, scores[rows[users], items] > target_score[users], minlength=n_users
-        )
-        rank = 1 + n_gt - hist_gt
+        hist_scores = scores[rows[users], items]
+        hist_gt = np.bincount(users, hist_scores > target_score[users], minlength=n_users)
+        hist_eq = np.bincount(users, hist_scores == target_score[users], minlength=n_users)
+        # The target is one of the n_eq (its own score); in the history its gain is 0 anyway.
+        rank = 1 + (n_gt - hist_gt) + (n_eq - 1 - hist_eq) / 2
         gain = np.where(rank <= k, 1.0 / np.log2(rank + 1.0), 0.0)
         target_keys = np.arange(n_users) * self.n_items + targets
         found = np.minimum(np.searchsorted(keys, target_keys), max(len(keys) - 1, 0))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
@@ -23,7 +22,8 @@ class Evaluator:
         self.model, self.data, self.config, self.mesh, self.rules = model, data, config, mesh, rules
         e = config.eval
         options = dict(k=e.k, chunk_size=e.chunk_size, mask_history=e.mask_history)
-        # Generative models return their top-K by beam search; a target outside it gets rank
+        # Generative models return their top-K by beam search; a target is ranked by its score
+        # within it (ranking.rank_in_list, ties as everywhere) and outside it gets rank
         # n_items + 1 (so HR/NDCG/MRR@K are exact for K <= eval.k and full MRR is a lower bound).
         self.generative = getattr(model, "generative", False)
         self._valid_users = pipeline.sample_users(data.n_users, e.valid_users, config.seed)
@@ -45,7 +45,8 @@ class Evaluator:
             self._user_state = jax.jit(model.user_state)
 
     def evaluate(self, params, split: str) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-        """(metrics, per-user arrays: users, ranks, top_items) for `split` ("valid" or "test")."""
+        """(metrics, per-user arrays: users, ranks (float32: ties count half, PROTOCOL.md),
+        top_items) for `split` ("valid" or "test")."""
         start = time.perf_counter()
         e = self.config.eval
         scorer_params = self._scorer_params(params)
@@ -68,8 +69,8 @@ class Evaluator:
             inputs = {"inputs": glob["inputs"], "user": glob["user"]}
             if self.generative:
                 seen = self._seen(glob["history"], self.data.n_items)
-                top_items, _ = self._generate(params, inputs, seen)
-                r = _ranks_in_list(top_items, glob["target"], self.data.n_items)
+                top_items, top_scores = self._generate(params, inputs, seen)
+                r = _rank_in_list(top_items, top_scores, glob["target"], self.data.n_items)
             else:
                 states = self._user_state(params, inputs)
                 r, top_items, _ = self._ranker(states, scorer_params, glob["target"],
@@ -93,11 +94,7 @@ class Evaluator:
         return result, per_user
 
 
-@jax.jit
-def _ranks_in_list(top_items: jax.Array, target: jax.Array, n_items: int) -> jax.Array:
-    """[B] 1-based position of `target` [B] in `top_items` [B, K]; n_items + 1 if absent."""
-    hit = top_items == target[:, None]
-    return jnp.where(hit.any(-1), jnp.argmax(hit, -1) + 1, n_items + 1).astype(jnp.int32)
+_rank_in_list = jax.jit(ranking.rank_in_list)  # [B] float32 ranks of targets in a top-K list
 
 
 def _to_host(x: jax.Array) -> np.ndarray:

@@ -1,9 +1,13 @@
 """Ranking metrics from per-user target ranks (PROTOCOL.md "Scoring"), with 95% intervals.
 
-Every user has one target, so HR@K equals Recall@K. The reported interval is the normal
-approximation, `1.96 * sample_std / sqrt(n_users)` under the key `<metric>_ci95` (a half-width:
-report `value +- ci95`). `bootstrap_ci` gives a percentile bootstrap interval for checks and for
-small samples; the metrics files use the normal one.
+Every user has one target, so HR@K equals Recall@K. Ranks may be fractional: the protocol counts
+each item tied with the target as half a place (evaluation/ranking.py `tie_rank`), so a rank is
+a whole number or a half. The metrics take the rank as it is: HR@K = [rank <= K],
+NDCG@K = [rank <= K] / log2(rank + 1), MRR@K = [rank <= K] / rank, MRR = 1 / rank.
+
+The reported interval is the normal approximation, `1.96 * sample_std / sqrt(n_users)` under the
+key `<metric>_ci95` (a half-width: report `value +- ci95`). `bootstrap_ci` gives a percentile
+bootstrap interval for checks and for small samples; the metrics files use the normal one.
 """
 
 from __future__ import annotations
@@ -33,14 +37,16 @@ def _check_ranks(ranks: np.ndarray) -> np.ndarray:
         first = int(np.flatnonzero(bad)[0])
         raise ValueError(
             f"{int(bad.sum())} rank(s) are not finite values >= 1 (row {first}: {ranks[first]}). "
-            "Ranks are 1-based (1 + items scoring strictly higher than the target); a rank < 1 "
+            "Ranks are 1-based (1 + items scoring strictly higher than the target + half the "
+            "tied ones); a rank < 1 "
             "means the ranker was bypassed or a 0-based rank was passed: use rank_and_topk."
         )
     return ranks.astype(np.float64)
 
 
 def metric_values(ranks: np.ndarray, ks: Sequence[int] = KS) -> dict[str, np.ndarray]:
-    """Per-user metric values [n_users] (float64) for 1-based `ranks`: the terms averaged by
+    """Per-user metric values [n_users] (float64) for 1-based `ranks` (integer or float, e.g.
+    4.5 for a target tied with others): the terms averaged by
     `metrics_from_ranks`, e.g. to bootstrap one of them with `bootstrap_ci`."""
     ks, ranks = _check_ks(ks), _check_ranks(ranks)
     gain = 1.0 / np.log2(ranks + 1.0)  # [n] NDCG of a single relevant item at this rank
@@ -61,7 +67,8 @@ def metrics_from_ranks(
     """HR@K, NDCG@K, MRR@K, full MRR averaged over users, each with a normal 95% half-width.
 
     Args:
-      ranks: [n_users] 1-based rank of each user's target among the unmasked items.
+      ranks: [n_users] 1-based rank of each user's target among the unmasked items (float:
+        ties count half, PROTOCOL.md).
       weights: [n_users] 1 for evaluated users, 0 for padding rows (excluded); None = all 1.
       ks: cut-offs.
 

@@ -1,13 +1,19 @@
 """Full-catalogue ranking on device: each target's rank and the top-k items, chunk by chunk.
 
 PROTOCOL.md "Scoring": every item is ranked (never sampled negatives); the user's whole prefix
-before the target is masked; rank = 1 + number of unmasked items scoring strictly higher than
-the target (ties count as not higher); item 0 (padding) is never ranked or returned.
+before the target is masked; item 0 (padding) is never ranked or returned. One tie rule,
+everywhere: rank = 1 + unmasked items scoring strictly higher than the target + half the other
+unmasked items scoring exactly the same, the expected position under a random order of ties
+(`tie_rank`). Ranks are therefore float32 and may end in .5; they are exact integers and halves
+for catalogues under 2**23 items. A model scoring every item alike gets rank (n + 1) / 2 for n
+unmasked items, never 1. (Metrics are then those of that expected rank, which for HR@K, NDCG@K
+and MRR is not the same as the average of the metrics over random orders.)
 
 The catalogue is scored in chunks of `chunk_size` items inside one `lax.fori_loop`, so at most
 [B, chunk] scores exist at a time, whatever the catalogue size. `rank_and_topk_with` is that
 single loop for any scorer; `rank_and_topk` plugs in the dot-product scorer of embedding models.
 `make_ranker` and `make_ranker_with` are their jitted, mesh-sharded forms for the evaluator.
+`rank_in_list` ranks targets within a returned list (beam search) by the same rule.
 
 Rules for broken scores, so that a model emitting NaN or inf never looks good:
 - a target whose own score is not finite gets the worst rank, `n_items`;
@@ -17,6 +23,11 @@ Rules for broken scores, so that a model emitting NaN or inf never looks good:
 The target's score is computed once, up front, and compared as-is. The protocol never puts the
 target in its own history, but if it were there the target would still be ranked by its own
 score (its column is masked like any history item, and it is never counted against itself).
+Ties are exact float32 equality between that up-front score and each item's chunk score. They
+are the same float32 products (a scorer of its own is called on the targets), but a sum may be
+taken in another order, so two continuous scores equal in exact arithmetic may differ in the
+last bit. Ties of exactly computed scores (integer-valued, popularity's one-column table, an
+all-zero table) are always seen as ties.
 """
 
 from __future__ import annotations
@@ -78,9 +89,10 @@ def rank_and_topk_with(
       mask_history: mask the history items (static); the protocol's default is True.
 
     Returns:
-      ranks [B] int32 in 1..n_items (1 + unmasked items scoring strictly higher than the
-      target), top_items [B, k] int32 (best first, ties by lower id; 0 fills slots whose score
-      is -inf, i.e. when fewer than k items are unmasked), top_scores [B, k] float32.
+      ranks [B] float32 in 1..n_items (`tie_rank`: 1 + unmasked items scoring strictly higher
+      than the target + half the other unmasked items scoring the same), top_items [B, k]
+      int32 (best first, ties by lower id; 0 fills slots whose score is -inf, i.e. when fewer
+      than k items are unmasked), top_scores [B, k] float32.
     """
     _check_static(n_items, k, chunk_size)
     targets = targets.astype(jnp.int32)
@@ -89,17 +101,51 @@ def rank_and_topk_with(
         diagonal = score_chunk_fn(user_state, jnp.clip(targets, 0, n_items))  # [B, B]
         target_scores = jnp.diagonal(diagonal)
     target_scores = target_scores.astype(jnp.float32)  # [B]
-    count, top_scores, top_items = _scan_ids(
+    higher, tied, top_scores, top_items = _scan_ids(
         score_chunk_fn, user_state, n_items, targets, history, target_scores,
         first_id=0, n_ids=n_items + 1, k=k, chunk_size=chunk_size, mask_history=mask_history,
     )  # fmt: skip
-    return _finish(count, top_scores, top_items, target_scores, n_items)
+    return _finish(higher, tied, top_scores, top_items, target_scores, n_items)
 
 
-def _finish(count, top_scores, top_items, target_scores, n_items: int):
-    ranks = jnp.where(jnp.isfinite(target_scores), 1 + count, n_items).astype(jnp.int32)
+def tie_rank(higher: jax.Array, tied: jax.Array) -> jax.Array:
+    """The protocol's rank, float32: 1 + `higher` + `tied` / 2, the expected 1-based position of
+    a target below `higher` items and among `tied` others of its score, in a random tie order."""
+    return 1.0 + higher.astype(jnp.float32) + 0.5 * tied.astype(jnp.float32)
+
+
+def _finish(higher, tied, top_scores, top_items, target_scores, n_items: int):
+    worst = jnp.float32(n_items)
+    ranks = jnp.where(jnp.isfinite(target_scores), tie_rank(higher, tied), worst)
     top_items = jnp.where(top_scores == -jnp.inf, 0, top_items)
     return ranks, top_items, top_scores
+
+
+def rank_in_list(
+    top_items: jax.Array, top_scores: jax.Array, targets: jax.Array, n_items: int | jax.Array
+) -> jax.Array:
+    """[B] float32 rank of each target in a returned list of distinct items, by `tie_rank`.
+
+    For generative models, whose beam search returns the top-K items with their scores but no
+    score for the rest of the catalogue: rank = 1 + listed items scoring strictly higher than
+    the target + half the other listed items scoring the same. A target outside the list, or
+    listed with a score that is not finite, ranks n_items + 1. Ties with items outside the list
+    cannot be seen: a target tied with the last listed items may also tie with unlisted ones.
+
+    Args:
+      top_items: [B, K] int32 distinct items, best first; 0 fills empty slots (never counted).
+      top_scores: [B, K] float32 their scores (-inf on empty slots; NaN counts as higher).
+      targets: [B] int32 target ids (0 on padding rows: the rank is then meaningless).
+      n_items: real items; the rank of a target outside the list is n_items + 1.
+    """
+    hit = top_items == targets[:, None]  # [B, K]
+    listed = top_items > 0  # [B, K]
+    found = hit.any(axis=1)  # [B]
+    t = jnp.take_along_axis(top_scores, jnp.argmax(hit, axis=1)[:, None], axis=1)  # [B, 1]
+    higher = (listed & ~hit & ~(top_scores <= t)).sum(axis=1, dtype=jnp.int32)
+    tied = (listed & ~hit & (top_scores == t)).sum(axis=1, dtype=jnp.int32)
+    ok = found & jnp.isfinite(t[:, 0])
+    return jnp.where(ok, tie_rank(higher, tied), jnp.asarray(n_items + 1, jnp.float32))
 
 
 def _scan_ids(
@@ -116,9 +162,10 @@ def _scan_ids(
     chunk_size: int,
     mask_history: bool,
     varying: tuple[str, ...] = (),
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(count of items scoring above the target, running top-k scores, their ids) over ids
-    first_id .. first_id + n_ids - 1 (those in 1..n_items), chunk by chunk.
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(counts of unmasked items scoring above the target and exactly as the target, running
+    top-k scores, their ids) over ids first_id .. first_id + n_ids - 1 (those in 1..n_items),
+    chunk by chunk; the target itself is never counted.
 
     `first_id` is 0 or, on one shard of a split catalogue, a traced offset; `varying` then
     names the shard_map axes the scores differ over (the loop carry must say so too).
@@ -131,7 +178,7 @@ def _scan_ids(
     offset = not (isinstance(first_id, int) and first_id == 0)
 
     def body(c, carry):
-        count, top_scores, top_items = carry  # [B], [B, k], [B, k]
+        higher, tied, top_scores, top_items = carry  # [B], [B], [B, k], [B, k]
         start = first_id + c * chunk if offset else c * chunk
         ids = start + jnp.arange(chunk, dtype=jnp.int32)  # [C]
         valid = (ids >= 1) & (ids <= n_items)  # [C]
@@ -146,9 +193,13 @@ def _scan_ids(
             # negative index, which would wrap around).
             local = jnp.where(inside, local, chunk)
             scores = scores.at[rows, local].set(neg_inf, mode="drop")
+        other = ids[None, :] != targets[:, None]  # [B, C]: the target is not its own rival
+        t = target_scores[:, None]  # [B, 1]
         # `~(s <= t)` is `s > t` for numbers and True for a NaN s: NaN never helps the target.
-        higher = ~(scores <= target_scores[:, None]) & (ids[None, :] != targets[:, None])
-        count = count + higher.sum(axis=1, dtype=jnp.int32)
+        # Masked and invalid columns are -inf: never tied with a finite target (a non-finite
+        # target's rank is overridden in `_finish`).
+        higher = higher + (~(scores <= t) & other).sum(axis=1, dtype=jnp.int32)
+        tied = tied + ((scores == t) & other).sum(axis=1, dtype=jnp.int32)
         scores = jnp.where(jnp.isnan(scores), neg_inf, scores)
         both_scores = jnp.concatenate([top_scores, scores], axis=1)  # [B, k + C]
         both_items = jnp.concatenate([top_items, jnp.broadcast_to(ids, scores.shape)], axis=1)
@@ -156,9 +207,10 @@ def _scan_ids(
         # come first, so ties are broken by lower item id.
         top_scores, pos = jax.lax.top_k(both_scores, k)
         top_items = jnp.take_along_axis(both_items, pos, axis=1)
-        return count, top_scores, top_items
+        return higher, tied, top_scores, top_items
 
     init = (
+        jnp.zeros((batch,), jnp.int32),
         jnp.zeros((batch,), jnp.int32),
         jnp.full((batch, k), neg_inf),
         jnp.zeros((batch, k), jnp.int32),
@@ -204,7 +256,8 @@ def rank_and_topk(
       n_items: real items (default V - 1); rows past n_items (table padding) are never ranked.
 
     Returns:
-      ranks [B] int32 (1-based), top_items [B, k] int32, top_scores [B, k] float32.
+      ranks [B] float32 (1-based, ties as `tie_rank`), top_items [B, k] int32, top_scores
+      [B, k] float32.
     """
     n_items = item_table.shape[0] - 1 if n_items is None else n_items
     target_rows = jnp.take(item_table, jnp.clip(targets, 0, n_items), axis=0)  # [B, D]
@@ -241,7 +294,8 @@ def rank_and_topk_split(
 
     Each shard ranks its own rows (global ids offset + local) chunk by chunk against the
     targets' scores, which are computed once up front exactly as `rank_and_topk` does; the
-    shards' counts of higher-scoring items are summed and their top-k lists (global ids) are
+    shards' counts of higher-scoring and tied items are summed (so a tie across shards counts
+    as one in a single table) and their top-k lists (global ids) are
     all-gathered over `axes`, in shard order, and merged by one more top_k, so ties still go
     to the lower id. The table is never gathered: besides [B, chunk] scores, a device holds
     only S * [B, k] candidates. The batch stays split as it arrives (the mesh's other axes).
@@ -265,28 +319,28 @@ def rank_and_topk_split(
         def scores(state, ids):  # global ids -> this shard's rows
             return _dot_scores((state, table_shard), jnp.clip(ids - first, 0, shard_rows - 1))
 
-        count, top_scores, top_items = _scan_ids(
+        higher, tied, top_scores, top_items = _scan_ids(
             scores, user_states, n_items, targets, history, target_scores, first_id=first,
             n_ids=shard_rows, k=k, chunk_size=chunk_size, mask_history=mask_history,
             varying=axes,
         )  # fmt: skip
-        count = jax.lax.psum(count, axes)
+        higher, tied = jax.lax.psum((higher, tied), axes)
         every_score = jax.lax.all_gather(
             top_scores, axes, axis=1, tiled=True, to="invarying"
         )  # [B, S * k]
         every_item = jax.lax.all_gather(top_items, axes, axis=1, tiled=True, to="invarying")
         top_scores, pos = jax.lax.top_k(every_score, k)  # lower position = lower id on ties
         top_items = jnp.take_along_axis(every_item, pos, axis=1)
-        return count, top_scores, top_items, target_scores
+        return higher, tied, top_scores, top_items, target_scores
 
-    count, top_scores, top_items, target_scores = jax.shard_map(
+    higher, tied, top_scores, top_items, target_scores = jax.shard_map(
         body,
         mesh=mesh,
         in_specs=(P(), P(axes, None), P(), P()),
-        out_specs=(P(), P(), P(), P()),
+        out_specs=(P(), P(), P(), P(), P()),
         axis_names=set(axes),
     )(user_states, item_table, targets, history)
-    return _finish(count, top_scores, top_items, target_scores, n_items)
+    return _finish(higher, tied, top_scores, top_items, target_scores, n_items)
 
 
 def make_ranker(

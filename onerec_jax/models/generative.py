@@ -5,7 +5,8 @@
 tokens, each position restricted to its level's codes, optional label smoothing, plus the MoE
 load-balancing term) and, instead of `user_state`, `generate(params, batch, history)`: the
 top-K distinct, valid, unseen items by constrained beam search (evaluation/beam_search.py). The
-evaluator ranks each target by its position in that list (past the list: rank n_items + 1).
+evaluator ranks each target by its score within that list, ties counting half as everywhere
+(evaluation/ranking.py `rank_in_list`; past the list: rank n_items + 1).
 """
 
 from __future__ import annotations

@@ -192,18 +192,25 @@ def test_oracle_matches_slow_reference():
         model.next_item_probs(np.array([999_999]))
 
 
-def test_oracle_ndcg_matches_brute_force():
+@pytest.mark.parametrize("tied", [False, True])
+def test_oracle_ndcg_matches_brute_force(tied):
     model = build_model(SMALL)
+    if tied:  # popularity on a coarse grid (never 0): many items tie with the target
+        coarse = np.ceil(model.item_popularity * 50) / 50
+        model = dataclasses.replace(model, item_popularity=coarse)
     seqs = [model.item_movie_ids[s] for s in _sequences(model, SMALL)[:50]]
     histories = [s[:-1] for s in seqs] + [np.array([], np.int64), seqs[0][:-1]]
     targets = np.array([s[-1] for s in seqs] + [seqs[1][0], seqs[0][0]])  # last: in history
-    gains = []
+    gains, n_tied = [], 0
     for history, target in zip(histories, targets, strict=True):
         probs = model.next_item_probs(history)
         p_t = probs[model.item_movie_ids == target][0]
-        rank = 1 + np.count_nonzero(probs > p_t)  # PROTOCOL.md: 1 + strictly higher
+        # PROTOCOL.md: 1 + strictly higher + half the other items of the same probability.
+        n_tied += np.count_nonzero(probs == p_t) - 1 if p_t > 0 else 0
+        rank = 1 + np.count_nonzero(probs > p_t) + (np.count_nonzero(probs == p_t) - 1) / 2
         gains.append(1 / np.log2(rank + 1) if p_t > 0 and rank <= 10 else 0.0)
     assert gains[-1] == 0.0
+    assert (n_tied > 50) == tied  # the tied case exercises ties, the other has none or few
     assert model.oracle_ndcg_at_k(histories, targets, k=10) == pytest.approx(np.mean(gains), 1e-12)
 
 

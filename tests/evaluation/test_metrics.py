@@ -30,6 +30,17 @@ def test_hand_computed_metrics():
     assert set(m) == names | {f"{n}_ci95" for n in names} | {"n_users"}
 
 
+def test_fractional_ranks_of_ties():
+    """Ranks ending in .5 (a target tied with an odd number of items) are taken as they are."""
+    m = metrics_from_ranks(np.array([1.5, 4.5, 10.5, 10.0], np.float32), ks=(1, 5, 10))
+    assert m["hr@1"] == 0.0  # 1.5 > 1: a target tied for first is not a hit at 1
+    assert m["hr@5"] == pytest.approx(0.5) and m["hr@10"] == pytest.approx(0.75)
+    gains = 1 / math.log2(2.5) + 1 / math.log2(5.5) + 1 / math.log2(11)
+    assert m["ndcg@10"] == pytest.approx(gains / 4)
+    assert m["mrr@10"] == pytest.approx((1 / 1.5 + 1 / 4.5 + 1 / 10) / 4)
+    assert m["mrr"] == pytest.approx((1 / 1.5 + 1 / 4.5 + 1 / 10.5 + 1 / 10) / 4)
+
+
 def test_normal_interval_matches_hand_formula():
     m = metrics_from_ranks(RANKS)
     # hr@10 per user: 1, 1, 0, 0 -> mean 0.5, sample variance (4 * 0.25) / 3.

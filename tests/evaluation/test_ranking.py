@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -13,19 +14,22 @@ import numpy as np
 import pytest
 
 from onerec_jax.data.sequences import SequenceData
+from onerec_jax.evaluation.metrics import metrics_from_ranks
 from onerec_jax.evaluation.ranking import (
     history_batch,
     make_ranker,
     make_ranker_with,
     rank_and_topk,
     rank_and_topk_with,
+    rank_in_list,
 )
 
 B, V, D, H = 7, 1000, 16, 12
 
 
 def reference(users, table, targets, history, k, mask_history=True):
-    """Slow float64 numpy reference: ranks, top items (ties by lower id), top scores."""
+    """Slow float64 numpy reference: ranks (1 + strictly higher + half the tied others), top
+    items (ties by lower id), top scores."""
     scores = users.astype(np.float64) @ table.astype(np.float64).T  # [B, V]
     ranks, items, values = [], [], []
     for b in range(len(users)):
@@ -37,7 +41,8 @@ def reference(users, table, targets, history, k, mask_history=True):
                 if h > 0:
                     s[h] = -np.inf
         higher = [j for j in range(1, len(s)) if j != targets[b] and s[j] > target_score]
-        ranks.append(1 + len(higher))
+        tied = [j for j in range(1, len(s)) if j != targets[b] and s[j] == target_score]
+        ranks.append(1 + len(higher) + len(tied) / 2)
         order = sorted((j for j in range(1, len(s)) if s[j] > -np.inf), key=lambda j: (-s[j], j))
         order = (order + [0] * k)[:k]
         items.append(order)
@@ -62,6 +67,7 @@ def run(users, table, targets, history, **kw):
 
 
 def assert_same(got, want):
+    assert got[0].dtype == np.float32  # ranks end in .5 when the target ties with an odd count
     np.testing.assert_array_equal(got[0], want[0])  # ranks
     np.testing.assert_array_equal(got[1], want[1])  # top items, in order
     np.testing.assert_array_equal(got[2], want[2].astype(np.float32))  # top scores
@@ -79,6 +85,7 @@ def test_matches_reference_for_chunkings(chunk_size, k):
     users, table, targets, _ = case
     scores = users @ table.T
     assert (scores[np.arange(B), targets][:, None] == scores).sum() > 2 * B
+    assert (want[0] % 1 == 0.5).any()  # some target ties with an odd number of others
 
 
 @pytest.mark.parametrize("chunk_size", [1000, 96])
@@ -110,13 +117,76 @@ def test_hand_case_history_masking_ties_and_padding_item():
     targets = np.array([2], np.int32)  # score 3; item 4 ties with it, item 0 scores 100
     history = np.array([[3, 0, 0]], np.int32)  # item 3 (score 9) scores above the target
     ranks, items, scores = run(users, table, targets, history, k=4, chunk_size=4)
-    # Masked: only items 1 (5) and 6 (7) are higher; tie item 4 and padding item 0 are not.
-    assert ranks.tolist() == [3]
+    # Masked: items 1 (5) and 6 (7) are higher, tie item 4 counts half, padding item 0 never.
+    assert ranks.tolist() == [3.5]
     assert items.tolist() == [[6, 1, 2, 4]]
     assert scores.tolist() == [[7, 5, 3, 3]]
     ranks, items, _ = run(users, table, targets, history, k=4, chunk_size=4, mask_history=False)
-    assert ranks.tolist() == [4]  # item 3 now counts
+    assert ranks.tolist() == [4.5]  # item 3 now counts
     assert items.tolist() == [[3, 6, 1, 2]]
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 4, 7])
+def test_partial_ties_count_half_with_and_without_history_mask(chunk_size):
+    """Items 1..6 score [3, 1, 1, 1, 0, 2]; the target is item 3, one of the three 1s.
+
+    Chunks of 1-4 cut the run of tied items 2, 3, 4 at every place."""
+    table = np.array([[100.0], [3.0], [1.0], [1.0], [1.0], [0.0], [2.0]], np.float32)
+    users = np.ones((4, 1), np.float32)
+    targets = np.full(4, 3, np.int32)
+    history = np.array([[0, 0], [4, 0], [1, 0], [2, 4]], np.int32)
+    ranks, items, _ = run(users, table, targets, history, k=6, chunk_size=chunk_size)
+    # 1 + 2 higher (items 1, 6) + 2 tied (items 2, 4) / 2 = 4; a masked tied item no longer
+    # counts (3.5; both masked: 3), nor does a masked higher one (3). Padding item 0: never.
+    assert ranks.dtype == np.float32
+    assert ranks.tolist() == [4.0, 3.5, 3.0, 3.0]
+    assert items[0].tolist() == [1, 6, 2, 3, 4, 5]  # top-k ties still by lower id
+    ranks, _, _ = run(users, table, targets, history, k=6, chunk_size=chunk_size,
+                      mask_history=False)  # fmt: skip
+    assert ranks.tolist() == [4.0] * 4
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 100])
+def test_all_scores_equal_gives_a_random_rankings_mean_rank(chunk_size):
+    """A model that scores every item alike ranks each target (n + 1) / 2 among its n unmasked
+    items: the mean position over random orders, never first."""
+    n_items = 9
+    table = np.full((n_items + 1, 4), 0.5, np.float32)  # every row alike; sums exact in float32
+    users = np.array([[1.0, -2.0, 0.5, 0.25]] * 3, np.float32)  # every score -0.125
+    targets = np.array([2, 5, 9], np.int32)
+    history = np.array([[0, 0], [3, 7], [1, 0]], np.int32)  # 9, 7 and 8 unmasked items
+    ranks, _, _ = run(users, table, targets, history, k=3, chunk_size=chunk_size)
+    unmasked = np.array([9, 7, 8])
+    assert ranks.tolist() == [5.0, 4.0, 4.5] == ((unmasked + 1) / 2).tolist()
+    assert [np.arange(1, n + 1).mean() for n in unmasked] == [5.0, 4.0, 4.5]
+    m = metrics_from_ranks(ranks)
+    # The metrics of those ranks, by hand: no target at 1; all three within 5.
+    assert m["hr@1"] == m["ndcg@1"] == m["mrr@1"] == 0.0
+    assert m["hr@5"] == m["hr@10"] == 1.0
+    ndcg = (1 / math.log2(6) + 1 / math.log2(5) + 1 / math.log2(5.5)) / 3
+    assert m["ndcg@5"] == pytest.approx(ndcg) and m["ndcg@10"] == pytest.approx(ndcg)
+    assert m["mrr"] == pytest.approx((1 / 5 + 1 / 4 + 1 / 4.5) / 3)
+    # ... the same whether the tied scores come from a dot product or a scorer of its own.
+    got = rank_and_topk_with(lambda state, ids: jnp.zeros((3, ids.shape[0])), None, n_items,
+                             targets, history, k=3, chunk_size=chunk_size)  # fmt: skip
+    np.testing.assert_array_equal(got[0], ranks)
+
+
+def test_rank_in_list_counts_ties_among_listed_items():
+    """Beam-search lists: the target's score against the other listed items only."""
+    items = np.array([[5, 2, 9, 4, 0]] * 6 + [[3, 1, 0, 0, 0], [6, 7, 8, 1, 2]], np.int32)
+    scores = np.array(
+        [[-1.0, -2.0, -2.0, -3.0, -np.inf]] * 6
+        + [[np.nan, -1.0, -np.inf, -np.inf, -np.inf], [-2.0] * 5],
+        np.float32,
+    )
+    targets = np.array([5, 2, 9, 4, 7, 0, 1, 8], np.int32)
+    ranks = np.asarray(jax.jit(rank_in_list)(items, scores, targets, 10))
+    assert ranks.dtype == np.float32
+    # 5: first; 2 and 9: one above, tied with each other (2.5); 4: three above; 7: not listed
+    # and 0 (padding row) only matches empty slots: n_items + 1; 1: below a NaN (2); a list
+    # scored all alike: (5 + 1) / 2.
+    assert ranks.tolist() == [1.0, 2.5, 2.5, 4.0, 11.0, 11.0, 2.0, 3.0]
 
 
 def test_target_in_history_is_compared_as_is_and_empty_slots_are_zero():

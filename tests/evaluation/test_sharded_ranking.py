@@ -42,6 +42,35 @@ def test_split_ranking_matches_reference(shape, chunk_size, k, mask_history):
     assert got[0].shape == (16,) and (got[1] < len(table)).all()
 
 
+@pytest.mark.parametrize("chunk_size", [1, 3, 64])
+def test_split_ranking_counts_ties_across_shards_as_one_table(chunk_size):
+    """Items tied with the target on every one of 8 shards (5 rows each) count half, masked
+    ones not at all: the same ranks as unsplit, worked out by hand."""
+    mesh = sharding.make_mesh((1, 1, 8))
+    users = np.ones((4, 1), np.float32)
+    targets = np.array([1, 7, 20, 39], np.int32)
+    history = np.array([[0, 0, 0], [2, 3, 0], [5, 11, 38], [0, 0, 0]], np.int32)
+    flat = np.full((40, 1), 2.0, np.float32)  # every item alike
+    cycle = (np.arange(40) % 3).astype(np.float32)[:, None]  # item i scores i % 3: 13 of each
+    want = {
+        # (unmasked others) / 2 + 1: 38, 36, 35 and 38 others.
+        "flat": [20.0, 19.0, 18.5, 20.0],
+        # item 1 (score 1): 13 higher (2s), 12 tied -> 20; item 7: 2 and 3 masked, 12 higher,
+        # 12 tied -> 19; item 20 (a 2): none higher, 12 tied of which 3 masked -> 5.5; item 39
+        # (a 0): 26 higher, 12 tied -> 33.
+        "cycle": [20.0, 19.0, 5.5, 33.0],
+    }
+    ranker = make_ranker(mesh, k=5, chunk_size=chunk_size, n_items=39, rules=RULES)
+    plain = make_ranker(k=5, chunk_size=chunk_size)
+    for name, table in (("flat", flat), ("cycle", cycle)):
+        table_on_mesh = jax.device_put(table, NamedSharding(mesh, P("model", None)))
+        assert vocab_parallel.split_axes(table_on_mesh, mesh, RULES) == ("model",)
+        got = [np.asarray(x) for x in ranker(users, table_on_mesh, targets, history)]
+        assert got[0].dtype == np.float32 and got[0].tolist() == want[name], name
+        for g, p in zip(got, plain(users, table, targets, history), strict=True):
+            np.testing.assert_array_equal(g, np.asarray(p))
+
+
 def test_split_ranking_of_non_finite_target_and_short_catalogue():
     """k equal to the whole catalogue, a NaN target score (worst rank), all items masked."""
     users, table, targets, history = random_case(12, batch=8, n_rows=40)

@@ -97,7 +97,10 @@ def test_scores_are_user_dot_item_plus_bias_and_history_is_masked():
         assert not seen & set(np.asarray(top[r]).tolist())
         order = [i for i in np.argsort(-want[r], kind="stable") if i and i not in seen]
         np.testing.assert_array_equal(top[r], order[: V - 4])
-        assert ranks[r] == 1 + sum(want[r, i] > want[r, targets[r]] for i in order)
+        t = want[r, targets[r]]
+        others = [i for i in order if i != targets[r]]
+        tied = sum(want[r, i] == t for i in others)
+        assert ranks[r] == 1 + sum(want[r, i] > t for i in others) + tied / 2
 
 
 def test_needs_users_and_a_negative():

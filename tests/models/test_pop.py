@@ -1,6 +1,8 @@
 """Popularity: log(1 + training count) scores, nothing trained, a normal run end to end."""
 
+import importlib.util
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,12 @@ from onerec_jax.defaults import apply_variant, base_config
 from onerec_jax.evaluation import ranking
 from onerec_jax.models.base import DataInfo, build_model
 from onerec_jax.training import train
+
+_spec = importlib.util.spec_from_file_location(
+    "popularity", Path(__file__).resolve().parents[2] / "benchmarks" / "popularity.py"
+)
+popularity = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(popularity)
 
 COUNTS = np.array([0, 5, 0, 9, 2, 9, 1, 7, 3, 0, 4])  # [V]; item 0 is padding
 
@@ -39,17 +47,19 @@ def test_scores_are_log_one_plus_count_for_every_user():
 def test_ranking_is_training_counts_with_history_masked():
     model = _model()
     params = _params(model)
-    state = model.user_state(params, {"inputs": jnp.zeros((2, 4), jnp.int32)})
-    history = jnp.array([[3, 0], [7, 1]], jnp.int32)  # user 0 saw item 3, user 1 items 7 and 1
-    targets = jnp.array([7, 8], jnp.int32)
+    state = model.user_state(params, {"inputs": jnp.zeros((3, 4), jnp.int32)})
+    # User 0 saw item 3, user 1 items 7 and 1, user 2 nothing.
+    history = jnp.array([[3, 0], [7, 1], [0, 0]], jnp.int32)
+    targets = jnp.array([7, 8, 3], jnp.int32)
     ranks, top, _ = ranking.rank_and_topk(
         state, model.item_table(params), targets, history, k=5, chunk_size=4
     )
-    # Counts: 3:9 5:9 7:7 1:5 10:4 8:3 4:2 6:1; ties by lower id; seen items dropped.
-    np.testing.assert_array_equal(top, [[5, 7, 1, 10, 8], [3, 5, 10, 8, 4]])
-    # Rank = 1 + unmasked items counted strictly higher: item 7 (7) is below 5 only (3 is
-    # masked); item 8 (3) is below 3, 5 and 10.
-    np.testing.assert_array_equal(ranks, [2, 4])
+    # Counts: 3:9 5:9 7:7 1:5 10:4 8:3 4:2 6:1; top-k ties by lower id; seen items dropped.
+    np.testing.assert_array_equal(top, [[5, 7, 1, 10, 8], [3, 5, 10, 8, 4], [3, 5, 7, 1, 10]])
+    # Rank = 1 + unmasked items counted strictly higher + half those counted the same: item 7
+    # (7) is below 5 only (3 is masked); item 8 (3) is below 3, 5 and 10; item 3 (9) ties
+    # with item 5 (9).
+    np.testing.assert_array_equal(ranks, [2, 4, 1.5])
 
 
 def test_loss_is_zero():
@@ -85,7 +95,9 @@ def _popularity_ndcg10(data, split: str) -> float:
         scores = counts.copy()
         scores[0] = -np.inf
         scores[prefix] = -np.inf
+        scores[target] = -np.inf  # never its own rival; ties with it count half (PROTOCOL.md)
         rank = 1 + np.count_nonzero(scores > counts[target])
+        rank += np.count_nonzero(scores == counts[target]) / 2
         gains.append(1 / np.log2(rank + 1) if rank <= 10 else 0.0)
     return float(np.mean(gains))
 
@@ -101,3 +113,8 @@ def test_end_to_end_run_is_one_step_and_matches_reference(tmp_path):
     assert saved["test"]["ndcg@10"] == pytest.approx(_popularity_ndcg10(data, "test"), abs=1e-6)
     assert saved["val"]["ndcg@10"] == pytest.approx(_popularity_ndcg10(data, "valid"), abs=1e-6)
     assert results["test"] == pytest.approx(saved["test"])
+    # benchmarks/popularity.py is this model through the same evaluator: the same numbers.
+    bench = popularity.popularity_metrics(config)
+    for split, run in (("valid", results["val"]), ("test", results["test"])):
+        same = {k: v for k, v in run.items() if k != "seconds"}
+        assert {k: v for k, v in bench[split].items() if k != "seconds"} == same
