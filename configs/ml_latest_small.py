@@ -11,6 +11,4 @@ def get_config(arg: str | None = None):
     # before learning (PROTOCOL.md), so patience is counted in many cheap validations.
     c.train.patience = 15  # validations (one per epoch) without improvement
     c.train.num_epochs = 400
-    c.optim.warmup_steps = 20  # ~3 epochs
-    c.model.dropout = 0.1  # as the PROTOCOL.md reference SASRec
     return apply_variant(c, arg)

@@ -37,11 +37,14 @@ class Windows:
         return len(self.user)
 
 
-def training_windows(data: SequenceData, *, max_len: int, stride: int | None = None) -> Windows:
+def training_windows(
+    data: SequenceData, *, max_len: int, stride: int | None = None, latest_only: bool = False
+) -> Windows:
     """Next-item windows of every user's training history, user by user, latest window first.
 
     With `m = n - 1` pairs in a history of `n` items, window `k` ends at `b_k = m - k*stride` and
-    starts at `a_k = max(0, b_k - max_len)`; windows are emitted until the first with `a_k == 0`.
+    starts at `a_k = max(0, b_k - max_len)`; windows are emitted until the first with `a_k == 0`,
+    or only window 0 (the last max_len + 1 items) with `latest_only`.
     """
     stride = max_len if stride is None else stride
     if max_len < 1:
@@ -51,6 +54,8 @@ def training_windows(data: SequenceData, *, max_len: int, stride: int | None = N
     split = data.train
     pairs = np.maximum(split.lengths - 1, 0)  # [n_users] m
     count = np.where(pairs > 0, 1 + -(-np.maximum(pairs - max_len, 0) // stride), 0)
+    if latest_only:
+        count = np.minimum(count, 1)
     user = np.repeat(np.arange(data.n_users, dtype=np.int32), count)  # [n_windows]
     first = np.cumsum(count) - count  # [n_users] position of each user's window 0
     k = np.arange(len(user), dtype=np.int64) - np.repeat(first, count)
@@ -171,6 +176,7 @@ def train_dataset(
     batch_size: int,
     seed: int,
     stride: int | None = None,
+    latest_only: bool = False,
     num_epochs: int | None = None,
     shuffle: bool = True,
     bucket_boundaries: Sequence[int] | None = None,
@@ -180,6 +186,8 @@ def train_dataset(
 ) -> grain.IterDataset:
     """This process's training batches (`batch_size` is global), `num_epochs=None` = forever.
 
+    Windows as `training_windows(data, max_len, stride, latest_only)`.
+
     Each batch: `inputs`, `targets` [b, W] int32, `mask` [b, W] bool (True on real targets),
     `user` [b] int32, with b = batch_size // process_count and W = max_len, or the width of the
     batch's bucket when `bucket_boundaries` is given (e.g. (16, 32, 64, 128, 200)). Each epoch
@@ -188,7 +196,7 @@ def train_dataset(
     if seed < 0:
         raise ConfigError(f"seed must be non-negative, got {seed}")
     p, count, local = _process_share(batch_size, process_index, process_count)
-    windows = training_windows(data, max_len=max_len, stride=stride)
+    windows = training_windows(data, max_len=max_len, stride=stride, latest_only=latest_only)
     if len(windows) < batch_size:
         raise ConfigError(
             f"only {len(windows)} training windows, fewer than one batch of {batch_size}: "
@@ -342,6 +350,7 @@ def generative_train_dataset(
     session_items: int = 1,
     per_target: bool = False,
     stride: int | None = None,
+    latest_only: bool = False,
     num_epochs: int | None = None,
     shuffle: bool = True,
     bucket_boundaries: Sequence[int] | None = None,
@@ -378,7 +387,7 @@ def generative_train_dataset(
         examples = target_examples(data, max_len=max_len, session_items=session_items)
         rows_fn = functools.partial(_target_rows, codes=codes, session_items=session_items)
     else:
-        examples = training_windows(data, max_len=max_len, stride=stride)
+        examples = training_windows(data, max_len=max_len, stride=stride, latest_only=latest_only)
         rows_fn = functools.partial(
             _window_code_rows, codes=codes, session_items=session_items, train_end=data.train.ends
         )

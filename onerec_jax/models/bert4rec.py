@@ -36,10 +36,15 @@ class BERT4Rec(nn.Module):
     mlp_dim: int = 256
     dropout: float = 0.1
     prenorm: bool = True  # pre-LN (stabler) or post-LN (BERT's original)
+    init_std: float = 0.02  # normal(std) embeddings and kernels, as BERT (0: dim**-0.5 / fan-in)
+    norm_eps: float = 1e-8  # LayerNorm epsilon
+    # BERT's embedding layer: LayerNorm(item + position), unscaled; False: sqrt(dim) * item
+    embedding_norm: bool = True
+    mlm_head: bool = False  # BERT's masked-LM transform (dense, GELU, LayerNorm) before the table
     dtype: jnp.dtype = jnp.float32
 
     def setup(self):
-        init = nn.initializers.normal(stddev=self.dim**-0.5)
+        init = nn.initializers.normal(stddev=self.init_std if self.init_std > 0 else self.dim**-0.5)
         self.item_embedding = nn.Embed(
             self.vocab_size + 1,  # + the [MASK] row
             self.dim,
@@ -60,17 +65,20 @@ class BERT4Rec(nn.Module):
                 self.prenorm,
                 "gelu",
                 dtype=self.dtype,
+                norm_eps=self.norm_eps,
+                attn_bias=self.init_std > 0,  # BERT's projections have biases
+                init_std=self.init_std,
                 name=f"block_{i}",
             )
             for i in range(self.num_layers)
         ]
-        self.final_norm = nn.LayerNorm(dtype=self.dtype, epsilon=1e-6)
+        self.final_norm = nn.LayerNorm(dtype=self.dtype, epsilon=self.norm_eps)
+        self.embedding_layernorm = nn.LayerNorm(dtype=self.dtype, epsilon=self.norm_eps)
         self.dropout_layer = nn.Dropout(self.dropout)
-        # BERT's masked-LM head: dense + GELU + LayerNorm before the tied output table.
-        self.head = nn.Dense(
-            self.dim, dtype=self.dtype, kernel_init=layers.dense_init(("embed", None))
-        )
-        self.head_norm = nn.LayerNorm(dtype=self.dtype, epsilon=1e-6)
+        if self.mlm_head:  # BERT's masked-LM transform: dense + GELU + LayerNorm
+            kernel_init = layers.dense_init(("embed", None), std=self.init_std)
+            self.head = nn.Dense(self.dim, dtype=self.dtype, kernel_init=kernel_init)
+            self.head_norm = nn.LayerNorm(dtype=self.dtype, epsilon=self.norm_eps)
 
     def __call__(self, inputs, *, train: bool):
         """inputs [B, W] left-padded ids, [MASK] allowed, W <= max_len + 1 -> hidden [B, W, D]."""
@@ -78,15 +86,19 @@ class BERT4Rec(nn.Module):
         if width > self.max_len + 1:
             raise ValueError(f"BERT4Rec sees at most max_len + 1 = {self.max_len + 1} slots")
         positions = layers.positions_from_end(width)
-        x = self.item_embedding(inputs) * jnp.sqrt(self.dim).astype(self.dtype)  # [B, W, D]
+        x = self.item_embedding(inputs)  # [B, W, D]
+        if not self.embedding_norm:
+            x = x * jnp.sqrt(self.dim).astype(self.dtype)
         x = x + self.position_embedding[positions].astype(self.dtype)
+        if self.embedding_norm:
+            x = self.embedding_layernorm(x)
         x = self.dropout_layer(x, deterministic=not train)
         x = x * (inputs > 0)[..., None]  # padding slots carry nothing
         mask = layers.attention_mask(inputs, causal=False)  # every real slot sees every other
         for block in self.blocks:
             x = block(x, mask, positions, train=train)
         x = self.final_norm(x) if self.prenorm else x
-        return self.head_norm(nn.gelu(self.head(x)))
+        return self.head_norm(nn.gelu(self.head(x))) if self.mlm_head else x
 
     def item_table(self):
         return self.item_embedding.embedding[: self.vocab_size]  # [V, D]: no [MASK] row
@@ -186,6 +198,10 @@ def build(config: ml_collections.ConfigDict, info: DataInfo) -> ScoringModel:
         mlp_dim=m.mlp_dim,
         dropout=m.dropout,
         prenorm=m.prenorm,
+        init_std=m.init_std,
+        norm_eps=m.norm_eps,
+        embedding_norm=m.embedding_norm,
+        mlm_head=m.mlm_head,
         dtype=compute_dtype(config.train.compute_dtype),
     )
     return BERT4RecModel(module, config, info)

@@ -16,11 +16,16 @@ Dtype = jnp.dtype
 _NEG = -1e9  # attention logit for masked keys: finite, so fully masked rows (padding) stay finite
 
 
-def dense_init(names: tuple[str | None, ...], scale: float = 1.0, fan_in_axes=(0,)):
-    """Fan-in scaled normal init carrying logical axis names."""
-    init = nn.initializers.variance_scaling(
-        scale, "fan_in", "normal", in_axis=fan_in_axes, out_axis=-1
-    )
+def dense_init(
+    names: tuple[str | None, ...], scale: float = 1.0, fan_in_axes=(0,), std: float = 0.0
+):
+    """Fan-in scaled normal init (`std` 0) or normal(`std`), carrying logical axis names."""
+    if std > 0:
+        init = nn.initializers.normal(std)
+    else:
+        init = nn.initializers.variance_scaling(
+            scale, "fan_in", "normal", in_axis=fan_in_axes, out_axis=-1
+        )
     return nn.with_logical_partitioning(init, names)
 
 
@@ -46,15 +51,24 @@ def rotary(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> jax.Ar
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention; optional rotary positions on queries and keys."""
+    """Multi-head self-attention; optional rotary positions on queries and keys.
+
+    `kv`: keys and values from another sequence of the same length (default: `x`), as the
+    public SASRec's block, whose queries alone are normalised. `use_bias`: biases on the four
+    projections (torch's MultiheadAttention has them). `out_init_std` > 0: normal(std) output
+    projection instead of fan-in scaling.
+    """
 
     num_heads: int
     dropout: float = 0.0
     use_rotary: bool = False
     dtype: Dtype = jnp.float32
+    use_bias: bool = False
+    out_init_std: float = 0.0
 
     @nn.compact
-    def __call__(self, x, mask, positions, *, train: bool):
+    def __call__(self, x, mask, positions, *, train: bool, kv=None):
+        kv = x if kv is None else kv
         dim = x.shape[-1]
         if dim % self.num_heads:
             raise ValueError(
@@ -63,11 +77,15 @@ class SelfAttention(nn.Module):
         head_dim = dim // self.num_heads
         shape = (dim, self.num_heads, head_dim)
 
-        def proj(name):  # [B, L, D] -> [B, L, H, Dh]
+        def proj(name, inputs):  # [B, L, D] -> [B, L, H, Dh]
             kernel = self.param(name, dense_init(("embed", "heads", "kv")), shape)
-            return jnp.einsum("bld,dhk->blhk", x, kernel.astype(self.dtype))
+            out = jnp.einsum("bld,dhk->blhk", inputs, kernel.astype(self.dtype))
+            if self.use_bias:
+                bias_init = nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv"))
+                out = out + self.param(f"{name}_bias", bias_init, shape[1:]).astype(self.dtype)
+            return out
 
-        q, k, v = proj("query"), proj("key"), proj("value")
+        q, k, v = proj("query", x), proj("key", kv), proj("value", kv)
         if self.use_rotary:
             q, k = rotary(q, positions), rotary(k, positions)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(head_dim)
@@ -75,9 +93,13 @@ class SelfAttention(nn.Module):
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # [B, H, L, L]
         weights = nn.Dropout(self.dropout)(weights, deterministic=not train)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)  # [B, L, H, Dh]
-        out_init = dense_init(("heads", "kv", "embed"), fan_in_axes=(0, 1))
+        out_init = dense_init(("heads", "kv", "embed"), fan_in_axes=(0, 1), std=self.out_init_std)
         kernel = self.param("out", out_init, (self.num_heads, head_dim, dim))
-        return jnp.einsum("blhk,hkd->bld", out, kernel.astype(self.dtype))
+        out = jnp.einsum("blhk,hkd->bld", out, kernel.astype(self.dtype))
+        if self.use_bias:
+            bias_init = nn.with_logical_partitioning(nn.initializers.zeros, ("embed",))
+            out = out + self.param("out_bias", bias_init, (dim,)).astype(self.dtype)
+        return out
 
 
 class FeedForward(nn.Module):
@@ -87,13 +109,15 @@ class FeedForward(nn.Module):
     activation: str = "gelu"
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
+    init_std: float = 0.0  # > 0: normal(std) kernels instead of fan-in scaling
 
     @nn.compact
     def __call__(self, x, *, train: bool):
         dim = x.shape[-1]
 
         def dense(features, names, name):
-            return nn.Dense(features, dtype=self.dtype, name=name, kernel_init=dense_init(names))
+            init = dense_init(names, std=self.init_std)
+            return nn.Dense(features, dtype=self.dtype, name=name, kernel_init=init)
 
         if self.activation == "swiglu":
             gate = dense(self.hidden_dim, ("embed", "mlp"), "gate")(x)
@@ -105,14 +129,16 @@ class FeedForward(nn.Module):
         return dense(dim, ("mlp", "embed"), "down")(h)
 
 
-def make_norm(kind: str, dtype: Dtype, name: str) -> nn.Module:
+def make_norm(kind: str, dtype: Dtype, name: str, epsilon: float = 1e-6) -> nn.Module:
     if kind == "rmsnorm":
-        return nn.RMSNorm(dtype=dtype, name=name, epsilon=1e-6)
-    return nn.LayerNorm(dtype=dtype, name=name, epsilon=1e-6)
+        return nn.RMSNorm(dtype=dtype, name=name, epsilon=epsilon)
+    return nn.LayerNorm(dtype=dtype, name=name, epsilon=epsilon)
 
 
 class Block(nn.Module):
-    """One Transformer block, pre-norm (x + f(norm(x))) or post-norm (norm(x + f(x)))."""
+    """One Transformer block: pre-norm (x + f(norm(x))), post-norm (norm(x + f(x))), or the
+    public SASRec code's layout (`layout="sasrec"`): q = norm(x); h = q + attn(q, keys x);
+    out = n + ffn(n) with n = norm(h), no dropout on the attention output."""
 
     num_heads: int
     mlp_dim: int
@@ -122,15 +148,40 @@ class Block(nn.Module):
     activation: str = "gelu"
     use_rotary: bool = False
     dtype: Dtype = jnp.float32
+    layout: str = ""  # "" (prenorm decides) or "sasrec"
+    norm_eps: float = 1e-6
+    attn_bias: bool = False
+    init_std: float = 0.0  # > 0: normal(std) feed-forward and attention-output kernels
 
     @nn.compact
     def __call__(self, x, mask, positions, *, train: bool):
         drop = nn.Dropout(self.dropout)
-        attn = SelfAttention(self.num_heads, self.dropout, self.use_rotary, self.dtype, name="attn")
-        ffn = FeedForward(self.mlp_dim, self.activation, self.dropout, self.dtype, name="ffn")
-        norm1 = make_norm(self.norm, self.dtype, "norm_attn")
-        norm2 = make_norm(self.norm, self.dtype, "norm_ffn")
-        if self.prenorm:
+        attn = SelfAttention(
+            self.num_heads,
+            self.dropout,
+            self.use_rotary,
+            self.dtype,
+            use_bias=self.attn_bias,
+            out_init_std=self.init_std,
+            name="attn",
+        )
+        ffn = FeedForward(
+            self.mlp_dim,
+            self.activation,
+            self.dropout,
+            self.dtype,
+            init_std=self.init_std,
+            name="ffn",
+        )
+        norm1 = make_norm(self.norm, self.dtype, "norm_attn", self.norm_eps)
+        norm2 = make_norm(self.norm, self.dtype, "norm_ffn", self.norm_eps)
+        if self.layout == "sasrec":
+            q = norm1(x)
+            x = norm2(q + attn(q, mask, positions, train=train, kv=x))
+            x = x + drop(ffn(x, train=train), deterministic=not train)
+        elif self.layout:
+            raise ValueError(f"Block layout={self.layout!r}: use '' or 'sasrec'")
+        elif self.prenorm:
             x = x + drop(attn(norm1(x), mask, positions, train=train), deterministic=not train)
             x = x + drop(ffn(norm2(x), train=train), deterministic=not train)
         else:

@@ -20,11 +20,17 @@ class SASRec(nn.Module):
     num_heads: int = 1
     mlp_dim: int = 64
     dropout: float = 0.1
-    prenorm: bool = True  # pre-LN (the public SASRec code) or post-LN (the paper's figure)
+    prenorm: bool = True  # pre-LN or post-LN (the paper's figure); layout "" only
+    layout: str = "sasrec"  # "sasrec": the public SASRec code's block (layers.Block); "": prenorm
+    init_std: float = 0.02  # normal(std) embeddings and kernels (0: dim**-0.5 / fan-in)
+    norm_eps: float = 1e-8  # LayerNorm epsilon
+    attn_bias: bool = True  # biases on the attention projections
+    positions: str = "start"  # learned positions counted from the first item or from the "end"
     dtype: jnp.dtype = jnp.float32
 
     def setup(self):
-        init = nn.initializers.normal(stddev=self.dim**-0.5)
+        std = self.init_std if self.init_std > 0 else self.dim**-0.5
+        init = _zero_padding_row(nn.initializers.normal(stddev=std))
         self.item_embedding = nn.Embed(
             vocab_parallel.padded_rows(self.vocab_size),  # splits evenly over the mesh
             self.dim,
@@ -45,30 +51,50 @@ class SASRec(nn.Module):
                 self.prenorm,
                 "relu",
                 dtype=self.dtype,
+                layout=self.layout,
+                norm_eps=self.norm_eps,
+                attn_bias=self.attn_bias,
+                init_std=self.init_std,
                 name=f"block_{i}",
             )
             for i in range(self.num_layers)
         ]
-        self.final_norm = nn.LayerNorm(dtype=self.dtype, epsilon=1e-6)
+        self.final_norm = nn.LayerNorm(dtype=self.dtype, epsilon=self.norm_eps)
         self.dropout_layer = nn.Dropout(self.dropout)
 
     def __call__(self, inputs, *, train: bool):
         """inputs [B, L] left-padded item ids -> hidden [B, L, D]."""
         length = inputs.shape[1]
-        positions = layers.positions_from_end(length)
+        positions = layers.positions_from_end(length)  # [L]; rotary-free blocks ignore them
+        if self.positions == "start":  # [B, L]: 0 at each row's first real item
+            first = length - jnp.sum(inputs > 0, axis=1, keepdims=True)
+            learned = jnp.maximum(jnp.arange(length)[None, :] - first, 0)
+        elif self.positions == "end":
+            learned = positions
+        else:
+            raise ValueError(f"model.positions={self.positions!r}: use 'start' or 'end' (SASRec)")
         x = vocab_parallel.embed(self.item_embedding, inputs)  # [B, L, D]
         x = x * jnp.sqrt(self.dim).astype(self.dtype)
-        x = x + self.position_embedding[positions].astype(self.dtype)
+        x = x + self.position_embedding[learned].astype(self.dtype)
         x = self.dropout_layer(x, deterministic=not train)
         x = x * (inputs > 0)[..., None]  # padding slots carry nothing
         mask = layers.attention_mask(inputs, causal=True)
         for block in self.blocks:
             x = block(x, mask, positions, train=train)
-        x = self.final_norm(x) if self.prenorm else x
+        x = self.final_norm(x) if self.prenorm or self.layout else x
         return x
 
     def item_table(self):
         return self.item_embedding.embedding  # [V (+ padding rows), D], shared with the input
+
+
+def _zero_padding_row(init):
+    """`init` with row 0 (the padding item) set to zero, as torch's `padding_idx` does."""
+
+    def zeroed(rng, shape, dtype=jnp.float32):
+        return init(rng, shape, dtype).at[0].set(0)
+
+    return zeroed
 
 
 def build(config: ml_collections.ConfigDict, info: DataInfo) -> ScoringModel:
@@ -82,6 +108,11 @@ def build(config: ml_collections.ConfigDict, info: DataInfo) -> ScoringModel:
         mlp_dim=m.mlp_dim,
         dropout=m.dropout,
         prenorm=m.prenorm,
+        layout=m.block,
+        init_std=m.init_std,
+        norm_eps=m.norm_eps,
+        attn_bias=m.attn_bias,
+        positions=m.position_origin,
         dtype=compute_dtype(config.train.compute_dtype),
     )
     return ScoringModel(module, config, info)

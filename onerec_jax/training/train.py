@@ -103,9 +103,7 @@ class Trainer:
                 data, max_len=c.data.max_len, session_items=c.model.session_items
             )
         else:
-            examples = pipeline.training_windows(
-                data, max_len=c.data.max_len, stride=c.data.window_stride or None
-            )
+            examples = pipeline.training_windows(data, max_len=c.data.max_len, **_windows(c))
         self.steps_per_epoch = max(len(examples) // c.train.batch_size, 1)
         self.total_steps = c.train.num_steps or c.train.num_epochs * self.steps_per_epoch
         updates = max(self.total_steps // c.optim.accumulate_steps, 1)
@@ -165,7 +163,7 @@ class Trainer:
                 seed=seed,
                 session_items=c.model.session_items,
                 per_target=self.per_target,
-                stride=c.data.window_stride or None,
+                **_windows(c),
                 bucket_boundaries=tuple(c.data.bucket_boundaries) or None,
                 worker_count=c.data.worker_count,
             )
@@ -174,10 +172,17 @@ class Trainer:
             max_len=c.data.max_len,
             batch_size=c.train.batch_size,
             seed=seed,
-            stride=c.data.window_stride or None,
+            **_windows(c),
             bucket_boundaries=tuple(c.data.bucket_boundaries) or None,
             worker_count=c.data.worker_count,
         )
+
+
+def _windows(c: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The training-window options of `pipeline.training_windows` from `c.data`."""
+    if c.data.windows not in ("all", "latest"):
+        raise ConfigError(f"data.windows={c.data.windows!r}: use 'all' or 'latest'.")
+    return {"stride": c.data.window_stride or None, "latest_only": c.data.windows == "latest"}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:

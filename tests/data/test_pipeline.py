@@ -117,6 +117,15 @@ def test_windows_stride_less_than_max_len():
     ]
 
 
+def test_latest_window_only_is_the_last_max_len_plus_one_items():
+    # As the public SASRec+ code: one example per user, its last max_len + 1 training items.
+    batches = train(HAND, max_len=4, latest_only=True, batch_size=1, num_epochs=1, shuffle=False)
+    assert [r for b in batches for r in rows(b)] == [
+        (0, (6, 7, 8, 9), (7, 8, 9, 10), (T, T, T, T)),
+        (2, (0, 0, 7, 2), (0, 0, 2, 9), (F, F, T, T)),
+    ]
+
+
 def test_one_item_history_yields_nothing():
     data = make_data([[4, 5, 6], [1, 2, 3, 7]])  # training histories [4] and [1, 2]
     w = training_windows(data, max_len=3)

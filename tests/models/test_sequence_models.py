@@ -35,7 +35,8 @@ def _inputs():
     return jnp.array([[0, 0, 0, 5, 7, 2, 9, 11], [0, 0, 0, 0, 0, 0, 3, 4]], jnp.int32)
 
 
-MODELS = [("sasrec", {}), ("sasrec", {"prenorm": False}), ("onerec", {}),
+MODELS = [("sasrec", {}), ("sasrec", {"block": "", "position_origin": "end", "init_std": 0.0}),
+          ("sasrec", {"block": "", "prenorm": False}), ("onerec", {}),
           ("onerec", {"positions": "learned", "fusion": "concat"}),
           ("onerec", {"positions": "none"})]  # fmt: skip
 
