@@ -132,6 +132,8 @@ def test_end_to_end_and_eval_restore_on_other_devices(root, tmp_path):
         saved["protocol"]["mask_history"] is True and saved["protocol"]["split"] == "leave-one-out"
     )
     assert saved["test"]["n_users"] == 2000
+    assert saved["data"]["source"] == "demo"
+    assert 0 < saved["cpu_seconds_to_best"] <= saved["cpu_seconds"]
     logged = _losses(tmp_path)
     assert sorted(logged) == list(range(1, 17)) and all(np.isfinite(list(logged.values())))
     assert (tmp_path / "config.json").exists() and list((tmp_path / "tensorboard").iterdir())
