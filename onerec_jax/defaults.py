@@ -258,6 +258,7 @@ def apply_variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collectio
         c.model.num_heads = 2
         c.model.mlp_dim = 4 * c.model.dim
         c.model.dropout = 0.1
+        c.model.prenorm = False  # BERT's post-LN, as the published replications (HF BertModel)
         c.model.mask_prob = 0.2
         c.loss.name = "full_softmax"  # the cloze task needs the full softmax to be strong
     elif arg in ("tiger", "onerec_sid"):
