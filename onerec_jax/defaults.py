@@ -68,6 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.item_bias = True  # BPR: add a learned per-item bias to the user . item score
     m.l2 = 0.0  # BPR, NCF: weight of the L2 penalty on the embedding rows a training pair uses
     m.mlp_layers = (64, 32, 16)  # NCF: widths of the MLP tower's ReLU layers, first on the concat
+    m.ncf_towers = "both"  # NCF: "both" (NeuMF), "gmf" or "mlp" (one tower alone: the ablation)
     m.mask_prob = 0.2  # BERT4Rec: share of real items masked for the cloze loss (>= 1 each)
     m.last_item_share = 0.1  # BERT4Rec: share of training sequences with only the last masked
     # Generative models (TIGER; OneRec with head="semantic_ids"): encoder-decoder over semantic
@@ -270,11 +271,13 @@ def apply_variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collectio
         c.model.name = "pop"  # nothing to learn: one no-op step, then validation and test
     elif arg == "bpr":
         c.model.name = "bpr"
+        c.data.windows = "all"  # a user-item model: every training interaction is a pair
         c.model.negatives_per_pair = 4
         c.model.l2 = 1e-2  # weaker penalties overfit on the demo and ml-latest-small
         c.optim.learning_rate = 1e-2  # a user's row gets one update per epoch (one window)
     elif arg == "ncf":
         c.model.name = "ncf"
+        c.data.windows = "all"  # a user-item model: every training interaction is a pair
         c.model.dim = 32
         c.model.negatives_per_pair = 4  # the paper's best range is 3-6
         c.model.l2 = 1e-3

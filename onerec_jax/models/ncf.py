@@ -39,6 +39,7 @@ class NeuMF(nn.Module):
     gmf_dim: int = 32  # GMF embedding width Dg
     mlp_dim: int = 32  # MLP-tower embedding width (each of user and item)
     mlp_layers: Sequence[int] = (64, 32, 16)  # widths of the MLP's ReLU layers
+    towers: str = "both"  # "both" (NeuMF), "gmf" (GMF alone) or "mlp" (the MLP tower alone)
 
     def setup(self):
         # N(0, 0.1), not the paper's N(0, 0.01): at 0.01 the GMF product starts near zero and
@@ -72,11 +73,15 @@ class NeuMF(nn.Module):
 
     def combine(self, user, item):
         """Logits of user and item halves with broadcastable leading shapes."""
-        gmf = jnp.sum(user["gmf"] * item["gmf"], axis=-1)
-        h = nn.relu(user["mlp"] + item["mlp"])
-        for layer in self.hidden:
-            h = nn.relu(layer(h))
-        return gmf + (h @ self.out_mlp)[..., 0] + self.out_bias
+        logits = self.out_bias
+        if self.towers in ("both", "gmf"):
+            logits = logits + jnp.sum(user["gmf"] * item["gmf"], axis=-1)
+        if self.towers in ("both", "mlp"):
+            h = nn.relu(user["mlp"] + item["mlp"])
+            for layer in self.hidden:
+                h = nn.relu(layer(h))
+            logits = logits + (h @ self.out_mlp)[..., 0]
+        return logits
 
     def __call__(self, users, items):
         """users [...] and items [...] (broadcastable) -> logits."""
@@ -142,11 +147,14 @@ class NCF(ScoringModel):
 def build(config: ml_collections.ConfigDict, info: DataInfo) -> ScoringModel:
     check_user_item(config, info)
     m = config.model
+    if m.ncf_towers not in ("both", "gmf", "mlp"):
+        raise ConfigError(f"model.ncf_towers={m.ncf_towers!r}: use 'both', 'gmf' or 'mlp'.")
     module = NeuMF(
         n_users=info.n_users,
         vocab_size=info.vocab_size,
         gmf_dim=m.dim,
         mlp_dim=m.dim,
         mlp_layers=tuple(m.mlp_layers),
+        towers=m.ncf_towers,
     )
     return NCF(module, config, info)

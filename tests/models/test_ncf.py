@@ -32,7 +32,7 @@ def _params(model, seed=0):
                                      for x in leaves])  # fmt: skip
 
 
-def _numpy_logits(params, users, items):
+def _numpy_logits(params, users, items, towers="both"):
     """Slow reference: NeuMF on the explicit concatenation, one (user, item) pair at a time."""
     p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
     kernel0 = np.concatenate([p["first_user"]["kernel"], p["first_item"]["kernel"]])  # [2D, H0]
@@ -45,7 +45,9 @@ def _numpy_logits(params, users, items):
         h = np.maximum(x @ kernel0 + p["first_user"]["bias"], 0)
         for k in range(len(LAYERS) - 1):
             h = np.maximum(h @ p[f"hidden_{k}"]["kernel"] + p[f"hidden_{k}"]["bias"], 0)
-        out[idx] = gmf @ p["out_gmf"][:, 0] + h @ p["out_mlp"][:, 0] + p["out_bias"]
+        out[idx] = p["out_bias"]
+        out[idx] += gmf @ p["out_gmf"][:, 0] if towers in ("both", "gmf") else 0.0
+        out[idx] += h @ p["out_mlp"][:, 0] if towers in ("both", "mlp") else 0.0
     return out
 
 
@@ -97,6 +99,20 @@ def test_score_chunk_matches_numpy_and_needs_no_item_table():
     want = _numpy_logits(params, np.asarray(users)[:, None], np.asarray(ids)[None, :])
     np.testing.assert_allclose(scores, want, rtol=1e-5, atol=1e-5)
     assert not model.dot_product_scores
+
+
+@pytest.mark.parametrize("towers", ["gmf", "mlp"])
+def test_one_tower_alone_drops_the_other_term(towers):
+    # The GMF-only and MLP-only ablations of NeuMF (He et al. 2017; Rendle et al. 2020).
+    model = _model(ncf_towers=towers)
+    params = _params(model, seed=3)
+    users = jnp.array([1, 4], jnp.int32)
+    state = model.user_state(params, {"user": users, "inputs": jnp.zeros((2, 3), jnp.int32)})
+    ids = jnp.array([2, 7, 21], jnp.int32)
+    want = _numpy_logits(params, np.asarray(users)[:, None], np.asarray(ids)[None, :], towers)
+    np.testing.assert_allclose(model.score_chunk(params, state, ids), want, rtol=1e-5, atol=1e-5)
+    both = _numpy_logits(params, np.asarray(users)[:, None], np.asarray(ids)[None, :])
+    assert not np.allclose(want, both)
 
 
 def test_chunked_ranking_equals_scoring_all_items_at_once():
