@@ -42,12 +42,14 @@ def _numpy_logits(params, users, items, towers="both"):
         u, i = users[idx], items[idx]
         gmf = p["user_gmf"]["embedding"][u] * p["item_gmf"]["embedding"][i]  # [D]
         x = np.concatenate([p["user_mlp"]["embedding"][u], p["item_mlp"]["embedding"][i]])
-        h = np.maximum(x @ kernel0 + p["first_user"]["bias"], 0)
-        for k in range(len(LAYERS) - 1):
-            h = np.maximum(h @ p[f"hidden_{k}"]["kernel"] + p[f"hidden_{k}"]["bias"], 0)
         out[idx] = p["out_bias"]
-        out[idx] += gmf @ p["out_gmf"][:, 0] if towers in ("both", "gmf") else 0.0
-        out[idx] += h @ p["out_mlp"][:, 0] if towers in ("both", "mlp") else 0.0
+        if towers in ("both", "gmf"):
+            out[idx] += gmf @ p["out_gmf"][:, 0]
+        if towers in ("both", "mlp"):  # a GMF-only model has no MLP layers
+            h = np.maximum(x @ kernel0 + p["first_user"]["bias"], 0)
+            for k in range(len(LAYERS) - 1):
+                h = np.maximum(h @ p[f"hidden_{k}"]["kernel"] + p[f"hidden_{k}"]["bias"], 0)
+            out[idx] += h @ p["out_mlp"][:, 0]
     return out
 
 
