@@ -180,13 +180,14 @@ def _config_loss(path: Path) -> str:
 
 
 def _history_curve(history) -> list[tuple[float, float]]:
-    """results.json "history" rows are [step, training seconds so far, val NDCG@10]. The seconds
-    are wall-clock time spent in training steps, validation excluded; they carry over a resume,
-    so a killed and resumed run's curve has no gap. Rows that are not three numbers are left out.
+    """results.json "history" rows are [step, training seconds so far, val NDCG@10, process
+    CPU-seconds so far] (runs before 2026-12-06 lack the last). The training seconds are
+    wall-clock time spent in training steps, validation excluded; they carry over a resume, so a
+    killed and resumed run's curve has no gap. Rows that are not 3 or 4 numbers are left out.
     """
     curve = []
     for row in history if isinstance(history, list) else []:
-        numbers = isinstance(row, list) and len(row) == 3
+        numbers = isinstance(row, list) and len(row) in (3, 4)
         numbers = numbers and all(isinstance(v, int | float) for v in row)
         if numbers and math.isfinite(row[1]) and math.isfinite(row[2]):
             curve.append((float(row[1]), float(row[2])))

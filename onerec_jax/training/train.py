@@ -259,7 +259,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 meta["best_cpu_seconds"] = meta["cpu_seconds"]
             else:
                 meta["bad_evals"] += 1
-            meta["history"].append([step, meta["train_seconds"], score])
+            meta["history"].append([step, meta["train_seconds"], score, meta["cpu_seconds"]])
             logger.write(step, {f"val/{k}": v for k, v in val.items() if "@" in k or k == "mrr"})
             ckpt.save(
                 step,

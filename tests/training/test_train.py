@@ -134,6 +134,10 @@ def test_end_to_end_and_eval_restore_on_other_devices(root, tmp_path):
     assert saved["test"]["n_users"] == 2000
     assert saved["data"]["source"] == "demo"
     assert 0 < saved["cpu_seconds_to_best"] <= saved["cpu_seconds"]
+    cpu = [h[3] for h in history]  # CPU-seconds at each validation: rising, the best's recorded
+    assert all(a < b for a, b in zip(cpu, cpu[1:], strict=False))
+    assert cpu[-1] == saved["cpu_seconds"]
+    assert saved["cpu_seconds_to_best"] == cpu[int(np.argmax(scores))]
     logged = _losses(tmp_path)
     assert sorted(logged) == list(range(1, 17)) and all(np.isfinite(list(logged.values())))
     assert (tmp_path / "config.json").exists() and list((tmp_path / "tensorboard").iterdir())
