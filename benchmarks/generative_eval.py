@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -25,13 +26,21 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import (  # noqa: E402
-    ML25M_ITEMS,
-    ML25M_USERS,
-    synthetic_sequences,
-    time_train_steps,
-)
+
+def _sibling(name: str):
+    """The benchmark module `name`.py beside this file (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).resolve().parent / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_train_throughput = _sibling("train_throughput")
+ML25M_ITEMS, ML25M_USERS = _train_throughput.ML25M_ITEMS, _train_throughput.ML25M_USERS
+synthetic_sequences = _train_throughput.synthetic_sequences
+time_train_steps = _train_throughput.time_train_steps
 
 
 def run_variant(args, variant: str, ids_path: str) -> dict:

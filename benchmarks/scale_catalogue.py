@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import os
 import platform
 import sys
@@ -37,13 +38,21 @@ if __name__ == "__main__" and "--xla_force_host_platform_device_count" not in os
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_throughput import (  # noqa: E402
-    _table,
-    peak_memory,
-    run_timed_steps,
-    synthetic_sequences,
-)
+
+def _sibling(name: str):
+    """The benchmark module `name`.py beside this file (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).resolve().parent / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_train_throughput = _sibling("train_throughput")
+_table, peak_memory = _train_throughput._table, _train_throughput.peak_memory
+run_timed_steps = _train_throughput.run_timed_steps
+synthetic_sequences = _train_throughput.synthetic_sequences
 
 REPO = Path(__file__).resolve().parents[1]
 BIG_LEAF = 1 << 20  # leaves of at least this many bytes are listed one by one
@@ -51,8 +60,6 @@ BIG_LEAF = 1 << 20  # leaves of at least this many bytes are listed one by one
 
 def load_config(spec: str):
     """`path[:variant]` -> that config file's `get_config(variant)`."""
-    import importlib.util
-
     path, _, arg = spec.partition(":")
     module_spec = importlib.util.spec_from_file_location("scale_config", REPO / path)
     module = importlib.util.module_from_spec(module_spec)
@@ -83,7 +90,7 @@ def leaf_bytes(state, table_rows: int) -> list[dict]:
 
 def compiled_report(compiled, table_rows: int, shards: int) -> dict:
     """memory_analysis() per device and the collectives that move a table shard or more."""
-    from onerec_jax.training import vocab_parallel
+    from onerec_jax.parallel import vocab_parallel
 
     stats = compiled.memory_analysis()
     moves = vocab_parallel.whole_table_collectives(compiled.as_text(), table_rows // shards)
@@ -104,7 +111,7 @@ def run(config, *, steps: int, warmup: int, eval_users: int, seed: int = 0) -> d
 
     from onerec_jax.evaluation import ranking
     from onerec_jax.evaluation.evaluator import Evaluator
-    from onerec_jax.training import sharding, vocab_parallel
+    from onerec_jax.parallel import sharding, vocab_parallel
     from onerec_jax.training.train import Trainer
 
     if not flags.FLAGS.is_parsed():

@@ -137,7 +137,7 @@ def time_train_steps(trainer, seed: int, warmup: int, steps: int):
     steps' seconds, the last loss)."""
     import jax
 
-    from onerec_jax.training import sharding
+    from onerec_jax.parallel import sharding
 
     it = iter(trainer.batches(seed))
     host = [next(it) for _ in range(4)]  # cycled through by the timed steps

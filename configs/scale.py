@@ -12,7 +12,7 @@ at this size. Training uses the sampled softmax (a full softmax over 10M items p
 import ml_collections
 
 from onerec_jax.defaults import apply_variant, base_config
-from onerec_jax.training.sharding import DEFAULT_RULES
+from onerec_jax.parallel.sharding import DEFAULT_RULES
 
 
 def get_config(arg: str | None = None):

@@ -9,7 +9,8 @@ from pathlib import Path
 import ml_collections
 
 from onerec_jax.errors import UserError
-from onerec_jax.training.sharding import DEFAULT_RULES
+from onerec_jax.models import optim
+from onerec_jax.parallel.sharding import DEFAULT_RULES
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -104,21 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
     lo.hard_negatives = 0  # sampled softmax: top-scoring non-targets mixed in per position
     lo.hard_pool_size = 2048  # uniformly drawn candidates the hard negatives are picked from
 
-    c.optim = o = ml_collections.ConfigDict()
-    # Plain Adam as the public SASRec+ and BERT4Rec code (BENCHMARKS.md "SASRec at the
-    # reference"): on MovieLens-sized data an epoch can be 5-10 steps, so a warmup counted in
-    # steps would last many epochs. Large-catalogue configs (defaults.large_catalogue) warm up.
-    o.learning_rate = 1e-3  # peak learning rate
-    o.warmup_steps = 0  # linear warmup from 0, in optimizer updates
-    o.schedule = "constant"  # after warmup: cosine, linear (to end_lr_ratio) or constant
-    o.end_lr_ratio = 0.0  # final learning rate / peak, for cosine and linear
-    o.b1 = 0.9  # Adam beta1
-    o.b2 = 0.999  # Adam beta2
-    o.eps = 1e-8  # Adam epsilon
-    o.weight_decay = 0.0  # decoupled (AdamW) weight decay
-    o.decay_embeddings = False  # also decay embedding tables
-    o.clip_norm = 0.0  # global gradient-norm clip (0: off)
-    o.accumulate_steps = 1  # micro-batches per optimizer update (optax.MultiSteps)
+    c.optim = optim.default_config()  # AdamW and its schedule (models/optim.py)
 
     c.train = t = ml_collections.ConfigDict()
     t.batch_size = 128  # global batch size (sequences per step, over all processes)
@@ -166,7 +153,7 @@ def base_config() -> ml_collections.ConfigDict:
     tk.dead_code_steps = 200  # RQ-VAE: restart codes unused for this many steps (0: never)
     tk.steps = 3000  # RQ-VAE training steps
     tk.batch_size = 1024  # RQ-VAE items per step
-    tk.learning_rate = 1e-3  # RQ-VAE peak learning rate (AdamW via training/optim.py)
+    tk.learning_rate = 1e-3  # RQ-VAE peak learning rate (AdamW via models/optim.py)
     tk.kmeans_iters = 50  # Lloyd iterations per level (RQ-KMeans; RQ-VAE codebook init)
     tk.balanced = False  # RQ-KMeans: equal-size clusters per level
     # Items that share all L codes get distinct last-level codes, the nearest free ones within
@@ -177,7 +164,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (-1, 1, 1)  # devices over (data, fsdp, model); one -1 is filled in
     c.mesh.num_devices = 0  # use the first N devices (0: all of them)
-    c.mesh.rules = DEFAULT_RULES  # logical axis -> mesh axes (training/sharding.py)
+    c.mesh.rules = DEFAULT_RULES  # logical axis -> mesh axes (parallel/sharding.py)
     return c
 
 

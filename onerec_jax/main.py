@@ -161,25 +161,26 @@ def main(argv):
             (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
             prepare(config, str(workdir))
         elif _MODE.value == "train":
-            from onerec_jax.training import train  # JAX start-up only when training
+            from onerec_jax import modes  # JAX start-up only when training
 
-            results = train.train_and_evaluate(config, workdir)
+            results = modes.train(config, workdir)
             if _is_main():
                 _print_results(results, workdir)
         elif _MODE.value == "eval":
-            from onerec_jax.training import train
+            from onerec_jax import modes
 
-            out = train.evaluate_checkpoint(config, workdir)
+            out = modes.evaluate(config, workdir)
             if _is_main():
                 _print_eval(out, workdir)
         elif _MODE.value == "tokenize":
-            from onerec_jax.tokenize import quality, run
+            from onerec_jax import modes
+            from onerec_jax.tokenize import quality, run, semantic_ids
 
-            report = run.tokenize(config, workdir)
+            report = modes.tokenize(config, workdir)
             print(quality.format_report(report))
             print(
                 f"features {report['features_seconds']:.1f}s, {config.tokenize.method} "
-                f"{report['tokenizer_seconds']:.1f}s; ids in {workdir / run.IDS_FILE}, "
+                f"{report['tokenizer_seconds']:.1f}s; ids in {workdir / semantic_ids.IDS_FILE}, "
                 f"readable in {workdir / run.CSV_FILE}"
             )
     except UserError as e:

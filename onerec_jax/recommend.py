@@ -26,12 +26,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from onerec_jax.data import dataset
 from onerec_jax.data.catalogue import Catalogue, parse_queries
 from onerec_jax.data.sequences import SequenceData
-from onerec_jax.defaults import load_run_config
 from onerec_jax.errors import UserError
 from onerec_jax.evaluation import ranking
+from onerec_jax.runs import load_run
 
 
 class Recommendation(NamedTuple):
@@ -57,23 +56,9 @@ class Recommender:
 
     @classmethod
     def from_run(cls, workdir: str | Path) -> Recommender:
-        """The best (validated) checkpoint of the run in `workdir`, on one device."""
-        from onerec_jax.training import train  # builds the model as training did
-
-        workdir = Path(workdir).expanduser()
-        config = load_run_config(workdir)
-        if not (workdir / "checkpoints").is_dir():
-            raise UserError(f"{workdir}: no checkpoints/. Train first (--mode train).")
-        data, items = dataset.load_data(config.data)
-        config.mesh.shape, config.mesh.num_devices = [-1, 1, 1], 1  # any saved mesh restores
-        trainer = train.Trainer(config, data, items)
-        best, params = train.restore_best(trainer, workdir)
-        if best is None:
-            raise UserError(
-                f"{workdir / 'checkpoints'}: no validated checkpoint. Train until the run "
-                "has validated once (--mode train)."
-            )
-        return cls(trainer.model, params, data, items, config)
+        """The best (validated) checkpoint of the run in `workdir`, on one device (runs.py)."""
+        run = load_run(workdir)
+        return cls(run.model, run.params, run.data, run.items, run.config)
 
     def user_history(self, source_user_id) -> tuple[int, np.ndarray]:
         """(dense user id, every item of that user, oldest first) for a source user id."""

@@ -15,7 +15,7 @@ import re
 
 import numpy as np
 
-from onerec_jax.data.movielens import ItemInfo, split_title
+from onerec_jax.data.records import ItemInfo, split_title
 from onerec_jax.data.sequences import SequenceData
 from onerec_jax.errors import UserError
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import ml_collections
 
-from onerec_jax.data import download, movielens, sequences
+from onerec_jax.data import download, movielens, records, sequences
 from onerec_jax.errors import ConfigError, DataFormatError
 
 # Which file of each layout holds the interactions (its identity keys the sequence cache).
@@ -65,7 +65,7 @@ def interaction_files(source: Path, fmt: str) -> tuple[str, ...]:
 
 def load_data(
     cfg: ml_collections.ConfigDict, with_items: bool = True
-) -> tuple[sequences.SequenceData, movielens.ItemInfo | None]:
+) -> tuple[sequences.SequenceData, records.ItemInfo | None]:
     """SequenceData (from the cache when valid) and, if asked, the ItemInfo of `cfg` (data)."""
     source = resolve_source(cfg)
     fmt = cfg.format

@@ -10,7 +10,8 @@ and all zeros):
   genome  the tag-genome relevance vector, imputed per `genome_missing`, reduced to `genome_dim`
           principal components (fitted on the items that have one), plus a "missing genome"
           column
-  collab  the item table of the best checkpoint of a trained run (`collab_workdir`)
+  collab  the item table of the best checkpoint of a trained run (`collab_workdir`), read by the
+          caller's `collab_table` (runs.collab_item_table): data code never loads a model
 
 Each block is standardised per column over the real items (constant columns stay 0), divided by
 sqrt(its number of non-constant columns) so that a row's mean squared norm is 1 whatever the
@@ -20,8 +21,7 @@ block's width, then multiplied by `weights[block]`.
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
+from collections.abc import Callable
 
 import ml_collections
 import numpy as np
@@ -31,11 +31,13 @@ from sklearn.decomposition import PCA, TruncatedSVD
 from sklearn.feature_extraction.text import TfidfTransformer, TfidfVectorizer
 
 from onerec_jax.data import item_arrays
-from onerec_jax.data.movielens import ItemInfo
+from onerec_jax.data.records import ItemInfo
 from onerec_jax.data.sequences import SequenceData
 from onerec_jax.errors import ConfigError, DataFormatError
 
 BLOCKS = ("genres", "year", "title", "tags", "genome", "collab")
+# (features.collab_workdir, data, items) -> [n_items, dim] item table rows of that trained run
+CollabTable = Callable[[str, SequenceData, ItemInfo], np.ndarray]
 _NO_GENRE = "(no genres listed)"
 _SVD_SEED = 0  # truncated SVD is randomised: a fixed seed keeps the features reproducible
 
@@ -56,7 +58,10 @@ class ItemFeatures:
 
 
 def build_features(
-    cfg: ml_collections.ConfigDict, data: SequenceData, items: ItemInfo
+    cfg: ml_collections.ConfigDict,
+    data: SequenceData,
+    items: ItemInfo,
+    collab_table: CollabTable | None = None,
 ) -> ItemFeatures:
     """The feature matrix of `cfg` (the config's `features` section) for `data`'s items.
 
@@ -67,7 +72,7 @@ def build_features(
     names = _block_names(cfg)
     parts, spans, start = [], [], 0
     for name in names:
-        raw = raw_block(name, cfg, data, items)  # [n_items, k]
+        raw = raw_block(name, cfg, data, items, collab_table)  # [n_items, k]
         _check_finite(raw, name, "in its input (e.g. a NaN genome relevance): fix the data files")
         block = (_standardise(raw) * _weight(cfg, name)).astype(np.float32)
         _check_finite(block, name, "after standardisation: its values overflow float32")
@@ -80,11 +85,17 @@ def build_features(
 
 
 def raw_block(
-    name: str, cfg: ml_collections.ConfigDict, data: SequenceData, items: ItemInfo
+    name: str,
+    cfg: ml_collections.ConfigDict,
+    data: SequenceData,
+    items: ItemInfo,
+    collab_table: CollabTable | None = None,
 ) -> np.ndarray:
     """[n_items, k] float64 block `name` before standardisation, row i-1 = dense item i."""
     builders = {"genres": _genres, "year": _year, "title": _title, "tags": _tags,
-                "genome": _genome, "collab": _collab}  # fmt: skip
+                "genome": _genome}  # fmt: skip
+    if name == "collab":
+        return np.asarray(_collab(cfg, data, items, collab_table), np.float64)
     if name not in builders:
         raise ConfigError(f"features.blocks: unknown block {name!r}; valid blocks: {BLOCKS}.")
     return np.asarray(builders[name](cfg, data, items), np.float64)
@@ -247,48 +258,16 @@ def _genome(cfg, data: SequenceData, items: ItemInfo) -> np.ndarray:
     return out
 
 
-def _collab(cfg, data: SequenceData, items: ItemInfo) -> np.ndarray:
+def _collab(cfg, data: SequenceData, items: ItemInfo, collab_table: CollabTable | None):
     """Rows 1..n_items of the item table of `collab_workdir`'s best checkpoint."""
-    import jax  # JAX starts up only for this block
-
-    from onerec_jax.training import checkpointing, train
-
     if not cfg.collab_workdir:
         raise ConfigError(
             "features block 'collab' needs features.collab_workdir: the --workdir of a run "
             "trained (--mode train) on this same data."
         )
-    workdir = Path(cfg.collab_workdir).expanduser()
-    if not (workdir / "config.json").is_file() or not (workdir / "checkpoints").is_dir():
+    if collab_table is None:
         raise ConfigError(
-            f"features.collab_workdir={workdir}: config.json or checkpoints/ is missing. Point "
-            "it at the --workdir of a run trained with --mode train."
+            "features block 'collab' reads a trained run's item table: build the features with "
+            "collab_table=onerec_jax.runs.collab_item_table (as --mode tokenize does)."
         )
-    from onerec_jax.defaults import load_run_config  # config side, imported when used
-
-    config = load_run_config(workdir)
-
-    def mismatch(detail: str) -> ConfigError:
-        return ConfigError(
-            f"features.collab_workdir={workdir}: that run was trained on other data ({detail}); "
-            f"this data has {data.n_items} items. Train it on the same data and filters."
-        )
-
-    results = workdir / "results.json"
-    if results.is_file():
-        trained_items = json.loads(results.read_text()).get("data", {}).get("items")
-        if trained_items is not None and trained_items != data.n_items:
-            raise mismatch(f"{trained_items} items")
-    config.mesh.shape, config.mesh.num_devices = [-1, 1, 1], 1  # any saved mesh restores here
-    trainer = train.Trainer(config, data, items)  # the model and params layout of that run
-    try:
-        best, params = train.restore_best(trainer, workdir)
-    except checkpointing.CheckpointError as e:
-        raise mismatch(str(e)) from e
-    if best is None:
-        raise ConfigError(
-            f"features.collab_workdir={workdir}: no validated checkpoint in checkpoints/. "
-            "Train that run until it has validated once."
-        )
-    table = np.asarray(jax.device_get(trainer.model.item_table(params)))  # [V, dim]
-    return table[1:]
+    return collab_table(cfg.collab_workdir, data, items)

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
-from onerec_jax.data.movielens import Interactions, ItemInfo, RawDataset, split_title
+from onerec_jax.data.records import Interactions, ItemInfo, RawDataset, split_title
 from onerec_jax.data.tables import read_table, to_numpy
 from onerec_jax.errors import DataFormatError
 

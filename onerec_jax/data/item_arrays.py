@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onerec_jax.data.movielens import ItemInfo
+from onerec_jax.data.records import ItemInfo
 from onerec_jax.data.sequences import SequenceData
 
 YEAR_BUCKET_SIZE = 5  # years per release-year bucket

@@ -1,4 +1,4 @@
-"""Readers for every MovieLens layout and two generic formats -> Interactions and ItemInfo.
+"""Readers for every MovieLens layout and two generic formats -> records.Interactions, ItemInfo.
 
 Layouts (`data.format`):
   movielens_csv   ratings.csv, movies.csv, tags.csv, links.csv, genome-*.csv (20M, 25M, 32M,
@@ -12,93 +12,24 @@ Layouts (`data.format`):
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import re
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from onerec_jax.data import generic
+from onerec_jax.data.records import Interactions, ItemInfo, RawDataset, lookup_rows, split_title
 from onerec_jax.data.tables import read_table, to_numpy
 from onerec_jax.errors import DataFormatError
 
 FORMATS = ("movielens_csv", "movielens_dat", "movielens_100k", "recbole", "user_sequence")
-_YEAR_RE = re.compile(r"^(.*?)\s*\((\d{4})(?:\s*[-\u2013]\s*(?:\d{4})?)?\)\s*$")
 ML100K_GENRES = (
     "unknown", "Action", "Adventure", "Animation", "Children", "Comedy", "Crime",
     "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
     "Romance", "Sci-Fi", "Thriller", "War", "Western",
 )  # fmt: skip
-
-
-@dataclasses.dataclass(frozen=True)
-class Interactions:
-    """All rating events in source-file order (the order ties keep when sorting by time).
-
-    `users`/`items` hold the source ids (int64). For formats whose ids are strings, they hold
-    int64 codes into `user_vocab`/`item_vocab` instead.
-    """
-
-    users: np.ndarray  # [n] int64
-    items: np.ndarray  # [n] int64
-    ratings: np.ndarray  # [n] float32 (1.0 where the source has no rating)
-    timestamps: np.ndarray  # [n] int64 seconds; file position where the source has no time
-    files: tuple[str, ...]  # the files read: their identity keys the sequence cache
-    user_vocab: np.ndarray | None = None  # [n_codes] str, when source user ids are strings
-    item_vocab: np.ndarray | None = None  # [n_codes] str, when source item ids are strings
-
-    def __len__(self) -> int:
-        return len(self.users)
-
-
-@dataclasses.dataclass(frozen=True)
-class ItemInfo:
-    """Per-item side information, one row per catalogue item, keyed by source item id."""
-
-    item_ids: np.ndarray  # [n] source ids (int64, or str for string-id formats)
-    titles: list[str]  # title without the trailing "(year)"
-    years: np.ndarray  # [n] int32, 0 when unknown
-    genres: list[tuple[str, ...]]  # () when none listed
-    tags: list[dict[str, int]]  # lower-cased user tag -> number of applications
-    genome: np.ndarray | None = None  # [n_genome_items, n_genome_tags] float32 relevance
-    genome_item_ids: np.ndarray | None = None  # [n_genome_items] source ids of genome rows
-    genome_tags: tuple[str, ...] = ()  # [n_genome_tags] names of genome columns
-
-    def __len__(self) -> int:
-        return len(self.item_ids)
-
-    def rows(self, ids: np.ndarray) -> np.ndarray:
-        """Row index of each source id in this table, -1 where unknown."""
-        return _lookup(self.item_ids, ids)
-
-    def genome_rows(self, ids: np.ndarray) -> np.ndarray:
-        """Row of each source id in `genome`, -1 where the item has no genome vector."""
-        if self.genome_item_ids is None:
-            return np.full(len(ids), -1, np.int64)
-        return _lookup(self.genome_item_ids, ids)
-
-
-@dataclasses.dataclass(frozen=True)
-class RawDataset:
-    interactions: Interactions | None  # None when read with with_interactions=False
-    items: ItemInfo
-    users: dict[str, np.ndarray] | None = None  # demographics (users.dat / u.user) if present
-
-
-def _lookup(keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    order = np.argsort(keys, kind="stable")
-    pos = np.searchsorted(keys, ids, sorter=order).clip(0, max(len(keys) - 1, 0))
-    found = order[pos] if len(keys) else np.zeros(len(ids), np.int64)
-    ok = (keys[found] == ids) if len(keys) else np.zeros(len(ids), bool)
-    return np.where(ok, found, -1)
-
-
-def split_title(title: str) -> tuple[str, int]:
-    """'Matrix, The (1999)' -> ('Matrix, The', 1999); a title without a year gives 0."""
-    m = _YEAR_RE.match(title.strip())
-    return (m.group(1), int(m.group(2))) if m else (title.strip(), 0)
 
 
 def _item_table(ids, raw_titles, genres, tags=None, years=None, **genome) -> ItemInfo:
@@ -133,7 +64,7 @@ def _aggregate_tags(ids: np.ndarray, tag_items: np.ndarray, tag_text: pa.Chunked
         return tags
     table = pa.table({"item": tag_items, "tag": pc.utf8_lower(pc.utf8_trim_whitespace(tag_text))})
     counts = table.group_by(["item", "tag"]).aggregate([([], "count_all")])
-    rows = _lookup(np.asarray(ids), to_numpy(counts.column("item"), np.int64))
+    rows = lookup_rows(np.asarray(ids), to_numpy(counts.column("item"), np.int64))
     for row, tag, count in zip(
         rows, counts.column("tag").to_pylist(), counts.column("count_all").to_pylist(), strict=True
     ):
@@ -205,7 +136,7 @@ def _read_genome(d: Path, on_bad_rows: str) -> dict:
             matrix = relevance.reshape(-1, n_tags)
             return dict(genome=matrix, genome_item_ids=genome_ids,
                         genome_tags=tuple(gtags.column("tag").to_pylist()))  # fmt: skip
-    col = _lookup(tag_ids, tag)
+    col = lookup_rows(tag_ids, tag)
     if (col < 0).any():
         raise DataFormatError(
             f"{d / 'genome-scores.csv'}: tagId {tag[int(np.argmin(col))]} is not in "
@@ -357,8 +288,6 @@ def read_dataset(
     `with_interactions=False` reads only the item side (titles, genres, tags, genome) where
     the layout keeps it in separate files; `interactions` is then None.
     """
-    from onerec_jax.data import generic  # generic formats live beside MovieLens readers
-
     p = Path(path).expanduser()
     if not p.exists():
         raise DataFormatError(f"{p}: no such file or directory. Check --config.data.path.")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from absl import logging
 
-from onerec_jax.data.movielens import Interactions
+from onerec_jax.data.records import Interactions
 from onerec_jax.errors import ConfigError, DataFormatError
 
 CACHE_VERSION = 1  # bump when the build or the cache layout changes

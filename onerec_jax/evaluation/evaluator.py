@@ -11,8 +11,9 @@ from jax.experimental import multihost_utils
 
 from onerec_jax.data import pipeline
 from onerec_jax.data.sequences import SequenceData
-from onerec_jax.evaluation import beam_search, metrics, ranking
-from onerec_jax.training import sharding
+from onerec_jax.evaluation import metrics, ranking
+from onerec_jax.models import beam_search
+from onerec_jax.parallel import sharding
 
 
 class Evaluator:

@@ -44,7 +44,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from onerec_jax.data.sequences import SequenceData
-from onerec_jax.training import vocab_parallel
+from onerec_jax.parallel import vocab_parallel
 
 BATCH_AXES = ("data", "fsdp")  # mesh axes the eval batch is split over; the rest replicate
 

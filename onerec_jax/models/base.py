@@ -24,7 +24,8 @@ import ml_collections
 import numpy as np
 
 from onerec_jax.errors import ConfigError
-from onerec_jax.training import losses, vocab_parallel
+from onerec_jax.models import losses
+from onerec_jax.parallel import vocab_parallel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,10 +57,10 @@ def next_item_loss(
     item_log_probs,
     vocab_size: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """(loss_sum, count) of `cfg.name` over flattened positions; see training/losses.py.
+    """(loss_sum, count) of `cfg.name` over flattened positions; see models/losses.py.
 
     `vocab_size`: the table rows that are items, when the table is padded to split evenly over
-    the mesh (training/vocab_parallel.py); default: all rows.
+    the mesh (parallel/vocab_parallel.py); default: all rows.
     """
     d = hidden.shape[-1]
     hidden, targets, mask = hidden.reshape(-1, d), targets.reshape(-1), mask.reshape(-1)
@@ -109,7 +110,7 @@ class ScoringModel:
     def __init__(self, module: nn.Module, config: ml_collections.ConfigDict, info: DataInfo):
         self.module, self.config, self.info = module, config, info
         # Add-one training counts: the popularity sampler and logQ need a finite log-frequency
-        # for every item that can be a target (training/losses.py).
+        # for every item that can be a target (models/losses.py).
         counts = np.asarray(info.item_counts, np.float64) + 1.0
         counts[0] = 0.0
         with np.errstate(divide="ignore"):
@@ -126,7 +127,7 @@ class ScoringModel:
 
     def item_table(self, params) -> jax.Array:
         """[V, D] output embeddings, row 0 = padding; rows >= V (only when the table is padded
-        to split over the mesh, training/vocab_parallel.py) are not items."""
+        to split over the mesh, parallel/vocab_parallel.py) are not items."""
         return self.module.apply({"params": params}, method=self.module.item_table)
 
     def user_state(self, params, batch) -> jax.Array:

@@ -24,7 +24,7 @@ import ml_collections
 from onerec_jax.errors import ConfigError
 from onerec_jax.models import layers
 from onerec_jax.models.base import DataInfo, ScoringModel, next_item_loss
-from onerec_jax.training.optim import compute_dtype
+from onerec_jax.models.precision import compute_dtype
 
 
 class BERT4Rec(nn.Module):

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from onerec_jax.models import losses
 from onerec_jax.models.base import DataInfo, ScoringModel, check_user_item
-from onerec_jax.training import losses
 
 
 class MatrixFactorization(nn.Module):

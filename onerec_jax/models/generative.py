@@ -4,7 +4,7 @@
 `init`, `loss(params, batch, rng)` (teacher-forced cross-entropy over the next M items' code
 tokens, each position restricted to its level's codes, optional label smoothing, plus the MoE
 load-balancing term) and, instead of `user_state`, `generate(params, batch, history)`: the
-top-K distinct, valid, unseen items by constrained beam search (evaluation/beam_search.py). The
+top-K distinct, valid, unseen items by constrained beam search (models/beam_search.py). The
 evaluator ranks each target by its score within that list, ties counting half as everywhere
 (evaluation/ranking.py `rank_in_list`; past the list: rank n_items + 1).
 """
@@ -17,10 +17,10 @@ import ml_collections
 import numpy as np
 
 from onerec_jax.errors import ConfigError
-from onerec_jax.evaluation.beam_search import beam_search
 from onerec_jax.models import seq2seq
 from onerec_jax.models.base import DataInfo, ScoringModel
-from onerec_jax.training.optim import compute_dtype
+from onerec_jax.models.beam_search import beam_search
+from onerec_jax.models.precision import compute_dtype
 
 
 class GenerativeModel(ScoringModel):

@@ -15,7 +15,7 @@ import ml_collections
 
 from onerec_jax.models import layers
 from onerec_jax.models.base import DataInfo, ScoringModel
-from onerec_jax.training.optim import compute_dtype
+from onerec_jax.models.precision import compute_dtype
 
 # The recurrent weights are tiny next to the item table and are used at every time step, so
 # they stay replicated: sharding them would put collectives inside the sequential scan.

@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from onerec_jax.errors import ConfigError
+from onerec_jax.models import losses
 from onerec_jax.models.base import DataInfo, ScoringModel, check_user_item
-from onerec_jax.training import losses
 
 
 class NeuMF(nn.Module):

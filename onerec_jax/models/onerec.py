@@ -26,8 +26,8 @@ import numpy as np
 from onerec_jax.errors import ConfigError
 from onerec_jax.models import layers
 from onerec_jax.models.base import DataInfo, ScoringModel, next_item_loss
-from onerec_jax.training import vocab_parallel
-from onerec_jax.training.optim import compute_dtype
+from onerec_jax.models.precision import compute_dtype
+from onerec_jax.parallel import vocab_parallel
 
 
 class OneRecItemHead(nn.Module):
@@ -52,7 +52,7 @@ class OneRecItemHead(nn.Module):
             nn.initializers.normal(self.dim**-0.5), ("vocab", "embed")
         )
         # Row vocab_size is the [MASK] token of the reconstruction loss, never scored; rows past
-        # it pad the table to split evenly over the mesh (training/vocab_parallel.py).
+        # it pad the table to split evenly over the mesh (parallel/vocab_parallel.py).
         self.id_embedding = nn.Embed(
             vocab_parallel.padded_rows(self.vocab_size + 1),
             self.dim,

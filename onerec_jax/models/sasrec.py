@@ -8,8 +8,8 @@ import ml_collections
 
 from onerec_jax.models import layers
 from onerec_jax.models.base import DataInfo, ScoringModel
-from onerec_jax.training import vocab_parallel
-from onerec_jax.training.optim import compute_dtype
+from onerec_jax.models.precision import compute_dtype
+from onerec_jax.parallel import vocab_parallel
 
 
 class SASRec(nn.Module):

@@ -22,10 +22,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from onerec_jax.defaults import base_config
 from onerec_jax.errors import ConfigError
+from onerec_jax.models.optim import default_config, make_optimizer
 from onerec_jax.tokenize.rqkmeans import check_points, residual_kmeans, squared_distances
-from onerec_jax.training.optim import make_optimizer
 
 sg = jax.lax.stop_gradient
 GRADIENTS = ("ste", "rotation")
@@ -149,7 +148,7 @@ def build_model(cfg: ml_collections.ConfigDict, input_dim: int) -> RQVAE:
 
 def optimizer_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The `optim` defaults with the tokenizer's learning rate (warmup at most 10% of steps)."""
-    optim = base_config().optim
+    optim = default_config()
     optim.learning_rate = float(cfg.learning_rate)
     optim.warmup_steps = min(int(optim.warmup_steps), int(cfg.steps) // 10)
     return optim

@@ -1,6 +1,7 @@
-"""`--mode tokenize`: item features -> tokenizer -> SemanticIds files and their measured quality.
+"""The tokenizer on an item feature matrix -> SemanticIds files and their measured quality.
 
-Writes into the workdir:
+`--mode tokenize` (onerec_jax/modes.py) builds the features and calls `tokenize_items`, which
+writes into the workdir:
   semantic_ids.npz        the ids (tokenize/semantic_ids.py; `model.semantic_ids` reads it)
   semantic_ids.csv        item_id, movieId, title, year, code_0..code_L, one row per item
   tokenize_quality.json   every number of tokenize/quality.py plus timings and the config used
@@ -18,14 +19,15 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from onerec_jax.data import dataset, features
-from onerec_jax.data.movielens import ItemInfo
+from onerec_jax.data import dataset
+from onerec_jax.data.features import ItemFeatures
+from onerec_jax.data.records import ItemInfo
 from onerec_jax.data.sequences import SequenceData
 from onerec_jax.errors import ConfigError
 from onerec_jax.tokenize import collisions, quality, semantic_ids
 
 METHODS = ("rqvae", "rqkmeans", "random")
-IDS_FILE, CSV_FILE = "semantic_ids.npz", "semantic_ids.csv"
+CSV_FILE = "semantic_ids.csv"  # the ids file itself: semantic_ids.IDS_FILE
 QUALITY_FILE, PLOT_FILE, LOG_FILE = (
     "tokenize_quality.json",
     "tokenize_usage.png",
@@ -110,18 +112,26 @@ def encode(
     raise ConfigError(f"tokenize.method={cfg.method!r}: use one of {METHODS}.")
 
 
-def tokenize(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """Builds features, runs the tokenizer, writes the ids and their quality; returns the report."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    cfg = config.tokenize
+def check_method(cfg: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError unless `cfg.method` (the config's `tokenize` section) is known."""
     if cfg.method not in METHODS:
         raise ConfigError(f"tokenize.method={cfg.method!r}: use one of {METHODS}.")
-    start = time.perf_counter()
-    data, items = dataset.load_data(config.data, with_items=True)
-    feats = features.build_features(config.features, data, items)
-    t_features = time.perf_counter() - start
 
+
+def tokenize_items(
+    config: ml_collections.ConfigDict,
+    data: SequenceData,
+    items: ItemInfo,
+    feats: ItemFeatures,
+    workdir: str | Path,
+    features_seconds: float,
+) -> dict:
+    """Runs the tokenizer on `feats`, writes the ids and their quality; returns the report.
+
+    `features_seconds`: how long building `feats` took (reported beside the tokenizer's time).
+    """
+    workdir = Path(workdir)
+    cfg = config.tokenize
     x = feats.matrix[1:]  # [n_items, D]; row 0 of the matrix is the padding item
     start = time.perf_counter()
     codes, numbers = encode(x, cfg, workdir / LOG_FILE if cfg.method == "rqvae" else None)
@@ -142,32 +152,13 @@ def tokenize(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         method=cfg.method,
         feature_dim=int(x.shape[1]),
         feature_blocks=[list(b) for b in feats.blocks],
-        features_seconds=round(t_features, 2),
+        features_seconds=round(features_seconds, 2),
         tokenizer_seconds=round(t_tokenizer, 2),
         **{k: v for k, v in numbers.items() if k != "recon_error"},
     )
-    sem.save(workdir / IDS_FILE)
+    sem.save(workdir / semantic_ids.IDS_FILE)
     semantic_ids.write_csv(workdir / CSV_FILE, sem, data.item_ids, titles, years)
     quality.plot_usage(sem, workdir / PLOT_FILE)
     (workdir / QUALITY_FILE).write_text(json.dumps(report, indent=2))
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     return report
-
-
-def load_semantic_ids(path: str, n_items: int) -> semantic_ids.SemanticIds:
-    """The ids at `path` (a semantic_ids.npz or a tokenize workdir), checked against the data."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / IDS_FILE
-    if not p.exists():
-        raise ConfigError(
-            f"no semantic ids at {p}: run `--mode tokenize --workdir DIR` with the same data "
-            "config first, then point model.semantic_ids at DIR (or DIR/semantic_ids.npz)."
-        )
-    sem = semantic_ids.load(p)
-    if sem.n_items != n_items:
-        raise ConfigError(
-            f"{p} codes {sem.n_items:,} items but the data has {n_items:,}: tokenize with the "
-            "same data config (release, filters) as the model."
-        )
-    return sem

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from onerec_jax.errors import DataFormatError
+from onerec_jax.errors import ConfigError, DataFormatError
 
+IDS_FILE = "semantic_ids.npz"  # the ids' file in a tokenize workdir (`--mode tokenize`)
 PAD_CODE = -1  # every token of row 0, the padding item
 FILE_VERSION = 1  # bump when the .npz layout changes
 
@@ -282,6 +283,25 @@ def load(path: str | os.PathLike) -> SemanticIds:
     if not _starts(codes[1:][_lexsort_rows(codes[1:])]).all():
         raise DataFormatError(f"{path}: two items share a semantic id. {fix}")
     return SemanticIds(codes, tuple(int(s) for s in sizes))
+
+
+def load_semantic_ids(path: str, n_items: int) -> SemanticIds:
+    """The ids at `path` (a semantic_ids.npz or a tokenize workdir), checked against the data."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / IDS_FILE
+    if not p.exists():
+        raise ConfigError(
+            f"no semantic ids at {p}: run `--mode tokenize --workdir DIR` with the same data "
+            "config first, then point model.semantic_ids at DIR (or DIR/semantic_ids.npz)."
+        )
+    sem = load(p)
+    if sem.n_items != n_items:
+        raise ConfigError(
+            f"{p} codes {sem.n_items:,} items but the data has {n_items:,}: tokenize with the "
+            "same data config (release, filters) as the model."
+        )
+    return sem
 
 
 def write_csv(

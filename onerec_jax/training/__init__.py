@@ -1,1 +1,1 @@
-"""Training: mesh and sharding, optimizer, losses, checkpoints, the train loop."""
+"""Training: the train state, the jitted step, the loop, Orbax checkpoints, metric logs."""

@@ -8,7 +8,6 @@ from its last checkpoint and produces the same later losses as an uninterrupted 
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
@@ -24,12 +23,14 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from onerec_jax import defaults
 from onerec_jax.data import dataset, item_arrays, pipeline
 from onerec_jax.errors import ConfigError, UserError
 from onerec_jax.evaluation.evaluator import Evaluator
+from onerec_jax.models import optim
 from onerec_jax.models.base import DataInfo, build_model
-from onerec_jax.training import checkpointing, optim, sharding
+from onerec_jax.parallel import sharding
+from onerec_jax.tokenize.semantic_ids import load_semantic_ids
+from onerec_jax.training import checkpointing
 from onerec_jax.training.logger import MetricLogger
 
 SELECT_METRIC = "val/ndcg@10"
@@ -47,8 +48,6 @@ def data_info(data, items, max_len: int, semantic_ids: str = "") -> DataInfo:
         genres, _ = item_arrays.genre_multi_hot(data, items)
         years = item_arrays.year_buckets(data, items)
     if semantic_ids:
-        from onerec_jax.tokenize.run import load_semantic_ids
-
         sem = load_semantic_ids(semantic_ids, data.n_items)
         codes = np.maximum(sem.codes[:, : sem.levels], 0)  # padding row -> code 0 (masked)
         sizes = sem.codebook_sizes[: sem.levels]
@@ -78,24 +77,56 @@ def _count_params(params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
 
 
+def setup_model(config: ml_collections.ConfigDict, data, items):
+    """(mesh, rules, DataInfo, model) of `config` on `data`; sets the global mesh and rules."""
+    c = config
+    if c.mesh.num_devices and jax.process_count() > 1:  # a prefix leaves processes out
+        raise ConfigError(
+            f"mesh.num_devices={c.mesh.num_devices} in a run of {jax.process_count()} "
+            "processes: leave it 0 (every device); size the mesh with mesh.shape."
+        )
+    devices = jax.devices()[: c.mesh.num_devices] if c.mesh.num_devices else None
+    mesh = sharding.make_mesh(c.mesh.shape, devices)
+    rules = sharding.rules_from_config(c.mesh.rules)
+    jax.set_mesh(mesh)
+    nn.set_logical_axis_rules(rules)  # global, before any trace (JAX_GUIDE.md)
+    info = data_info(data, items, c.data.max_len, c.model.semantic_ids)
+    return mesh, rules, info, build_model(c, info)
+
+
+def _init_batch(c: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+    """Zeros shaped as this process's rows of a training batch: what `model.init` traces."""
+    local = c.train.batch_size // jax.process_count()
+    return {
+        "inputs": jnp.zeros((local, c.data.max_len), jnp.int32),
+        "user": jnp.zeros((local,), jnp.int32),
+    }
+
+
+def _abstract(init_fn, mesh: jax.sharding.Mesh, rules):
+    """(abstract tree with shardings, its shardings) of what `init_fn(rng)` returns."""
+    abstract = jax.eval_shape(init_fn, jax.random.key(0))
+    shardings = _unbox(sharding.state_shardings(abstract, mesh, rules))
+    tree = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), _unbox(abstract), shardings
+    )
+    return tree, shardings
+
+
+def abstract_params(config: ml_collections.ConfigDict, model, mesh: jax.sharding.Mesh, rules):
+    """The params of `model` as abstract arrays laid out as in training (no optimizer state):
+    what a checkpoint's params restore onto."""
+    batch = _init_batch(config)
+    return _abstract(lambda rng: model.init(rng, batch), mesh, rules)[0]
+
+
 class Trainer:
     """Holds the jitted step, the state and its shardings for one config."""
 
     def __init__(self, config: ml_collections.ConfigDict, data, items):
         self.config, self.data = config, data
         c = config
-        if c.mesh.num_devices and jax.process_count() > 1:  # a prefix leaves processes out
-            raise ConfigError(
-                f"mesh.num_devices={c.mesh.num_devices} in a run of {jax.process_count()} "
-                "processes: leave it 0 (every device); size the mesh with mesh.shape."
-            )
-        devices = jax.devices()[: c.mesh.num_devices] if c.mesh.num_devices else None
-        self.mesh = sharding.make_mesh(c.mesh.shape, devices)
-        self.rules = sharding.rules_from_config(c.mesh.rules)
-        jax.set_mesh(self.mesh)
-        nn.set_logical_axis_rules(self.rules)  # global, before any trace (JAX_GUIDE.md)
-        self.info = data_info(data, items, c.data.max_len, c.model.semantic_ids)
-        self.model = build_model(c, self.info)
+        self.mesh, self.rules, self.info, self.model = setup_model(c, data, items)
         self.generative = getattr(self.model, "generative", False)
         self.per_target = self.generative and not c.model.encoder_causal
         if self.per_target:  # a bidirectional encoder: one example per training target
@@ -112,25 +143,14 @@ class Trainer:
             self.total_steps, self.tx = 1, optax.set_to_zero()
         self.eval_every = c.train.eval_every_steps or self.steps_per_epoch
 
-        local = c.train.batch_size // jax.process_count()
-        dummy = {
-            "inputs": jnp.zeros((local, c.data.max_len), jnp.int32),
-            "user": jnp.zeros((local,), jnp.int32),
-        }
+        dummy = _init_batch(c)
 
         def init_fn(rng):
             params = self.model.init(rng, dummy)
             return {"params": params, "opt_state": self.tx.init(params), "step": jnp.int32(0)}
 
         self._init_fn = init_fn
-        abstract = jax.eval_shape(init_fn, jax.random.key(0))
-        self.state_sharding = sharding.state_shardings(abstract, self.mesh, self.rules)
-        self.state_sharding = _unbox(self.state_sharding)
-        self.abstract_state = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            _unbox(abstract),
-            self.state_sharding,
-        )
+        self.abstract_state, self.state_sharding = _abstract(init_fn, self.mesh, self.rules)
         self.train_step = jax.jit(
             self._train_step, out_shardings=(self.state_sharding, None), donate_argnums=0
         )
@@ -190,7 +210,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
-    config = ensure_semantic_ids(config, workdir)
     if is_main:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     data, items = load_data(config)
@@ -330,26 +349,6 @@ def load_data(config: ml_collections.ConfigDict):
     return out
 
 
-def ensure_semantic_ids(config: ml_collections.ConfigDict, workdir: Path):
-    """A config whose model.semantic_ids names ids: for a model that reads them with the path
-    left empty, `--mode tokenize` runs into `workdir/semantic_ids` first (once; a rerun reuses
-    them), with the run's `tokenize` and `features` settings."""
-    if not defaults.needs_semantic_ids(config) or config.model.semantic_ids:
-        return config
-    from onerec_jax.tokenize import run as tokenize_run
-
-    target = workdir / "semantic_ids"
-    if not (target / tokenize_run.IDS_FILE).is_file():
-        if jax.process_index() == 0:
-            logging.info("model reads semantic ids: tokenizing into %s", target)
-            tokenize_run.tokenize(config, target)
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices("semantic ids written")
-    config = copy.deepcopy(config)
-    config.model.semantic_ids = str(target)
-    return config
-
-
 def _check_finite(host: dict[str, float], step: int, ckpt) -> None:
     if not math.isfinite(host["loss"]):
         ckpt.wait()
@@ -360,30 +359,3 @@ def _check_finite(host: dict[str, float], step: int, ckpt) -> None:
             f"learning rate {host['lr']:.3g}). {kept}; lower optim.learning_rate, keep "
             "optim.clip_norm > 0 or use train.compute_dtype=float32, then rerun."
         )
-
-
-def restore_best(trainer: Trainer, workdir: str | Path) -> tuple[int | None, Any]:
-    """(best validated step, its params laid out for `trainer`) of the run in `workdir`;
-    (None, None) when no step has been validated. A layout mismatch raises CheckpointError."""
-    ckpt = checkpointing.Checkpointer(Path(workdir) / "checkpoints", metric=SELECT_METRIC)
-    try:
-        best = ckpt.best_step()
-        if best is None:
-            return None, None
-        return best, ckpt.restore_params(best, trainer.abstract_state["params"])
-    finally:
-        ckpt.close()
-
-
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """`--mode eval`: best params onto the devices present, test metrics recomputed."""
-    workdir = Path(workdir)
-    config = ensure_semantic_ids(config, workdir)  # the run's own ids when none are named
-    data, items = load_data(config)
-    trainer = Trainer(config, data, items)
-    best, params = restore_best(trainer, workdir)
-    if best is None:
-        raise UserError(f"{workdir / 'checkpoints'}: no checkpoint. Train first (--mode train).")
-    evaluator = Evaluator(trainer.model, data, config, trainer.mesh, trainer.rules)
-    test, _ = evaluator.evaluate(params, "test")
-    return {"best_step": best, "test": test}

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from onerec_jax.data.catalogue import Catalogue, parse_queries, title_key
-from onerec_jax.data.movielens import ItemInfo, split_title
+from onerec_jax.data.records import ItemInfo, split_title
 from onerec_jax.data.sequences import SequenceData
 from onerec_jax.errors import UserError
 

@@ -9,8 +9,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from onerec_jax import runs
 from onerec_jax.data import dataset, features, movielens, sequences
-from onerec_jax.data.movielens import ItemInfo
+from onerec_jax.data.records import ItemInfo
 from onerec_jax.data.sequences import SequenceData
 from onerec_jax.defaults import apply_variant, base_config
 from onerec_jax.errors import ConfigError, DataFormatError
@@ -167,9 +168,16 @@ def test_clear_errors():
     with pytest.raises(DataFormatError, match=r"block 'genome'.*NaN"):
         features.build_features(_cfg(["genres", "genome"]), _data(), items)
     with pytest.raises(ConfigError, match="collab_workdir"):
-        features.build_features(_cfg(["collab"]), _data(), _items())
+        features.build_features(_cfg(["collab"]), _data(), _items(), runs.collab_item_table)
+    with pytest.raises(ConfigError, match="collab_table=onerec_jax.runs.collab_item_table"):
+        features.build_features(_cfg(["collab"], collab_workdir="/run"), _data(), _items())
     with pytest.raises(ConfigError, match="config.json or checkpoints/ is missing"):
-        features.build_features(_cfg(["collab"], collab_workdir="/nonexistent"), _data(), _items())
+        features.build_features(
+            _cfg(["collab"], collab_workdir="/nonexistent"),
+            _data(),
+            _items(),
+            runs.collab_item_table,
+        )
 
 
 def _tiny_run_config(root):
@@ -190,7 +198,7 @@ def test_collab_block_is_the_standardised_item_table_of_the_best_checkpoint(tmp_
     data, items = dataset.load_data(config.data)
     cfg = _cfg(["collab"], collab_workdir=str(tmp_path / "run"))
     cfg.weights.collab = 0.5
-    out = features.build_features(cfg, data, items)
+    out = features.build_features(cfg, data, items, runs.collab_item_table)
     assert out.blocks == (("collab", 0, 16),) and out.matrix.shape == (data.n_items + 1, 16)
     # Independent restore: the raw array tree orbax wrote for the best step.
     step_dir = tmp_path / "run" / "checkpoints" / str(results["best_step"])
@@ -201,10 +209,10 @@ def test_collab_block_is_the_standardised_item_table_of_the_best_checkpoint(tmp_
     # A run trained on other data (another number of items) is refused, with or without
     # results.json (then the checkpoint's table shape tells).
     with pytest.raises(ConfigError, match="trained on other data .1000 items.*this data has 5"):
-        features.build_features(cfg, _data(), _items())
+        features.build_features(cfg, _data(), _items(), runs.collab_item_table)
     shutil.move(tmp_path / "run" / "results.json", tmp_path / "results.json")
     with pytest.raises(ConfigError, match="trained on other data.*this data has 5"):
-        features.build_features(cfg, _data(), _items())
+        features.build_features(cfg, _data(), _items(), runs.collab_item_table)
 
 
 @pytest.mark.skipif(not (ML_LATEST_SMALL / "ratings.csv").exists(), reason="no ml-latest-small")

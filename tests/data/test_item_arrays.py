@@ -3,7 +3,7 @@
 import numpy as np
 
 from onerec_jax.data import item_arrays
-from onerec_jax.data.movielens import ItemInfo
+from onerec_jax.data.records import ItemInfo
 from onerec_jax.data.sequences import SequenceData
 
 

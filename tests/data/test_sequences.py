@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from onerec_jax.data import sequences
-from onerec_jax.data.movielens import Interactions
+from onerec_jax.data.records import Interactions
 from onerec_jax.data.sequences import SequenceOptions, build_sequences
 from onerec_jax.errors import ConfigError
 

@@ -264,7 +264,7 @@ def test_make_ranker_with_a_pytree_state_matches_and_shards_over_the_batch():
     )
     assert_same([np.asarray(x) for x in got], want)
     if jax.device_count() >= 8:
-        from onerec_jax.training.sharding import make_mesh
+        from onerec_jax.parallel.sharding import make_mesh
 
         mesh = make_mesh((-1, 1, 1), jax.devices()[:8])
         ranker = make_ranker_with(score_chunk, V - 1, mesh, k=12, chunk_size=300)

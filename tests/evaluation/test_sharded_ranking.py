@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 from test_ranking import assert_same, random_case, reference
 
 from onerec_jax.evaluation.ranking import make_ranker
-from onerec_jax.training import sharding, vocab_parallel
+from onerec_jax.parallel import sharding, vocab_parallel
 
 RULES = sharding.DEFAULT_RULES
 

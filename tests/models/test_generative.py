@@ -10,13 +10,13 @@ import numpy as np
 import optax
 import pytest
 
+from onerec_jax import modes
 from onerec_jax.data.pipeline import generative_train_dataset
 from onerec_jax.defaults import apply_variant, base_config
 from onerec_jax.models.base import DataInfo, build_model
 from onerec_jax.models.seq2seq import level_columns
 from onerec_jax.recommend import Recommender
 from onerec_jax.tokenize.semantic_ids import random_codes
-from onerec_jax.training import train
 from tests.data.test_pipeline import make_data
 
 N_ITEMS, CYCLE_LEN = 20, 14
@@ -198,7 +198,7 @@ def test_end_to_end_tokenizes_trains_and_reports_beam_ranking(variant, tmp_path,
     c.eval.update(batch_size=2048, beam=5, k=10, valid_users=300)  # one batch: few compilations
     c.mesh.num_devices = 1
     jax.clear_caches()
-    results = train.train_and_evaluate(c, tmp_path / "run")
+    results = modes.train(c, tmp_path / "run")  # tokenizes first: model.semantic_ids is empty
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["model"]["semantic_ids"] == str(tmp_path / "run" / "semantic_ids")
     assert (tmp_path / "run" / "semantic_ids" / "semantic_ids.npz").is_file()

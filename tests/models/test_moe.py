@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from onerec_jax.models.moe import MoEFeedForward
-from onerec_jax.training import sharding
+from onerec_jax.parallel import sharding
 
 DIM, HIDDEN = 8, 16
 

@@ -12,7 +12,7 @@ import pytest
 
 from onerec_jax.defaults import apply_variant, base_config
 from onerec_jax.models.base import DataInfo, build_model
-from onerec_jax.training import sharding, vocab_parallel
+from onerec_jax.parallel import sharding, vocab_parallel
 
 N_ITEMS, B, L = 100, 4, 8
 # One attention head cannot split 8 ways: only the item tables go over "model" (configs/scale.py).

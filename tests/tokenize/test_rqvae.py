@@ -10,8 +10,8 @@ import pytest
 
 from onerec_jax.defaults import base_config
 from onerec_jax.errors import ConfigError, DataFormatError
+from onerec_jax.models.optim import make_optimizer
 from onerec_jax.tokenize import rqvae
-from onerec_jax.training.optim import make_optimizer
 
 
 def clustered(n_per: int = 50, n_clusters: int = 8, dim: int = 16, seed: int = 0):

@@ -12,9 +12,11 @@ import jax
 import numpy as np
 import pytest
 
+from onerec_jax import modes
 from onerec_jax.data import dataset
 from onerec_jax.defaults import apply_variant, base_config
-from onerec_jax.training import sharding, train
+from onerec_jax.parallel import sharding
+from onerec_jax.training import train
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -144,7 +146,7 @@ def test_end_to_end_and_eval_restore_on_other_devices(root, tmp_path):
     # --mode eval restores the best params onto 4 devices and reproduces the test metrics.
     config.mesh.num_devices = 4
     jax.clear_caches()
-    again = train.evaluate_checkpoint(config, tmp_path)
+    again = modes.evaluate(config, tmp_path)
     assert again["best_step"] == saved["best_step"]
     for key in ("hr@10", "ndcg@10", "mrr", "ndcg@50"):
         assert again["test"][key] == saved["test"][key]

@@ -1,9 +1,13 @@
-"""The optimizer: AdamW, warmup + decay schedule, clipping, weight-decay mask, accumulation."""
+"""The optimizer: AdamW, warmup + decay schedule, clipping, weight-decay mask, accumulation.
+
+It lives below tokenize/ and training/ (ARCHITECTURE.md layers) because both train with it: the
+trainer (`config.optim`) and the RQ-VAE tokenizer (these defaults with its own learning rate).
+`default_config()` is the `optim` section of `defaults.base_config()`.
+"""
 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -13,6 +17,26 @@ from onerec_jax.errors import ConfigError
 # decayed only with optim.decay_embeddings (decay on sparse rows mostly shrinks rare items).
 _NO_DECAY = ("bias", "scale")
 _EMBEDDING_MARKERS = ("embedding",)
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The `optim` config section's defaults."""
+    o = ml_collections.ConfigDict()
+    # Plain Adam as the public SASRec+ and BERT4Rec code (BENCHMARKS.md "SASRec at the
+    # reference"): on MovieLens-sized data an epoch can be 5-10 steps, so a warmup counted in
+    # steps would last many epochs. Large-catalogue configs (defaults.large_catalogue) warm up.
+    o.learning_rate = 1e-3  # peak learning rate
+    o.warmup_steps = 0  # linear warmup from 0, in optimizer updates
+    o.schedule = "constant"  # after warmup: cosine, linear (to end_lr_ratio) or constant
+    o.end_lr_ratio = 0.0  # final learning rate / peak, for cosine and linear
+    o.b1 = 0.9  # Adam beta1
+    o.b2 = 0.999  # Adam beta2
+    o.eps = 1e-8  # Adam epsilon
+    o.weight_decay = 0.0  # decoupled (AdamW) weight decay
+    o.decay_embeddings = False  # also decay embedding tables
+    o.clip_norm = 0.0  # global gradient-norm clip (0: off)
+    o.accumulate_steps = 1  # micro-batches per optimizer update (optax.MultiSteps)
+    return o
 
 
 def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -77,11 +101,3 @@ def make_optimizer(
     elif cfg.accumulate_steps < 1:
         raise ConfigError("optim.accumulate_steps must be >= 1.")
     return tx, schedule
-
-
-def compute_dtype(name: str):
-    """Activation dtype for `train.compute_dtype` (float32 or bfloat16); params stay fp32."""
-    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-    if name not in dtypes:
-        raise ConfigError(f"train.compute_dtype={name!r}: use one of {tuple(dtypes)}.")
-    return dtypes[name]

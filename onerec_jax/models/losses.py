@@ -18,7 +18,7 @@ Option arguments (sizes, names, flags) are static Python values; arrays may be t
 
 A table may have more rows than items (`vocab_size`, by default its row count): models pad
 tables so that they split evenly over the mesh's vocab axes, and then every row lookup and the
-full softmax go through training/vocab_parallel.py, which never gathers the table on one device.
+full softmax go through parallel/vocab_parallel.py, which never gathers the table on one device.
 """
 
 import inspect
@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from onerec_jax.errors import ConfigError
-from onerec_jax.training import vocab_parallel
-from onerec_jax.training.vocab_parallel import take_rows
+from onerec_jax.parallel import vocab_parallel
+from onerec_jax.parallel.vocab_parallel import take_rows
 
 SAMPLERS = ("uniform", "popularity")
 

@@ -1,4 +1,4 @@
-"""Tests for onerec_jax.evaluation.beam_search against brute force and a loop-based numpy beam."""
+"""Tests for onerec_jax.models.beam_search against brute force and a loop-based numpy beam."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from onerec_jax.evaluation.beam_search import (
+from onerec_jax.models.beam_search import (
     STATIC_ARGNAMES,
     beam_search,
     make_beam_search,

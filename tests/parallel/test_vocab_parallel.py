@@ -1,4 +1,4 @@
-"""Vocab-split item tables (training/vocab_parallel.py): losses and gradients equal the unsplit
+"""Vocab-split item tables (parallel/vocab_parallel.py): losses and gradients equal the unsplit
 ones, and the compiled step never holds a whole table on one device."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from onerec_jax.training import losses, sharding, vocab_parallel
+from onerec_jax.models import losses
+from onerec_jax.parallel import sharding, vocab_parallel
 
 V, D, N = 803, 16, 48  # items + padding; the split tables have a few extra rows
 MESHES = [(1, 1, 8), (2, 1, 4)]

@@ -11,8 +11,8 @@ import pytest
 from scipy import stats
 
 from onerec_jax.errors import ConfigError
-from onerec_jax.training import losses
-from onerec_jax.training.losses import (
+from onerec_jax.models import losses
+from onerec_jax.models.losses import (
     bce_one_negative,
     compute_loss,
     full_softmax_xent,

@@ -1,4 +1,5 @@
-"""`--mode tokenize` end to end on the synthetic demo: files, unique ids, codes follow content."""
+"""`--mode tokenize` (modes.py) end to end on the synthetic demo: files, unique ids, codes follow
+content; the ids' model-side checks; a model trained on them."""
 
 import csv
 import json
@@ -6,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from onerec_jax import modes
 from onerec_jax.data import dataset
 from onerec_jax.defaults import base_config
 from onerec_jax.errors import ConfigError
@@ -31,9 +33,9 @@ def root(tmp_path_factory):
 @pytest.mark.parametrize("method", ["rqkmeans", "rqvae", "random"])
 def test_tokenize_writes_unique_ids_and_quality(root, tmp_path, method):
     config = _config(root, method)
-    report = run.tokenize(config, tmp_path)
+    report = modes.tokenize(config, tmp_path)
     data, items = dataset.load_data(config.data)
-    sem = semantic_ids.load(tmp_path / run.IDS_FILE)
+    sem = semantic_ids.load(tmp_path / semantic_ids.IDS_FILE)
     assert sem.n_items == data.n_items and sem.levels == 2
     assert len(np.unique(sem.item_codes, axis=0)) == data.n_items  # ids unique
     saved = json.loads((tmp_path / run.QUALITY_FILE).read_text())
@@ -57,21 +59,21 @@ def test_tokenize_writes_unique_ids_and_quality(root, tmp_path, method):
 
 def test_model_side_checks(root, tmp_path):
     config = _config(root, "random")
-    run.tokenize(config, tmp_path)
+    modes.tokenize(config, tmp_path)
     with pytest.raises(ConfigError, match="codes 1,000 items but the data has 5"):
-        run.load_semantic_ids(str(tmp_path), 5)
+        semantic_ids.load_semantic_ids(str(tmp_path), 5)
     with pytest.raises(ConfigError, match="run `--mode tokenize"):
-        run.load_semantic_ids(str(tmp_path / "missing"), 5)
+        semantic_ids.load_semantic_ids(str(tmp_path / "missing"), 5)
     config.tokenize.method = "vq"
     with pytest.raises(ConfigError, match="tokenize.method='vq'"):
-        run.tokenize(config, tmp_path)
+        modes.tokenize(config, tmp_path)
 
 
 def test_onerec_trains_with_semantic_id_inputs(root, tmp_path):
     from onerec_jax.defaults import apply_variant
     from onerec_jax.training import train
 
-    run.tokenize(_config(root, "rqkmeans"), tmp_path / "tok")
+    modes.tokenize(_config(root, "rqkmeans"), tmp_path / "tok")
     c = apply_variant(_config(root, "rqkmeans"), "onerec")
     c.data.max_len = 20
     c.model.update(
@@ -83,7 +85,7 @@ def test_onerec_trains_with_semantic_id_inputs(root, tmp_path):
     results = train.train_and_evaluate(c, tmp_path / "run")
     data, items = dataset.load_data(c.data)
     info = train.data_info(data, items, 20, str(tmp_path / "tok"))
-    sem = semantic_ids.load(tmp_path / "tok" / run.IDS_FILE)
+    sem = semantic_ids.load(tmp_path / "tok" / semantic_ids.IDS_FILE)
     np.testing.assert_array_equal(info.item_codes[1:], sem.codes[1:, :2])
     assert info.code_sizes == (16, 16)
     # The code table is a parameter of the run: 32 rows of dim 16 beyond the plain model.

@@ -1,0 +1,1 @@
+"""Parallelism: the device mesh, logical sharding rules, vocab-split table lookups (shard_map)."""
