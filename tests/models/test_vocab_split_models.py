@@ -48,7 +48,7 @@ TABLE = {"sasrec": "item_embedding", "onerec": "id_embedding"}
 
 
 # Two of the four (model, loss) pairs: each loss is tested on a split table for any model in
-# tests/training/test_vocab_parallel.py; here each model and each loss appear once (suite time).
+# tests/parallel/test_vocab_parallel.py; here each model and each loss appear once (suite time).
 @pytest.mark.parametrize(
     ("name", "loss"), [("sasrec", "sampled_softmax"), ("onerec", "full_softmax")]
 )
