@@ -9,7 +9,7 @@ from pathlib import Path
 import ml_collections
 
 from onerec_jax.errors import UserError
-from onerec_jax.models import optim
+from onerec_jax.models import optim, registry
 from onerec_jax.parallel.sharding import DEFAULT_RULES
 
 
@@ -43,7 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.worker_count = 0  # Grain worker processes for the training pipeline (0: in-process)
 
     c.model = m = ml_collections.ConfigDict()
-    m.name = "sasrec"  # a file in onerec_jax/models/: pop, bpr, ncf, gru4rec, sasrec, bert4rec...
+    m.name = "sasrec"  # a registered model (models/registry.py): pop, bpr, ncf, sasrec, tiger...
     m.dim = 64  # embedding and hidden width
     m.num_layers = 2  # Transformer blocks
     m.num_heads = 1  # attention heads (dim must divide by it)
@@ -72,9 +72,10 @@ def base_config() -> ml_collections.ConfigDict:
     m.ncf_towers = "both"  # NCF: "both" (NeuMF), "gmf" or "mlp" (one tower alone: the ablation)
     m.mask_prob = 0.2  # BERT4Rec: share of real items masked for the cloze loss (>= 1 each)
     m.last_item_share = 0.1  # BERT4Rec: share of training sequences with only the last masked
-    # Generative models (TIGER; OneRec with head="semantic_ids"): encoder-decoder over semantic
-    # ids (model.semantic_ids; empty: --mode train tokenizes into the run's workdir first).
-    m.head = "items"  # OneRec: "items" (score every item) or "semantic_ids" (generate codes)
+    # Generative models (tiger, onerec_sid): encoder-decoder over semantic ids
+    # (model.semantic_ids; empty: --mode train tokenizes into the run's workdir first).
+    # OneRec: "items"; "semantic_ids" is how old runs named the onerec_sid model (read as it).
+    m.head = "items"
     m.decoder_layers = 2  # decoder blocks (num_layers is the encoder's)
     m.session_items = 1  # M: next items generated per example (1 = next-item recommendation)
     # Causal encoder: one pass over a training window trains a target at every slot (as SASRec),
@@ -198,88 +199,46 @@ GENERATIVE_ABLATIONS = {
 }
 
 
-def _generative_variant(c: ml_collections.ConfigDict, arg: str) -> None:
-    m = c.model
-    m.dim, m.num_heads, m.num_layers, m.decoder_layers, m.dropout = 64, 2, 2, 2, 0.1
-    # The optimiser these models were measured with (BENCHMARKS.md "Generative retrieval"): 100
-    # warmup steps, Adam b2 0.98, eps 1e-9, gradient clipping at 1.
-    o = c.optim
-    o.warmup_steps, o.b2, o.eps, o.clip_norm = 100, 0.98, 1e-9, 1.0
-    c.data.max_len = 50  # TIGER reads 20 items; code tokens make the encoder 4x longer
-    c.data.bucket_boundaries = (8, 16, 32)
-    c.eval.batch_size = 128  # users x beam hypotheses are decoded at once
-    if arg == "tiger":
-        m.name, m.mlp_dim, m.num_experts = "tiger", 256, 0
-    else:  # OneRec: items as code-embedding sums, a mixture-of-experts decoder
-        m.name, m.head, m.mlp_dim = "onerec", "semantic_ids", 128
-        m.num_experts, m.experts_per_token = 4, 2
-
-
 def _set(c: ml_collections.ConfigDict, changes: dict) -> None:
     for key, value in changes.items():
         section, field = key.split(".")
         c[section][field] = value
 
 
+def _generative_variants() -> list[str]:
+    """The variants of generative models: each has the studies of GENERATIVE_ABLATIONS."""
+    return [
+        v for v in registry.variant_names() if registry.variant(v)[0].kind == registry.GENERATIVE
+    ]
+
+
 def apply_variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
-    """`configs/<dataset>.py:<variant>`: the model families every dataset config offers."""
-    for base in ("onerec_sid", "tiger"):
-        if arg and arg.startswith(base + "_") and arg[len(base) + 1 :] in GENERATIVE_ABLATIONS:
+    """`configs/<dataset>.py:<variant>`: a model's own variant (declared in its file,
+    models/registry.py; default sasrec) or a study of one: `onerec_<ablation>`,
+    `<generative model>_<study>`."""
+    arg = arg or "sasrec"
+    for base in _generative_variants():
+        study = arg[len(base) + 1 :] if arg.startswith(base + "_") else None
+        if study in GENERATIVE_ABLATIONS:
             apply_variant(c, base)
-            _set(c, GENERATIVE_ABLATIONS[arg[len(base) + 1 :]])
+            _set(c, GENERATIVE_ABLATIONS[study])
             return c
-    if arg and arg.startswith("onerec_") and arg[len("onerec_") :] in ONEREC_ABLATIONS:
+    if arg.startswith("onerec_") and arg[len("onerec_") :] in ONEREC_ABLATIONS:
         apply_variant(c, "onerec")
         _set(c, ONEREC_ABLATIONS[arg[len("onerec_") :]])
         return c
-    if arg in (None, "", "sasrec"):
-        c.model.name = "sasrec"
-    elif arg == "onerec":
-        c.model.name = "onerec"
-        c.model.num_heads = 2
-        c.model.mlp_dim = 2 * c.model.dim
-        # Every window, not only the latest: ml-latest-small validation NDCG@10 0.0851 against
-        # 0.0733 (seed 0; BENCHMARKS.md "What each difference did").
-        c.data.windows = "all"
-    elif arg == "gru4rec":
-        c.model.name = "gru4rec"
-        c.model.num_layers = 1
-    elif arg == "bert4rec":
-        c.model.name = "bert4rec"
-        c.model.num_heads = 2
-        c.model.mlp_dim = 4 * c.model.dim
-        c.model.dropout = 0.1
-        c.model.prenorm = False  # BERT's post-LN, as the published replications (HF BertModel)
-        c.model.mask_prob = 0.2
-        c.loss.name = "full_softmax"  # the cloze task needs the full softmax to be strong
-    elif arg in ("tiger", "onerec_sid"):
-        _generative_variant(c, arg)
-    elif arg == "onerec_sidfeat":  # the item head with semantic-id inputs
-        apply_variant(c, "onerec")
-        c.model.side_features = (*c.model.side_features, "semantic_ids")
-    elif arg == "pop":
-        c.model.name = "pop"  # nothing to learn: one no-op step, then validation and test
-    elif arg == "bpr":
-        c.model.name = "bpr"
-        c.data.windows = "all"  # a user-item model: every training interaction is a pair
-        c.model.negatives_per_pair = 4
-        c.model.l2 = 1e-2  # weaker penalties overfit on the demo and ml-latest-small
-        c.optim.learning_rate = 1e-2  # a user's row gets one update per epoch (one window)
-    elif arg == "ncf":
-        c.model.name = "ncf"
-        c.data.windows = "all"  # a user-item model: every training interaction is a pair
-        c.model.dim = 32
-        c.model.negatives_per_pair = 4  # the paper's best range is 3-6
-        c.model.l2 = 1e-3
-        c.optim.learning_rate = 1e-2  # as BPR: sparse user rows
-        c.eval.chunk_size = 2048  # each chunk holds [eval batch, chunk, mlp_layers[0]] floats
-    else:
+    found = registry.variant(arg)
+    if found is None:
+        studies = [f"{v}_<...>" for v in _generative_variants()]
+        studies[0] = studies[0].replace("...", "|".join(GENERATIVE_ABLATIONS))
         raise ValueError(
-            f"unknown config variant {arg!r}: use sasrec, onerec, gru4rec, bert4rec, pop, bpr, "
-            f"ncf, tiger, onerec_sid, onerec_sidfeat, an ablation "
-            f"onerec_<{'|'.join(ONEREC_ABLATIONS)}> or a generative study "
-            f"onerec_sid_<{'|'.join(GENERATIVE_ABLATIONS)}> / tiger_<...>"
+            f"unknown config variant {arg!r}: use {', '.join(registry.variant_names())}, an "
+            f"ablation onerec_<{'|'.join(ONEREC_ABLATIONS)}> or a generative study "
+            f"{' / '.join(studies)}"
         )
+    spec, set_defaults = found
+    c.model.name = spec.name
+    set_defaults(c)
     return c
 
 
@@ -317,7 +276,8 @@ def large_catalogue(c: ml_collections.ConfigDict, arg: str | None) -> ml_collect
 
 def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     """The resolved config a run saved in `workdir/config.json`, with keys added since then
-    filled from `base_config()` (their defaults keep the old behaviour)."""
+    filled from `base_config()` (their defaults keep the old behaviour) and a model named as it
+    was then given its name now (models/registry.py `model_name`)."""
     workdir = Path(workdir)
     if not workdir.is_dir():
         raise UserError(f"{workdir}: no such directory. Pass the --workdir of a trained run.")
@@ -330,7 +290,9 @@ def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
         saved = json.loads(path.read_text())
     except ValueError as e:
         raise UserError(f"{path}: unreadable ({e}); retrain that run.") from e
-    return ml_collections.ConfigDict(_with_defaults(saved, base_config().to_dict()))
+    config = ml_collections.ConfigDict(_with_defaults(saved, base_config().to_dict()))
+    config.model.name = registry.model_name(config.model)
+    return config
 
 
 def _with_defaults(saved: dict, defaults: dict) -> dict:
@@ -344,7 +306,6 @@ def _with_defaults(saved: dict, defaults: dict) -> dict:
 
 
 def needs_semantic_ids(config: ml_collections.ConfigDict) -> bool:
-    """Whether the model reads semantic ids (generative models, or the item head's feature)."""
-    m = config.model
-    generative = m.name == "tiger" or (m.name == "onerec" and m.head == "semantic_ids")
-    return generative or "semantic_ids" in tuple(m.side_features)
+    """Whether the model reads semantic ids (its spec says: generative models always, the OneRec
+    item head when they are one of its side features)."""
+    return registry.model_spec(config).needs_semantic_ids(config)

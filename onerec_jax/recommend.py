@@ -5,14 +5,14 @@ run's own config and data. A user is served with their whole history (train, val
 items: they are being served now), the last `max_len` items as the model's input; everything
 the input user has seen is excluded from the list. `recommendations_text` is `--mode recommend`.
 
-Model hooks, read generically so that new models need no change here:
-- `needs_user_ids = True` on the model object (BPR, NCF: a per-user embedding) says that the
-  user state needs the dense user id (`batch["user"]`, [B] int32); such a model cannot serve a
-  new user given as a list of movies, and says so. Undeclared, it is found by tracing
-  `user_state` on `{"inputs": ...}` alone (a KeyError means the user id is needed).
-- `score_chunk(params, user_state, item_ids [C]) -> scores [B, C]` scores item chunks (NCF)
-  when the model's `dot_product_scores` is False (or, on an object without that property, when
-  its class defines `score_chunk`); otherwise scores are `user_state @ item_table(params).T`.
+What the model declares in its file (models/registry.py `ModelSpec`), so that new models need
+no change here:
+- its kind: a generative model's list comes from `generate` (constrained beam search); a scoring
+  model's from `user_state`, scored by `score_chunk(params, user_state, item_ids [C]) -> [B, C]`
+  when its `dot_product_scores` is False (NCF), otherwise as `user_state @ item_table(params).T`;
+- `reads_user_ids` (BPR, NCF: a per-user embedding): the user state needs the dense user id
+  (`batch["user"]`, [B] int32), so such a model cannot serve a new user given as a list of
+  movies, and says so.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from onerec_jax.data.catalogue import Catalogue, parse_queries
 from onerec_jax.data.sequences import SequenceData
 from onerec_jax.errors import UserError
 from onerec_jax.evaluation import ranking
+from onerec_jax.models import registry
 from onerec_jax.runs import load_run
 
 
@@ -49,10 +50,14 @@ class Recommender:
         self.model, self.params, self.data, self.config = model, params, data, config
         self.catalogue = Catalogue(data, items)
         self.max_len = int(config.data.max_len)
-        self._user_state = jax.jit(model.user_state)
-        if getattr(model, "generative", False):
+        self.spec = registry.model_spec(config)
+        self.generative = self.spec.kind == registry.GENERATIVE
+        if self.generative:
             self._generate = jax.jit(model.generate, static_argnames=("k", "beam"))
-        self._top_k = jax.jit(_top_k_fn(model, data.n_items), static_argnames=("k", "chunk_size"))
+        else:
+            self._user_state = jax.jit(model.user_state)
+            top_k = _top_k_fn(model, data.n_items)
+            self._top_k = jax.jit(top_k, static_argnames=("k", "chunk_size"))
 
     @classmethod
     def from_run(cls, workdir: str | Path) -> Recommender:
@@ -105,7 +110,7 @@ class Recommender:
         masked = np.zeros((1, width), np.int32)
         masked[0, : len(seen)] = seen
         k = min(k, self.data.n_items)
-        if getattr(self.model, "generative", False):  # constrained beam search over codes
+        if self.generative:  # constrained beam search over codes
             batch.setdefault("user", np.zeros((1,), np.int32))  # a new user: hashed as user 0
             beam = max(k, int(self.config.eval.beam))  # a beam of k prefixes can yield k items
             items, scores = self._generate(self.params, batch, masked, k=k, beam=beam)
@@ -126,15 +131,8 @@ class Recommender:
         return self.recommend(history, k, user=user)
 
     def needs_user_ids(self) -> bool:
-        """Whether the model's user state needs `batch["user"]` (see the module docstring)."""
-        flag = getattr(self.model, "needs_user_ids", None)
-        if flag is None:  # not declared: trace the user state without user ids
-            inputs = jax.ShapeDtypeStruct((1, self.max_len), jnp.int32)
-            try:
-                jax.eval_shape(self.model.user_state, self.params, {"inputs": inputs})
-            except KeyError:
-                return True
-        return bool(flag)
+        """Whether the model's user state needs `batch["user"]` (its spec's `reads_user_ids`)."""
+        return self.spec.reads_user_ids
 
     def recommend_for_items(self, queries: list[str], k: int = 10) -> list[Recommendation]:
         """Top-`k` for a new user who watched `queries` (titles or movieIds), oldest first."""
@@ -149,10 +147,7 @@ class Recommender:
 
 def _top_k_fn(model, n_items: int):
     """`(params, user_state, history [B, H], k, chunk_size) -> (items, scores) [B, k]`."""
-    if hasattr(model, "dot_product_scores"):  # ScoringModel: False when score_chunk is its own
-        own_scorer = not model.dot_product_scores
-    else:
-        own_scorer = callable(getattr(type(model), "score_chunk", None))
+    own_scorer = not model.dot_product_scores  # ScoringModel: False when score_chunk is its own
 
     def top_k(params, state, history, k: int, chunk_size: int):
         targets = jnp.zeros(history.shape[:1], jnp.int32)  # no target: only the top-k is used

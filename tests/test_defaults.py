@@ -1,6 +1,7 @@
 """Config variants: every dataset config offers every model and the OneRec ablations."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -10,11 +11,14 @@ from onerec_jax.defaults import (
     ONEREC_ABLATIONS,
     apply_variant,
     base_config,
+    load_run_config,
     needs_semantic_ids,
 )
+from onerec_jax.errors import ConfigError
+from onerec_jax.models import registry
 
 REPO = Path(__file__).resolve().parents[1]
-MODELS = ("sasrec", "onerec", "gru4rec", "bert4rec", "pop", "bpr", "ncf", "tiger")
+MODELS = ("sasrec", "onerec", "gru4rec", "bert4rec", "pop", "bpr", "ncf", "tiger", "onerec_sid")
 
 
 def _get_config(name, arg):
@@ -67,11 +71,36 @@ def test_generative_studies_change_one_thing(base):
 def test_generative_variants_and_who_reads_semantic_ids():
     tiger, sid = apply_variant(base_config(), "tiger"), apply_variant(base_config(), "onerec_sid")
     assert (tiger.model.name, tiger.model.num_experts) == ("tiger", 0)
-    assert (sid.model.name, sid.model.head) == ("onerec", "semantic_ids")
+    assert sid.model.name == "onerec_sid"
     assert sid.model.num_experts > 1
     feat = apply_variant(base_config(), "onerec_sidfeat")
-    assert feat.model.head == "items" and "semantic_ids" in feat.model.side_features
+    assert feat.model.name == "onerec" and "semantic_ids" in feat.model.side_features
     assert needs_semantic_ids(tiger) and needs_semantic_ids(sid) and needs_semantic_ids(feat)
     assert not needs_semantic_ids(apply_variant(base_config(), "onerec"))
     with pytest.raises(ValueError, match="onerec_sid_<"):
         apply_variant(base_config(), "onerec_sid_huge")
+
+
+def test_each_model_declares_its_contract():
+    specs = {name: registry.model_spec(_get_config("demo", name)) for name in MODELS}
+    assert set(MODELS) <= set(registry.names())  # tests may register more
+    generative = {n for n, s in specs.items() if s.kind == registry.GENERATIVE}
+    assert generative == {"tiger", "onerec_sid"}
+    assert {n for n, s in specs.items() if s.batches == registry.CODE_WINDOWS} == generative
+    assert {n for n, s in specs.items() if s.reads_user_ids} == {"bpr", "ncf"}
+    with pytest.raises(ConfigError, match="already registered"):
+        registry.register(registry.ModelSpec(name="sasrec2", build=None, variants={"onerec": None}))
+
+
+def test_old_onerec_decoder_configs_are_read_as_onerec_sid(tmp_path):
+    old = apply_variant(base_config(), "onerec_sid")
+    old.model.name, old.model.head = "onerec", "semantic_ids"  # as runs saved it before
+    assert registry.model_name(old.model) == "onerec_sid" and needs_semantic_ids(old)
+    assert registry.model_spec(old).kind == registry.GENERATIVE
+    saved = old.to_dict()
+    del saved["model"]["user_tokens"]  # a key added since: filled with its default
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    loaded = load_run_config(tmp_path)
+    assert loaded.model.name == "onerec_sid" and loaded.model.user_tokens == 0
+    item_head = apply_variant(base_config(), "onerec")
+    assert registry.model_name(item_head.model) == "onerec"

@@ -226,7 +226,7 @@ class Synthetic:
         return float(gain.mean()) if n_users else 0.0
 
 
-def build_model(config: SyntheticConfig, path: str | None = None) -> Synthetic:
+def build_planted_model(config: SyntheticConfig, path: str | None = None) -> Synthetic:
     """The planted model, regenerated deterministically from the config (no ratings)."""
     rng, c_num = _rng(config, 0), config.n_clusters
     max_id = max(config.n_movies, round(config.n_movies * _MAX_MOVIE_ID_RATIO))
@@ -568,7 +568,7 @@ def write_synthetic(config: SyntheticConfig, out_dir: str | os.PathLike) -> Synt
         The planted model, with `path` set to `out_dir`.
     """
     out_dir = os.path.abspath(os.fspath(out_dir))
-    model = build_model(config, out_dir)
+    model = build_planted_model(config, out_dir)
     if _is_complete(out_dir, config):
         return model
     if os.path.exists(out_dir):
@@ -625,7 +625,7 @@ def load_synthetic(out_dir: str | os.PathLike) -> Synthetic:
         config = SyntheticConfig(**meta["config"])
     except (KeyError, TypeError) as e:
         raise ConfigError(f"{meta_path} holds no valid config ({e}): regenerate it") from None
-    return build_model(config, out_dir)
+    return build_planted_model(config, out_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -12,7 +12,7 @@ from jax.experimental import multihost_utils
 from onerec_jax.data import pipeline
 from onerec_jax.data.sequences import SequenceData
 from onerec_jax.evaluation import metrics, ranking
-from onerec_jax.models import beam_search
+from onerec_jax.models import beam_search, registry
 from onerec_jax.parallel import sharding
 
 
@@ -26,7 +26,7 @@ class Evaluator:
         # Generative models return their top-K by beam search; a target is ranked by its score
         # within it (ranking.rank_in_list, ties as everywhere) and outside it gets rank
         # n_items + 1 (so HR/NDCG/MRR@K are exact for K <= eval.k and full MRR is a lower bound).
-        self.generative = getattr(model, "generative", False)
+        self.generative = registry.model_spec(config).kind == registry.GENERATIVE
         self._valid_users = pipeline.sample_users(data.n_users, e.valid_users, config.seed)
         if self.generative:
             self._generate = jax.jit(model.generate)

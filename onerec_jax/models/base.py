@@ -1,20 +1,23 @@
-"""The model contract the trainer and evaluator call, for models that score every item.
+"""The model objects the trainer and evaluator call: `Model`, and `ScoringModel` for models
+that score every item.
 
-A scoring model is a Flax module with `__call__(inputs, train) -> hidden [B, L, D]` and
-`item_table() -> [V, D]` (row 0 = padding). `ScoringModel` wraps it into the pure functions of
-ARCHITECTURE.md: `init`, `loss(params, batch, rng) -> (scalar, metrics)` and
-`user_state(params, batch) -> [B, D]`, scored against `item_table(params)` by the shared ranker.
+A model object wraps a Flax module into pure functions: `init(rng, batch)` and
+`loss(params, batch, rng) -> (scalar, metrics)` for every model (`Model`); how it recommends
+depends on its kind (models/registry.py). A scoring model's module has
+`__call__(inputs, train) -> hidden [B, L, D]` and `item_table() -> [V, D]` (row 0 = padding);
+`ScoringModel` adds `user_state(params, batch) -> [B, D]`, scored against `item_table(params)` by
+the shared ranker. Generative models (models/generative.py) recommend by `generate` instead.
 
-Models that are not a sequence encoder override what differs: a user-item model (BPR, NCF) reads
-`batch["user"]` (the dense user id, present in training and evaluation batches), a model whose
-score is not a dot product (NCF) overrides `score_chunk`, and a model with nothing to learn
-(popularity) sets `trainable = False`.
+Scoring models that are not a sequence encoder override what differs: a user-item model (BPR,
+NCF) reads `batch["user"]` (the dense user id, present in training and evaluation batches), a
+model whose score is not a dot product (NCF) overrides `score_chunk`, and a model with nothing
+to learn (popularity) sets `trainable = False`.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
-import importlib
 from typing import Any
 
 import flax.linen as nn
@@ -47,68 +50,31 @@ class DataInfo:
         return self.n_items + 1
 
 
-def next_item_loss(
-    cfg: ml_collections.ConfigDict,
-    hidden,
-    table,
-    targets,
-    mask,
-    rng,
-    item_log_probs,
-    vocab_size: int | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """(loss_sum, count) of `cfg.name` over flattened positions; see models/losses.py.
-
-    `vocab_size`: the table rows that are items, when the table is padded to split evenly over
-    the mesh (parallel/vocab_parallel.py); default: all rows.
-    """
-    d = hidden.shape[-1]
-    hidden, targets, mask = hidden.reshape(-1, d), targets.reshape(-1), mask.reshape(-1)
-    if cfg.name == "full_softmax":
-        return losses.full_softmax_xent(
-            hidden,
-            table,
-            targets,
-            mask,
-            chunk_size=cfg.chunk_size,
-            label_smoothing=cfg.label_smoothing,
-            vocab_size=vocab_size,
-        )
-    if cfg.name == "sampled_softmax":
-        pool = None
-        rng, pool_rng = jax.random.split(rng)
-        if cfg.hard_negatives > 0:
-            pool = jax.random.randint(pool_rng, (cfg.hard_pool_size,), 1, vocab_size or len(table))
-        return losses.sampled_softmax_xent(
-            hidden,
-            table,
-            targets,
-            mask,
-            rng,
-            n_negatives=cfg.n_negatives,
-            sampler=cfg.sampler,
-            item_log_probs=item_log_probs if cfg.sampler == "popularity" or cfg.logq else None,
-            in_batch=cfg.in_batch,
-            in_batch_negatives=cfg.in_batch_negatives or None,
-            logq_correction=cfg.logq,
-            hard_negatives=cfg.hard_negatives,
-            hard_pool=pool,
-            vocab_size=vocab_size,
-        )
-    if cfg.name == "bce":
-        return losses.bce_one_negative(hidden, table, targets, mask, rng, vocab_size=vocab_size)
-    raise ConfigError(f"loss.name={cfg.name!r}: use 'full_softmax', 'sampled_softmax' or 'bce'.")
-
-
-class ScoringModel:
-    """Pure functions over a scoring module; subclasses may add auxiliary losses."""
+class Model(abc.ABC):
+    """Pure functions over a Flax module: what the trainer calls for every model."""
 
     # False for a model with nothing to learn (popularity): the trainer then takes one step that
     # leaves the params unchanged, validates and tests, so its run looks like any other.
     trainable: bool = True
+    ranking: str = "full"  # how evaluation ranks (results.json protocol.ranking)
 
     def __init__(self, module: nn.Module, config: ml_collections.ConfigDict, info: DataInfo):
         self.module, self.config, self.info = module, config, info
+
+    @abc.abstractmethod
+    def init(self, rng: jax.Array, batch: dict[str, Any]):
+        """Boxed (logically partitioned) params for a training batch of this shape."""
+
+    @abc.abstractmethod
+    def loss(self, params, batch, rng) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(scalar loss, metrics incl. "loss" and "tokens") of a training batch."""
+
+
+class ScoringModel(Model):
+    """A model whose users are scored against every item; subclasses may add auxiliary losses."""
+
+    def __init__(self, module: nn.Module, config: ml_collections.ConfigDict, info: DataInfo):
+        super().__init__(module, config, info)
         # Add-one training counts: the popularity sampler and logQ need a finite log-frequency
         # for every item that can be a target (models/losses.py).
         counts = np.asarray(info.item_counts, np.float64) + 1.0
@@ -155,7 +121,7 @@ class ScoringModel:
         drop_rng, loss_rng = jax.random.split(rng)
         hidden = self.apply(params, batch["inputs"], train=True, rng=drop_rng)
         table = self.item_table(params)
-        total, count = next_item_loss(
+        total, count = losses.next_item_loss(
             self.config.loss,
             hidden,
             table,
@@ -180,18 +146,3 @@ def check_user_item(config: ml_collections.ConfigDict, info: DataInfo) -> None:
         raise ConfigError(
             f"model.negatives_per_pair={config.model.negatives_per_pair}: use at least 1."
         )
-
-
-def build_model(config: ml_collections.ConfigDict, info: DataInfo) -> ScoringModel:
-    """`onerec_jax.models.<config.model.name>.build(config, info)`: one file per model."""
-    name = config.model.name
-    try:
-        module = importlib.import_module(f"onerec_jax.models.{name}")
-    except ModuleNotFoundError as e:
-        if e.name != f"onerec_jax.models.{name}":
-            raise
-        raise ConfigError(
-            f"model.name={name!r}: no file onerec_jax/models/{name}.py. Pick an existing model "
-            "(e.g. sasrec, onerec) or add that file."
-        ) from None
-    return module.build(config, info)

@@ -23,8 +23,10 @@ import ml_collections
 
 from onerec_jax.errors import ConfigError
 from onerec_jax.models import layers
-from onerec_jax.models.base import DataInfo, ScoringModel, next_item_loss
+from onerec_jax.models.base import DataInfo, ScoringModel
+from onerec_jax.models.losses import next_item_loss
 from onerec_jax.models.precision import compute_dtype
+from onerec_jax.models.registry import ModelSpec, register
 
 
 class BERT4Rec(nn.Module):
@@ -205,3 +207,16 @@ def build(config: ml_collections.ConfigDict, info: DataInfo) -> ScoringModel:
         dtype=compute_dtype(config.train.compute_dtype),
     )
     return BERT4RecModel(module, config, info)
+
+
+def config_defaults(c: ml_collections.ConfigDict) -> None:
+    """`:bert4rec`."""
+    c.model.num_heads = 2
+    c.model.mlp_dim = 4 * c.model.dim
+    c.model.dropout = 0.1
+    c.model.prenorm = False  # BERT's post-LN, as the published replications (HF BertModel)
+    c.model.mask_prob = 0.2
+    c.loss.name = "full_softmax"  # the cloze task needs the full softmax to be strong
+
+
+register(ModelSpec(name="bert4rec", build=build, variants={"bert4rec": config_defaults}))

@@ -20,6 +20,7 @@ import ml_collections
 
 from onerec_jax.models import losses
 from onerec_jax.models.base import DataInfo, ScoringModel, check_user_item
+from onerec_jax.models.registry import ModelSpec, register
 
 
 class MatrixFactorization(nn.Module):
@@ -109,3 +110,14 @@ def build(config: ml_collections.ConfigDict, info: DataInfo) -> ScoringModel:
         n_users=info.n_users, vocab_size=info.vocab_size, dim=m.dim, item_bias=m.item_bias
     )
     return BPR(module, config, info)
+
+
+def config_defaults(c: ml_collections.ConfigDict) -> None:
+    """`:bpr`."""
+    c.data.windows = "all"  # a user-item model: every training interaction is a pair
+    c.model.negatives_per_pair = 4
+    c.model.l2 = 1e-2  # weaker penalties overfit on the demo and ml-latest-small
+    c.optim.learning_rate = 1e-2  # a user's row gets one update per epoch (one window)
+
+
+register(ModelSpec(name="bpr", build=build, variants={"bpr": config_defaults}, reads_user_ids=True))

@@ -3,10 +3,11 @@
 `GenerativeModel` wraps an `EncoderDecoder` (models/seq2seq.py) into the trainer's pure functions:
 `init`, `loss(params, batch, rng)` (teacher-forced cross-entropy over the next M items' code
 tokens, each position restricted to its level's codes, optional label smoothing, plus the MoE
-load-balancing term) and, instead of `user_state`, `generate(params, batch, history)`: the
-top-K distinct, valid, unseen items by constrained beam search (models/beam_search.py). The
-evaluator ranks each target by its score within that list, ties counting half as everywhere
-(evaluation/ranking.py `rank_in_list`; past the list: rank n_items + 1).
+load-balancing term) and, where a scoring model has `user_state`,
+`generate(params, batch, history)`: the top-K distinct, valid, unseen items by constrained beam
+search (models/beam_search.py). The evaluator ranks each target by its score within that list,
+ties counting half as everywhere (evaluation/ranking.py `rank_in_list`; past the list: rank
+n_items + 1).
 """
 
 from __future__ import annotations
@@ -18,15 +19,15 @@ import numpy as np
 
 from onerec_jax.errors import ConfigError
 from onerec_jax.models import seq2seq
-from onerec_jax.models.base import DataInfo, ScoringModel
+from onerec_jax.models.base import DataInfo, Model
 from onerec_jax.models.beam_search import beam_search
 from onerec_jax.models.precision import compute_dtype
 
 
-class GenerativeModel(ScoringModel):
-    generative = True
-    dot_product_scores = False
-    needs_user_ids = False  # a new user is served from their items (TIGER hashes user 0)
+class GenerativeModel(Model):
+    """An encoder-decoder over semantic ids: trained with teacher forcing, recommends by
+    constrained beam search (`generate`). Registered with kind GENERATIVE and CODE_WINDOWS
+    batches (models/registry.py); a new user is served from their items (TIGER hashes user 0)."""
 
     def __init__(self, module, config: ml_collections.ConfigDict, info: DataInfo):
         super().__init__(module, config, info)
@@ -44,9 +45,6 @@ class GenerativeModel(ScoringModel):
         # Train as we decode: each level's softmax over the codes valid after the prefix, and
         # beam search normalised the same way (loss.valid_codes_only).
         self.valid_only = bool(config.loss.valid_codes_only)
-
-    def user_state(self, params, batch):
-        raise NotImplementedError("generative models recommend through generate(), not scores")
 
     def _decoder_io(self, target_codes, mask):
         """[B, P, M, L+1] codes, [B, P, M] mask -> decoder tokens, target columns, token mask,
@@ -184,6 +182,19 @@ class GenerativeModel(ScoringModel):
             chosen = jnp.concatenate([chosen, code_tokens[top[:, 0]]], axis=1)
             history = jnp.concatenate([history, top], axis=1)
         return jnp.stack(items, 1), jnp.stack(scores, 1)
+
+
+def config_defaults(c: ml_collections.ConfigDict) -> None:
+    """What the generative variants (`:tiger`, `:onerec_sid`) share: size, optimiser, data."""
+    m = c.model
+    m.dim, m.num_heads, m.num_layers, m.decoder_layers, m.dropout = 64, 2, 2, 2, 0.1
+    # The optimiser these models were measured with (BENCHMARKS.md "Generative retrieval"): 100
+    # warmup steps, Adam b2 0.98, eps 1e-9, gradient clipping at 1.
+    o = c.optim
+    o.warmup_steps, o.b2, o.eps, o.clip_norm = 100, 0.98, 1e-9, 1.0
+    c.data.max_len = 50  # TIGER reads 20 items; code tokens make the encoder 4x longer
+    c.data.bucket_boundaries = (8, 16, 32)
+    c.eval.batch_size = 128  # users x beam hypotheses are decoded at once
 
 
 def check_semantic_ids(config: ml_collections.ConfigDict, info: DataInfo) -> None:

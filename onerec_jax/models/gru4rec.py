@@ -16,6 +16,7 @@ import ml_collections
 from onerec_jax.models import layers
 from onerec_jax.models.base import DataInfo, ScoringModel
 from onerec_jax.models.precision import compute_dtype
+from onerec_jax.models.registry import ModelSpec, register
 
 # The recurrent weights are tiny next to the item table and are used at every time step, so
 # they stay replicated: sharding them would put collectives inside the sequential scan.
@@ -106,3 +107,11 @@ def build(config: ml_collections.ConfigDict, info: DataInfo) -> ScoringModel:
         dtype=compute_dtype(config.train.compute_dtype),
     )
     return ScoringModel(module, config, info)
+
+
+def config_defaults(c: ml_collections.ConfigDict) -> None:
+    """`:gru4rec`."""
+    c.model.num_layers = 1
+
+
+register(ModelSpec(name="gru4rec", build=build, variants={"gru4rec": config_defaults}))

@@ -21,7 +21,6 @@ tables so that they split evenly over the mesh's vocab axes, and then every row 
 full softmax go through parallel/vocab_parallel.py, which never gathers the table on one device.
 """
 
-import inspect
 import math
 
 import jax
@@ -416,36 +415,73 @@ def bce_one_negative(
 
 # ----------------------------------------------------------------------------- by name
 
-LOSSES = {
-    "full_softmax": full_softmax_xent,
-    "sampled_softmax": sampled_softmax_xent,
-    "bce": bce_one_negative,
-}
+
+def _full_softmax(cfg, hidden, table, targets, mask, rng, item_log_probs, vocab_size):
+    del rng, item_log_probs
+    return full_softmax_xent(
+        hidden,
+        table,
+        targets,
+        mask,
+        chunk_size=cfg.chunk_size,
+        label_smoothing=cfg.label_smoothing,
+        vocab_size=vocab_size,
+    )
 
 
-def compute_loss(
-    name: str,
+def _sampled_softmax(cfg, hidden, table, targets, mask, rng, item_log_probs, vocab_size):
+    pool = None
+    rng, pool_rng = jax.random.split(rng)
+    if cfg.hard_negatives > 0:
+        pool = jax.random.randint(pool_rng, (cfg.hard_pool_size,), 1, vocab_size or len(table))
+    return sampled_softmax_xent(
+        hidden,
+        table,
+        targets,
+        mask,
+        rng,
+        n_negatives=cfg.n_negatives,
+        sampler=cfg.sampler,
+        item_log_probs=item_log_probs if cfg.sampler == "popularity" or cfg.logq else None,
+        in_batch=cfg.in_batch,
+        in_batch_negatives=cfg.in_batch_negatives or None,
+        logq_correction=cfg.logq,
+        hard_negatives=cfg.hard_negatives,
+        hard_pool=pool,
+        vocab_size=vocab_size,
+    )
+
+
+def _bce(cfg, hidden, table, targets, mask, rng, item_log_probs, vocab_size):
+    del cfg, item_log_probs
+    return bce_one_negative(hidden, table, targets, mask, rng, vocab_size=vocab_size)
+
+
+# `config.loss.name` -> the loss with its options read from `config.loss`.
+LOSSES = {"full_softmax": _full_softmax, "sampled_softmax": _sampled_softmax, "bce": _bce}
+
+
+def next_item_loss(
+    cfg,
     hidden: jax.Array,
     table: jax.Array,
     targets: jax.Array,
     mask: jax.Array,
-    rng: jax.Array | None = None,
-    **options,
+    rng: jax.Array,
+    item_log_probs: jax.Array | None,
+    vocab_size: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Runs the loss `name` from LOSSES with its own options; rng only where it takes one.
+    """(loss_sum, count) of the loss `cfg.name` (config.loss) over flattened positions.
 
-    Raises ConfigError (a ValueError) for an unknown loss or an option the loss does not take.
+    `hidden` [..., D] and `targets`, `mask` [...] are flattened first. `item_log_probs` [V]:
+    log item frequencies (the popularity sampler and logQ). `vocab_size`: the table rows that
+    are items, when the table is padded to split evenly over the mesh
+    (parallel/vocab_parallel.py); default: all rows.
     """
-    if name not in LOSSES:
-        raise ConfigError(f"unknown loss {name!r}; valid losses: {', '.join(LOSSES)}")
-    fn = LOSSES[name]
-    params = inspect.signature(fn).parameters
-    accepted = [p.name for p in params.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
+    if cfg.name not in LOSSES:
         raise ConfigError(
-            f"loss {name!r} does not take option(s) {unknown}; it takes: {', '.join(accepted)}"
+            f"loss.name={cfg.name!r}: use 'full_softmax', 'sampled_softmax' or 'bce'."
         )
-    if "rng" in params:
-        return fn(hidden, table, targets, mask, rng, **options)
-    return fn(hidden, table, targets, mask, **options)
+    d = hidden.shape[-1]
+    hidden, targets, mask = hidden.reshape(-1, d), targets.reshape(-1), mask.reshape(-1)
+    return LOSSES[cfg.name](cfg, hidden, table, targets, mask, rng, item_log_probs, vocab_size)

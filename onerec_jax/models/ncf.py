@@ -31,6 +31,7 @@ import ml_collections
 from onerec_jax.errors import ConfigError
 from onerec_jax.models import losses
 from onerec_jax.models.base import DataInfo, ScoringModel, check_user_item
+from onerec_jax.models.registry import ModelSpec, register
 
 
 class NeuMF(nn.Module):
@@ -158,3 +159,16 @@ def build(config: ml_collections.ConfigDict, info: DataInfo) -> ScoringModel:
         towers=m.ncf_towers,
     )
     return NCF(module, config, info)
+
+
+def config_defaults(c: ml_collections.ConfigDict) -> None:
+    """`:ncf`."""
+    c.data.windows = "all"  # a user-item model: every training interaction is a pair
+    c.model.dim = 32
+    c.model.negatives_per_pair = 4  # the paper's best range is 3-6
+    c.model.l2 = 1e-3
+    c.optim.learning_rate = 1e-2  # as BPR: sparse user rows
+    c.eval.chunk_size = 2048  # each chunk holds [eval batch, chunk, mlp_layers[0]] floats
+
+
+register(ModelSpec(name="ncf", build=build, variants={"ncf": config_defaults}, reads_user_ids=True))

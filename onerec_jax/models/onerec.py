@@ -8,11 +8,8 @@ SwiGLU feed-forward and rotary or learned positions. The prediction layer scores
 item embeddings, so side features reach items with few interactions. An optional auxiliary loss
 reconstructs masked input items from the encoder (`model.aux_weight`, `model.aux_mask_prob`).
 
-`model.head="semantic_ids"` builds the other OneRec scheme instead: an encoder over the history's
-items (each the sum of its code embeddings, plus optional item-id and genre/year embeddings) and
-a decoder whose feed-forward layers are a sparse mixture of experts (`model.num_experts`,
-`experts_per_token`, `expert_capacity`), generating the next `model.session_items` items'
-semantic ids; it recommends by constrained beam search (models/generative.py, seq2seq.py).
+The other OneRec scheme, a semantic-id decoder recommending by beam search, is its own model:
+models/onerec_sid.py.
 """
 
 from __future__ import annotations
@@ -25,8 +22,10 @@ import numpy as np
 
 from onerec_jax.errors import ConfigError
 from onerec_jax.models import layers
-from onerec_jax.models.base import DataInfo, ScoringModel, next_item_loss
+from onerec_jax.models.base import DataInfo, ScoringModel
+from onerec_jax.models.losses import next_item_loss
 from onerec_jax.models.precision import compute_dtype
+from onerec_jax.models.registry import ModelSpec, register
 from onerec_jax.parallel import vocab_parallel
 
 
@@ -184,8 +183,6 @@ class OneRecItemModel(ScoringModel):
 
 def build(config: ml_collections.ConfigDict, info: DataInfo) -> ScoringModel:
     m = config.model
-    if m.head == "semantic_ids":
-        return build_semantic_id_decoder(config, info)
     if m.head != "items":
         raise ConfigError(f"model.head={m.head!r}: use 'items' or 'semantic_ids'.")
     features = set(m.side_features)
@@ -224,11 +221,30 @@ def build(config: ml_collections.ConfigDict, info: DataInfo) -> ScoringModel:
     return OneRecItemModel(module, config, info)
 
 
-def build_semantic_id_decoder(config: ml_collections.ConfigDict, info: DataInfo) -> ScoringModel:
-    """OneRec's encoder-decoder with a mixture-of-experts decoder over semantic ids."""
-    from onerec_jax.models import generative
+def config_defaults(c: ml_collections.ConfigDict) -> None:
+    """`:onerec`: the item head."""
+    c.model.num_heads = 2
+    c.model.mlp_dim = 2 * c.model.dim
+    # Every window, not only the latest: ml-latest-small validation NDCG@10 0.0851 against
+    # 0.0733 (seed 0; BENCHMARKS.md "What each difference did").
+    c.data.windows = "all"
 
-    return generative.build(
-        config, info, encoder_input="items", activation="swiglu",
-        item_ids=config.model.item_id_embedding, **generative.side_arrays(config, info),
-    )  # fmt: skip
+
+def with_semantic_id_features(c: ml_collections.ConfigDict) -> None:
+    """`:onerec_sidfeat`: the item head with semantic-id inputs."""
+    config_defaults(c)
+    c.model.side_features = (*c.model.side_features, "semantic_ids")
+
+
+def reads_semantic_ids(config: ml_collections.ConfigDict) -> bool:
+    return "semantic_ids" in tuple(config.model.side_features)
+
+
+register(
+    ModelSpec(
+        name="onerec",
+        build=build,
+        variants={"onerec": config_defaults, "onerec_sidfeat": with_semantic_id_features},
+        reads_semantic_ids=reads_semantic_ids,
+    )
+)

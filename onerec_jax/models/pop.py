@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from onerec_jax.models.base import DataInfo, ScoringModel
+from onerec_jax.models.registry import ModelSpec, register
 
 
 class Popularity(nn.Module):
@@ -55,3 +56,11 @@ class PopularityModel(ScoringModel):
 
 def build(config: ml_collections.ConfigDict, info: DataInfo) -> ScoringModel:
     return PopularityModel(Popularity(item_counts=np.asarray(info.item_counts)), config, info)
+
+
+def config_defaults(c: ml_collections.ConfigDict) -> None:
+    """`:pop`: nothing to learn: one no-op step, then validation and test."""
+    del c
+
+
+register(ModelSpec(name="pop", build=build, variants={"pop": config_defaults}))

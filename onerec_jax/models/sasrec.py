@@ -9,6 +9,7 @@ import ml_collections
 from onerec_jax.models import layers
 from onerec_jax.models.base import DataInfo, ScoringModel
 from onerec_jax.models.precision import compute_dtype
+from onerec_jax.models.registry import ModelSpec, register
 from onerec_jax.parallel import vocab_parallel
 
 
@@ -116,3 +117,11 @@ def build(config: ml_collections.ConfigDict, info: DataInfo) -> ScoringModel:
         dtype=compute_dtype(config.train.compute_dtype),
     )
     return ScoringModel(module, config, info)
+
+
+def config_defaults(c: ml_collections.ConfigDict) -> None:
+    """`:sasrec` (the default variant): the base config's model fields are SASRec's."""
+    del c
+
+
+register(ModelSpec(name="sasrec", build=build, variants={"sasrec": config_defaults}))

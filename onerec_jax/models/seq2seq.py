@@ -1,5 +1,5 @@
 """Encoder-decoder over semantic ids, shared by TIGER (models/tiger.py) and the OneRec
-semantic-id decoder (models/onerec.py, `model.head="semantic_ids"`).
+semantic-id decoder (models/onerec_sid.py).
 
 The encoder reads the user's history, either as code tokens (TIGER: each item spelled as its
 L+1 codes, optionally after a hashed user token) or as items (OneRec: each item embedded as the

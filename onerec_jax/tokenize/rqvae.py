@@ -129,7 +129,7 @@ class RQVAE(nn.Module):
         return self.decoder(through(z, quantized.zq)), quantized
 
 
-def build_model(cfg: ml_collections.ConfigDict, input_dim: int) -> RQVAE:
+def build_rqvae(cfg: ml_collections.ConfigDict, input_dim: int) -> RQVAE:
     """The RQ-VAE of a `tokenize` config section, for features of width input_dim."""
     if cfg.gradient not in GRADIENTS:
         raise ConfigError(f"tokenize.gradient={cfg.gradient!r}: use one of {GRADIENTS}.")
@@ -257,7 +257,7 @@ def _evaluate_all(model: RQVAE, params, xs) -> tuple[np.ndarray, float, np.ndarr
 def encode_rqvae(params, features, cfg_tokenize: ml_collections.ConfigDict) -> np.ndarray:
     """Codes [n, L] int32 of (new) items' features under trained params: nearest code per level."""
     x = check_points(features, 1)
-    model = build_model(cfg_tokenize, x.shape[1])
+    model = build_rqvae(cfg_tokenize, x.shape[1])
     return _evaluate_all(model, params, jnp.asarray(x))[0]
 
 
@@ -290,7 +290,7 @@ def train_rqvae(
     """
     cfg = cfg_tokenize
     x = check_points(features, int(cfg.codebook_size))
-    model = build_model(cfg, x.shape[1])
+    model = build_rqvae(cfg, x.shape[1])
     n, steps = x.shape[0], int(cfg.steps)
     batch_size = min(int(cfg.batch_size), n)
     tx, _ = make_optimizer(optimizer_config(cfg), steps)

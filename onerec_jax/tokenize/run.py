@@ -105,7 +105,7 @@ def encode(
             "residual_norms": np.asarray(out.residual_norms).tolist(),
             "final_loss": float(out.loss_history[-1]),
         }
-        model = rqvae.build_model(cfg, x.shape[1])
+        model = rqvae.build_rqvae(cfg, x.shape[1])
         latents = model.apply({"params": out.params}, x, method=rqvae.RQVAE.encode)
         codebooks = np.asarray(out.params["codebooks"])
         return _spread(out.codes, np.asarray(latents), codebooks, cfg, numbers), numbers

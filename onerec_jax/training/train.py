@@ -26,8 +26,8 @@ from jax.experimental import multihost_utils
 from onerec_jax.data import dataset, item_arrays, pipeline
 from onerec_jax.errors import ConfigError, UserError
 from onerec_jax.evaluation.evaluator import Evaluator
-from onerec_jax.models import optim
-from onerec_jax.models.base import DataInfo, build_model
+from onerec_jax.models import optim, registry
+from onerec_jax.models.base import DataInfo
 from onerec_jax.parallel import sharding
 from onerec_jax.tokenize.semantic_ids import load_semantic_ids
 from onerec_jax.training import checkpointing
@@ -91,7 +91,7 @@ def setup_model(config: ml_collections.ConfigDict, data, items):
     jax.set_mesh(mesh)
     nn.set_logical_axis_rules(rules)  # global, before any trace (JAX_GUIDE.md)
     info = data_info(data, items, c.data.max_len, c.model.semantic_ids)
-    return mesh, rules, info, build_model(c, info)
+    return mesh, rules, info, registry.build_model(c, info)
 
 
 def _init_batch(c: ml_collections.ConfigDict) -> dict[str, jax.Array]:
@@ -127,8 +127,9 @@ class Trainer:
         self.config, self.data = config, data
         c = config
         self.mesh, self.rules, self.info, self.model = setup_model(c, data, items)
-        self.generative = getattr(self.model, "generative", False)
-        self.per_target = self.generative and not c.model.encoder_causal
+        self.spec = registry.model_spec(c)
+        self.code_windows = self.spec.batches == registry.CODE_WINDOWS  # + the targets' codes
+        self.per_target = self.code_windows and not c.model.encoder_causal
         if self.per_target:  # a bidirectional encoder: one example per training target
             examples = pipeline.target_examples(
                 data, max_len=c.data.max_len, session_items=c.model.session_items
@@ -174,7 +175,7 @@ class Trainer:
 
     def batches(self, seed: int):
         c = self.config
-        if self.generative:
+        if self.code_windows:
             return pipeline.generative_train_dataset(
                 self.data,
                 self.info.semantic_ids.codes,
@@ -312,7 +313,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             "mask_history": bool(config.eval.mask_history),
             "max_len": config.data.max_len,
             **data.options,
-            "ranking": getattr(trainer.model, "ranking", "full"),
+            "ranking": trainer.model.ranking,
         },
         "best_step": best_step,
         "steps": step,

@@ -13,7 +13,7 @@ import pytest
 from onerec_jax.data.synthetic import (
     GENRES,
     SyntheticConfig,
-    build_model,
+    build_planted_model,
     generate_sequences,
     load_synthetic,
     main,
@@ -174,7 +174,7 @@ def _reference_probs(model, history):
 
 
 def test_oracle_matches_slow_reference():
-    model = build_model(SMALL)
+    model = build_planted_model(SMALL)
     # p(. | c) is Zipf: sums to 1 per cluster, ratio of ranks 1 and 2 is 2 ** 0.7.
     assert np.allclose(np.bincount(model.item_cluster, model.item_popularity), 1.0)
     top2 = np.sort(model.item_popularity[model.item_cluster == 0])[::-1][:2]
@@ -194,7 +194,7 @@ def test_oracle_matches_slow_reference():
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_oracle_ndcg_matches_brute_force(tied):
-    model = build_model(SMALL)
+    model = build_planted_model(SMALL)
     if tied:  # popularity on a coarse grid (never 0): many items tie with the target
         coarse = np.ceil(model.item_popularity * 50) / 50
         model = dataclasses.replace(model, item_popularity=coarse)
@@ -223,7 +223,7 @@ def test_generated_steps_follow_the_oracle():
     for the next items' counts; there, the raw rule (T * p, no renormalisation over unseen items)
     must fail the bound threefold, showing the test tells the two rules apart.
     """
-    model = build_model(SMALL)
+    model = build_planted_model(SMALL)
     c_num, n_items = SMALL.n_clusters, SMALL.n_items
     observed, expected = np.zeros((c_num, c_num)), np.zeros((c_num, c_num))
     item_obs, item_exp, item_raw = np.zeros(n_items), np.zeros(n_items), np.zeros(n_items)

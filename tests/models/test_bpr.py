@@ -12,7 +12,8 @@ from onerec_jax.defaults import apply_variant, base_config
 from onerec_jax.errors import ConfigError
 from onerec_jax.evaluation import ranking
 from onerec_jax.models import losses
-from onerec_jax.models.base import DataInfo, build_model
+from onerec_jax.models.base import DataInfo
+from onerec_jax.models.registry import build_model
 from onerec_jax.training import train
 
 V, N_USERS, D = 12, 5, 4

@@ -13,7 +13,8 @@ import pytest
 from onerec_jax import modes
 from onerec_jax.data.pipeline import generative_train_dataset
 from onerec_jax.defaults import apply_variant, base_config
-from onerec_jax.models.base import DataInfo, build_model
+from onerec_jax.models.base import DataInfo
+from onerec_jax.models.registry import build_model
 from onerec_jax.models.seq2seq import level_columns
 from onerec_jax.recommend import Recommender
 from onerec_jax.tokenize.semantic_ids import random_codes

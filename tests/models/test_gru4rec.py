@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from onerec_jax.defaults import apply_variant, base_config
-from onerec_jax.models.base import DataInfo, build_model
+from onerec_jax.models.base import DataInfo
+from onerec_jax.models.registry import build_model
 from onerec_jax.training import train
 
 V, D = 13, 6

@@ -10,12 +10,13 @@ import optax
 import pytest
 from scipy import stats
 
+from onerec_jax.defaults import base_config
 from onerec_jax.errors import ConfigError
 from onerec_jax.models import losses
 from onerec_jax.models.losses import (
     bce_one_negative,
-    compute_loss,
     full_softmax_xent,
+    next_item_loss,
     pick_in_batch,
     sample_negatives,
     sampled_softmax_xent,
@@ -621,32 +622,45 @@ def test_negatives_avoiding_is_uniform_over_the_other_items():
 # ----------------------------------------------------------------------------- dispatch
 
 
-def test_compute_loss_dispatches_by_name():
+def _loss_config(**changes):
+    cfg = base_config().loss
+    cfg.update(changes)
+    return cfg
+
+
+def test_next_item_loss_dispatches_by_name():
     # Same computation, checked on the traced programs: no extra compiles.
-    args = (*_problem(seed=11), jax.random.key(0))
+    hidden, table, targets, mask = _problem(seed=11)
+    rng, log_probs = jax.random.key(0), jnp.zeros((V,), jnp.float32)
     assert set(losses.LOSSES) == {"full_softmax", "sampled_softmax", "bce"}
+
+    def sampled(h, t, y, m, r):  # the dispatcher keeps a split of rng for the hard-negative pool
+        r, _ = jax.random.split(r)
+        options = dict(n_negatives=4, item_log_probs=log_probs, in_batch_negatives=1024)
+        return sampled_softmax_xent(h, t, y, m, r, **options)
+
     cases = [
         ("full_softmax", dict(chunk_size=4), lambda *a: full_softmax_xent(*a[:4], chunk_size=4)),
         ("bce", {}, bce_one_negative),
-        (
-            "sampled_softmax",
-            dict(n_negatives=4),
-            lambda *a: sampled_softmax_xent(*a, n_negatives=4),
-        ),
+        ("sampled_softmax", dict(n_negatives=4), sampled),
     ]
+    args = (hidden, table, targets, mask, rng)
     for name, options, direct in cases:
-        by_name = functools.partial(compute_loss, name, **options)
+        cfg = _loss_config(name=name, **options)
+
+        def by_name(h, t, y, m, r, cfg=cfg):
+            return next_item_loss(cfg, h, t, y, m, r, log_probs)
+
         assert str(jax.make_jaxpr(by_name)(*args)) == str(jax.make_jaxpr(direct)(*args)), name
-    other = jax.make_jaxpr(functools.partial(compute_loss, "full_softmax", chunk_size=5))(*args)
+    other = _loss_config(name="full_softmax", chunk_size=5)
+    other = jax.make_jaxpr(lambda *a: next_item_loss(other, *a, log_probs))(*args)
     assert str(other) != str(jax.make_jaxpr(cases[0][2])(*args))  # the comparison can fail
 
 
-def test_compute_loss_rejects_unknown_names_and_options():
+def test_next_item_loss_rejects_unknown_names():
     hidden, table, targets, mask = _problem()
-    with pytest.raises(ValueError, match="unknown loss 'softmax'.*full_softmax.*bce"):
-        compute_loss("softmax", hidden, table, targets, mask)
-    with pytest.raises(ValueError, match=r"'bce' does not take option\(s\) \['n_negatives'\]"):
-        compute_loss("bce", hidden, table, targets, mask, jax.random.key(0), n_negatives=3)
+    with pytest.raises(ConfigError, match="loss.name='softmax': use 'full_softmax'.*'bce'"):
+        next_item_loss(_loss_config(name="softmax"), hidden, table, targets, mask, None, None)
     with pytest.raises(ConfigError, match="unknown negative sampler 'zipf'"):
         sample_negatives(jax.random.key(0), 3, V, sampler="zipf")
     with pytest.raises(ConfigError, match="popularity' needs item_log_probs"):

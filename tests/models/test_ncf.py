@@ -11,7 +11,8 @@ from test_pop import tiny_config
 from onerec_jax.defaults import apply_variant, base_config
 from onerec_jax.evaluation import ranking
 from onerec_jax.models import losses
-from onerec_jax.models.base import DataInfo, build_model
+from onerec_jax.models.base import DataInfo
+from onerec_jax.models.registry import build_model
 from onerec_jax.training import train
 
 V, N_USERS, D, LAYERS = 23, 6, 4, (6, 5, 3)

@@ -12,7 +12,8 @@ import pytest
 from onerec_jax.data import dataset
 from onerec_jax.defaults import apply_variant, base_config
 from onerec_jax.evaluation import ranking
-from onerec_jax.models.base import DataInfo, build_model
+from onerec_jax.models.base import DataInfo
+from onerec_jax.models.registry import build_model
 from onerec_jax.training import train
 
 _spec = importlib.util.spec_from_file_location(

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from onerec_jax.defaults import apply_variant, base_config
-from onerec_jax.models.base import DataInfo, build_model
+from onerec_jax.models.base import DataInfo
+from onerec_jax.models.registry import build_model
 
 V, D, H, EPS = 20, 8, 2, 1e-8
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from onerec_jax.defaults import apply_variant, base_config
-from onerec_jax.models.base import DataInfo, build_model
+from onerec_jax.models.base import DataInfo
+from onerec_jax.models.registry import build_model
 from onerec_jax.parallel import sharding, vocab_parallel
 
 N_ITEMS, B, L = 100, 4, 8

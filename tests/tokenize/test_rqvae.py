@@ -105,7 +105,7 @@ def test_dead_codes_restart_at_batch_residuals(data):
     x, _ = data
     cfg = small_config(steps=10, batch_size=64)
     window = 3
-    model = rqvae.build_model(cfg, x.shape[1])
+    model = rqvae.build_rqvae(cfg, x.shape[1])
     tx, _ = make_optimizer(rqvae.optimizer_config(cfg), 10)
     xs = jnp.asarray(x)
     state = rqvae.init_state(model, tx, xs, cfg, jax.random.PRNGKey(0))

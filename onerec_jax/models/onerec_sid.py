@@ -1,0 +1,55 @@
+"""OneRec, semantic-id decoder: generative retrieval with a mixture-of-experts decoder.
+
+An encoder over the history's items (each the sum of its code embeddings, plus optional item-id
+and genre/year embeddings) and a decoder whose feed-forward layers are a sparse mixture of
+experts (`model.num_experts`, `experts_per_token`, `expert_capacity`), generating the next
+`model.session_items` items' semantic ids; it recommends by constrained beam search
+(models/generative.py, models/seq2seq.py). OneRec's item head is models/onerec.py.
+
+Runs saved before this model had its own name say model.name "onerec" with model.head
+"semantic_ids"; such configs are read as this model (`legacy_config`).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from onerec_jax.models import generative
+from onerec_jax.models.base import DataInfo
+from onerec_jax.models.registry import CODE_WINDOWS, GENERATIVE, ModelSpec, register
+
+
+def build(config: ml_collections.ConfigDict, info: DataInfo) -> generative.GenerativeModel:
+    return generative.build(
+        config,
+        info,
+        encoder_input="items",
+        activation="swiglu",
+        item_ids=config.model.item_id_embedding,
+        **generative.side_arrays(config, info),
+    )
+
+
+def config_defaults(c: ml_collections.ConfigDict) -> None:
+    """`:onerec_sid`: items as code-embedding sums, a mixture-of-experts decoder."""
+    generative.config_defaults(c)
+    c.model.mlp_dim = 128
+    c.model.num_experts, c.model.experts_per_token = 4, 2
+
+
+def legacy_config(model: ml_collections.ConfigDict) -> bool:
+    """An old config of this model: name "onerec" with head "semantic_ids"."""
+    return model.get("name") == "onerec" and model.get("head") == "semantic_ids"
+
+
+register(
+    ModelSpec(
+        name="onerec_sid",
+        build=build,
+        kind=GENERATIVE,
+        batches=CODE_WINDOWS,
+        variants={"onerec_sid": config_defaults},
+        reads_semantic_ids=True,
+        legacy=legacy_config,
+    )
+)
