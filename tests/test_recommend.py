@@ -1,5 +1,6 @@
 """Recommendations from a tiny trained SASRec run: history assembly, exclusion, title lookup."""
 
+import dataclasses
 import json
 import shutil
 
@@ -119,11 +120,14 @@ def test_unknown_user_and_user_id_models(run, monkeypatch):
     for user in (999, "abc"):
         with pytest.raises(UserError, match=rf"user {user} is not among the 30 users .*1 to 30"):
             rec.recommend_for_user(user, k=5)
-    monkeypatch.setattr(rec.model, "needs_user_ids", True, raising=False)
+    assert not rec.needs_user_ids()  # SASRec's spec: a new user is served from their movies
+    monkeypatch.setattr(rec, "spec", dataclasses.replace(rec.spec, reads_user_ids=True))
     with pytest.raises(UserError, match="cannot serve a new user .* sequence model"):
         rec.recommend_for_items(["Toy Story"], k=5)
 
-    class ById:  # undeclared, but its user state reads batch["user"] (as BPR's does)
+    class ById:  # its user state reads batch["user"] (as BPR's does)
+        dot_product_scores = True
+
         def __init__(self, inner):
             self.inner = inner
             self.item_table = inner.item_table
@@ -133,6 +137,7 @@ def test_unknown_user_and_user_id_models(run, monkeypatch):
             return table[batch["user"] + 1]
 
     by_id = Recommender(ById(rec.model), rec.params, rec.data, None, rec.config)
+    by_id.spec = dataclasses.replace(by_id.spec, reads_user_ids=True)  # as it would declare
     assert by_id.needs_user_ids()
     with pytest.raises(UserError, match="cannot serve a new user"):
         by_id.recommend_for_items(["1"], k=5)
@@ -146,6 +151,8 @@ def test_model_score_chunk_hook_is_used(run):
     _, rec = run
 
     class Doubled:  # a model whose own scorer doubles the dot product
+        dot_product_scores = False
+
         def __init__(self, inner):
             self.inner = inner
 

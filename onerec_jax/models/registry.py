@@ -87,9 +87,10 @@ _loaded = False
 def register(spec: ModelSpec) -> ModelSpec:
     """Adds `spec` under its name and its variants' names; returns it. A name taken by another
     model raises ConfigError."""
-    taken = [n for n in (spec.name, *spec.variants) if n in _SPECS or n in _VARIANTS]
-    if spec.name in _SPECS and _SPECS[spec.name] is spec:
+    _load_models()  # the built-in names first, so that a clash is found here
+    if _SPECS.get(spec.name) is spec:
         return spec
+    taken = [n for n in (spec.name, *spec.variants) if n in _SPECS or n in _VARIANTS]
     if taken:
         raise ConfigError(f"model {spec.name!r}: the name(s) {taken} are already registered.")
     _SPECS[spec.name] = spec
@@ -103,11 +104,15 @@ def _load_models() -> None:
     global _loaded
     if _loaded:
         return
-    _loaded = True
+    _loaded = True  # before the imports: each model file's `register` calls back here
     package = importlib.import_module("onerec_jax.models")
-    for module in pkgutil.iter_modules(package.__path__):
-        if not module.name.startswith("_"):
-            importlib.import_module(f"onerec_jax.models.{module.name}")
+    try:
+        for module in pkgutil.iter_modules(package.__path__):
+            if not module.name.startswith("_"):
+                importlib.import_module(f"onerec_jax.models.{module.name}")
+    except BaseException:
+        _loaded = False  # a later lookup tries again and raises the same error
+        raise
 
 
 def names() -> list[str]:
