@@ -8,7 +8,7 @@ from pathlib import Path
 
 import ml_collections
 
-from onerec_jax.errors import UserError
+from onerec_jax.errors import ConfigError, UserError
 from onerec_jax.models import optim
 from onerec_jax.parallel.sharding import DEFAULT_RULES
 
@@ -274,7 +274,7 @@ def apply_variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collectio
         c.optim.learning_rate = 1e-2  # as BPR: sparse user rows
         c.eval.chunk_size = 2048  # each chunk holds [eval batch, chunk, mlp_layers[0]] floats
     else:
-        raise ValueError(
+        raise ConfigError(
             f"unknown config variant {arg!r}: use sasrec, onerec, gru4rec, bert4rec, pop, bpr, "
             f"ncf, tiger, onerec_sid, onerec_sidfeat, an ablation "
             f"onerec_<{'|'.join(ONEREC_ABLATIONS)}> or a generative study "

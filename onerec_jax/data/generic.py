@@ -135,12 +135,19 @@ def read_user_sequences(path: str | os.PathLike, encoding: str = "utf8") -> RawD
     p = Path(path)
     if not p.is_file():
         raise DataFormatError(f"{p}: file not found. Check --config.data.path.")
-    table = pcsv.read_csv(
-        p,
-        pcsv.ReadOptions(column_names=["line"], encoding=encoding, block_size=1 << 24),
-        pcsv.ParseOptions(delimiter="\x1f", quote_char=False, newlines_in_values=False),
-        pcsv.ConvertOptions(column_types={"line": pa.string()}, strings_can_be_null=False),
-    )
+    try:
+        table = pcsv.read_csv(
+            p,
+            pcsv.ReadOptions(column_names=["line"], encoding=encoding, block_size=1 << 24),
+            pcsv.ParseOptions(delimiter="\x1f", quote_char=False, newlines_in_values=False),
+            pcsv.ConvertOptions(column_types={"line": pa.string()}, strings_can_be_null=False),
+        )
+    except (pa.ArrowInvalid, UnicodeDecodeError) as e:
+        problem = ": ".join(str(e).splitlines()[0].split(": ")[:2])  # not the garbled row
+        raise DataFormatError(
+            f"{p}: not {encoding} text of 'user item item ...' lines ({problem}). Check "
+            "--config.data.path, data.format and data.encoding."
+        ) from None
     tokens = pc.utf8_split_whitespace(table.column("line")).combine_chunks()
     lengths = pc.list_value_length(tokens).to_numpy(zero_copy_only=False)
     if (short := np.flatnonzero(lengths == 1)).size:

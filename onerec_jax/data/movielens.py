@@ -310,14 +310,47 @@ def read_dataset(
     )
 
 
+LAYOUTS = (
+    "expected one of: a folder with ratings.csv (movielens_csv), ratings.dat (movielens_dat), "
+    "u.data (movielens_100k) or NAME.inter (recbole); a RecBole NAME.inter file; a text file of "
+    "'user item item ...' lines (user_sequence)"
+)
+_CONTROL_BYTES = bytes(range(9)) + bytes(range(14, 32))  # no text file holds these
+
+
+def _sniff_file(p: Path) -> str:
+    """`auto` for a single file: RecBole by its suffix, user_sequence when the first line reads
+    as integer ids; DataFormatError naming what the file looks like otherwise."""
+    if p.suffix == ".inter":
+        return "recbole"
+    with open(p, "rb") as f:
+        head = f.read(1 << 16)
+    fix = (
+        f"point --config.data.path at your data ({LAYOUTS}), or set data.format to one of "
+        f"{FORMATS}."
+    )
+    if any(b in _CONTROL_BYTES for b in head):
+        raise DataFormatError(f"{p}: a binary file, not text of ratings or sequences; {fix}")
+    first = next((line for line in head.decode("latin-1").splitlines() if line.strip()), "")
+    if first.strip().lower().startswith(("userid,", "user_id,", "user,")):
+        raise DataFormatError(
+            f"{p}: a CSV of ratings given as a file ({first[:80]!r}); MovieLens layouts are read "
+            f"from their folder: point --config.data.path at the folder holding ratings.csv."
+        )
+    if not all(token.isdigit() for token in first.split()):
+        raise DataFormatError(
+            f"{p}, line 1: {first[:80]!r} is not 'user item item ...' with integer ids "
+            f"(data.format=user_sequence also reads string ids); {fix}"
+        )
+    return "user_sequence"
+
+
 def detect_format(p: Path) -> str:
     """The layout of `p`, from the files present; DataFormatError if none matches."""
     if not p.exists():
         raise DataFormatError(f"{p}: no such file or directory. Check --config.data.path.")
     if p.is_file():
-        if p.suffix == ".inter":
-            return "recbole"
-        return "user_sequence"
+        return _sniff_file(p)
     if (p / "ratings.csv").is_file():
         return "movielens_csv"
     if (p / "ratings.dat").is_file():
@@ -327,6 +360,6 @@ def detect_format(p: Path) -> str:
     if list(p.glob("*.inter")):
         return "recbole"
     raise DataFormatError(
-        f"{p}: unknown layout (no ratings.csv, ratings.dat, u.data or *.inter). Point "
+        f"{p}: unknown layout (no ratings.csv, ratings.dat, u.data or *.inter); {LAYOUTS}. Point "
         f"--config.data.path at the extracted release, or set data.format to one of {FORMATS}."
     )
