@@ -331,7 +331,8 @@ def _sniff_file(p: Path) -> str:
     )
     if any(b in _CONTROL_BYTES for b in head):
         raise DataFormatError(f"{p}: a binary file, not text of ratings or sequences; {fix}")
-    first = next((line for line in head.decode("latin-1").splitlines() if line.strip()), "")
+    lines = head.decode("latin-1").splitlines()
+    line_no, first = next(((i, line) for i, line in enumerate(lines, 1) if line.strip()), (1, ""))
     if first.strip().lower().startswith(("userid,", "user_id,", "user,")):
         raise DataFormatError(
             f"{p}: a CSV of ratings given as a file ({first[:80]!r}); MovieLens layouts are read "
@@ -339,7 +340,7 @@ def _sniff_file(p: Path) -> str:
         )
     if not all(token.isdigit() for token in first.split()):
         raise DataFormatError(
-            f"{p}, line 1: {first[:80]!r} is not 'user item item ...' with integer ids "
+            f"{p}, line {line_no}: {first[:80]!r} is not 'user item item ...' with integer ids "
             f"(data.format=user_sequence also reads string ids); {fix}"
         )
     return "user_sequence"

@@ -267,7 +267,7 @@ def test_genome_with_a_missing_score_is_an_error(ml25m_dir):
     [
         ("g.bin", bytes(range(256)) * 4, "auto", r"g.bin: a binary file"),
         ("g.bin", b"1 2 3\n\xff\xfe\x00\x1f\n", "user_sequence", r"g.bin: not utf8 text"),
-        ("notes.txt", b"\nhello world\n", "auto", r"notes.txt, line 1: 'hello world' is not"),
+        ("notes.txt", b"\nhello world\n", "auto", r"notes.txt, line 2: 'hello world' is not"),
         ("r.csv", b"userId,movieId,rating,timestamp\n", "auto", r"r.csv: a CSV of ratings"),
     ],
 )
