@@ -436,6 +436,12 @@ def make_ranker_with(
     return jax.jit(sharded, out_shardings=(rows, rows2d, rows2d))
 
 
+def history_width(longest: int) -> int:
+    """The width a batch of seen-item histories is padded to: the next power of two >= `longest`
+    (>= 1), so few distinct shapes reach jit and few recompilations happen."""
+    return 1 << max(longest - 1, 0).bit_length()
+
+
 def history_batch(
     data: SequenceData, split_name: str, users: np.ndarray, width: int | None = None
 ) -> np.ndarray:
@@ -453,7 +459,7 @@ def history_batch(
     lengths = split.ends[users] - starts  # [B]
     longest = int(lengths.max()) if len(users) else 0
     if width is None:
-        width = 1 << max(longest - 1, 0).bit_length()  # next power of two >= longest, >= 1
+        width = history_width(longest)
     elif longest > width:
         raise ValueError(
             f"history width {width} is shorter than a prefix of {longest} items in this batch: "
