@@ -20,8 +20,13 @@ from onerec_jax.data.synthetic_world import (
 from onerec_jax.errors import ConfigError
 
 FILES = (
-    "ratings.csv", "movies.csv", "tags.csv", "links.csv", "genome-tags.csv", "genome-scores.csv",
-)  # fmt: skip
+    "ratings.csv",
+    "movies.csv",
+    "tags.csv",
+    "links.csv",
+    "genome-tags.csv",
+    "genome-scores.csv",
+)
 _T_START, _T_END = 789_652_009, 1_574_327_703  # ML-25M's first and last rating time, seconds
 
 

@@ -27,7 +27,7 @@ GENRES = (
     "Action", "Adventure", "Animation", "Children", "Comedy", "Crime", "Documentary", "Drama",
     "Fantasy", "Film-Noir", "Horror", "IMAX", "Musical", "Mystery", "Romance", "Sci-Fi",
     "Thriller", "War", "Western",
-)  # fmt: skip
+)  # one word per line would take 19 lines  # fmt: skip
 _MAX_MOVIE_ID_RATIO = 209_171 / 62_423  # ML-25M's largest movieId over its number of movies
 _CHUNK_USERS = 16_384  # users generated together; bounds the seen-bitmap memory
 _ITEM_ROUNDS = 2  # full (cluster, item) rejection rounds before the exact cluster draw
@@ -92,19 +92,33 @@ class SyntheticConfig:
     def ml25m(cls, seed: int = 0) -> SyntheticConfig:
         """ML-25M's exact sizes: 25,000,095 ratings, 162,541 users, 59,047 rated movies."""
         return cls(
-            n_users=162_541, n_items=59_047, n_ratings=25_000_095, n_movies=62_423,
-            n_clusters=20, n_genome_items=13_816, n_genome_tags=1_128, n_tags_rows=1_093_360,
+            n_users=162_541,
+            n_items=59_047,
+            n_ratings=25_000_095,
+            n_movies=62_423,
+            n_clusters=20,
+            n_genome_items=13_816,
+            n_genome_tags=1_128,
+            n_tags_rows=1_093_360,
             seed=seed,
-        )  # fmt: skip
+        )
 
     @classmethod
     def demo(cls, seed: int = 0) -> SyntheticConfig:
         """A small dataset (2,000 users, 1,000 items, 60,000 ratings) for tests and demos."""
         return cls(
-            n_users=2_000, n_items=1_000, n_ratings=60_000, n_movies=1_060, n_clusters=8,
-            n_genome_items=400, n_genome_tags=64, n_tags_rows=2_000, seed=seed,
-            max_user_ratings=500, zipf_exponent=0.7,  # flatter: every item must get a rating
-        )  # fmt: skip
+            n_users=2_000,
+            n_items=1_000,
+            n_ratings=60_000,
+            n_movies=1_060,
+            n_clusters=8,
+            n_genome_items=400,
+            n_genome_tags=64,
+            n_tags_rows=2_000,
+            seed=seed,
+            max_user_ratings=500,
+            zipf_exponent=0.7,  # flatter: every item must get a rating
+        )
 
 
 def stream_rng(config: SyntheticConfig, stream: int) -> np.random.Generator:
@@ -253,12 +267,20 @@ def build_model(config: SyntheticConfig, path: str | None = None) -> Synthetic:
     own = tag_cluster[None, :] == np.arange(c_num)[:, None]
     centroids[own] = rng.uniform(0.6, 0.95, own.sum())
     return Synthetic(
-        config=config, item_movie_ids=movie_ids[rated], item_cluster=item_cluster,
-        item_popularity=pop, transition=transition, start=start, movie_ids=movie_ids,
-        movie_cluster=movie_cluster, cluster_genres=cluster_genres,
-        genome_tags=_tag_words(rng, config.n_genome_tags), tag_cluster=tag_cluster,
-        genome_centroids=centroids, path=path,
-    )  # fmt: skip
+        config=config,
+        item_movie_ids=movie_ids[rated],
+        item_cluster=item_cluster,
+        item_popularity=pop,
+        transition=transition,
+        start=start,
+        movie_ids=movie_ids,
+        movie_cluster=movie_cluster,
+        cluster_genres=cluster_genres,
+        genome_tags=_tag_words(rng, config.n_genome_tags),
+        tag_cluster=tag_cluster,
+        genome_centroids=centroids,
+        path=path,
+    )
 
 
 def _tag_words(rng: np.random.Generator, n: int) -> tuple[str, ...]:

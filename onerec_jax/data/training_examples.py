@@ -141,8 +141,9 @@ def target_rows(
     """One example per target: the history and one target position (P = 1)."""
     lo, length = examples.lo[ids], examples.length[ids]
     inputs, _ = left_padded(items, lo, length, width)
-    nxt = _next_items(items, (lo + length)[:, None], examples.n_targets[ids][:, None], codes,
-                      session_items)  # fmt: skip
+    nxt = _next_items(
+        items, (lo + length)[:, None], examples.n_targets[ids][:, None], codes, session_items
+    )
     return {"inputs": inputs, "user": examples.user[ids], **nxt}
 
 
