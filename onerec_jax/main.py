@@ -161,6 +161,8 @@ def parse_flags(argv: list[str]) -> list[str]:
         print("Pass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
         sys.exit(1)
     except (KeyError, AttributeError) as e:  # config_flags: an override naming no field
+        if not any(a.startswith("--config.") for a in argv):
+            raise
         detail = e
         while isinstance(detail, BaseException) and detail.args:
             detail = detail.args[0]  # ConfigDict wraps a KeyError whose message is the key
@@ -169,9 +171,14 @@ def parse_flags(argv: list[str]) -> list[str]:
         named = [a.split("=")[0] for a in argv if a.startswith("--config.") and key in a]
         hint = hint or "Check the spelling against onerec_jax/defaults.py."
         _exit_with(f"{named[0] if named else '--config'}: the config has no field {key!r}. {hint}")
-    if flags.FLAGS["config"].present and not isinstance(_CONFIG.value, ml_collections.ConfigDict):
-        path = flags.FLAGS["config"].config_filename.split(":")[0]  # config_flags defers this one
-        _exit_with(f"--config={path}: no such config file. Use one of configs/*.py.")
+    config = _CONFIG.value
+    if flags.FLAGS["config"].present and not isinstance(config, ml_collections.ConfigDict):
+        # config_flags defers an OSError while loading the file until the config is read.
+        path = flags.FLAGS["config"].config_filename.split(":")[0]
+        if not Path(path).is_file():
+            _exit_with(f"--config={path}: no such config file. Use one of configs/*.py.")
+        problem = str(config.__dict__.get("_error", "")).strip().splitlines()[-1:]
+        _exit_with(f"--config={path}: could not be loaded ({' '.join(problem).strip()}).")
     return args
 
 
