@@ -8,7 +8,7 @@ from pathlib import Path
 
 import ml_collections
 
-from onerec_jax.errors import UserError
+from onerec_jax.errors import ConfigError, UserError
 from onerec_jax.models import optim, registry
 from onerec_jax.parallel.sharding import DEFAULT_RULES
 
@@ -231,7 +231,7 @@ def apply_variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collectio
     if found is None:
         studies = [f"{v}_<...>" for v in _generative_variants()]
         studies[0] = studies[0].replace("...", "|".join(GENERATIVE_ABLATIONS))
-        raise ValueError(
+        raise ConfigError(
             f"unknown config variant {arg!r}: use {', '.join(registry.variant_names())}, an "
             f"ablation onerec_<{'|'.join(ONEREC_ABLATIONS)}> or a generative study "
             f"{' / '.join(studies)}"

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -131,6 +132,56 @@ def _join_processes(mode: str) -> bool:
     return index == 0
 
 
+def _exit_with(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _innermost_user_error(e: BaseException) -> UserError | None:
+    """The deepest UserError in `e`'s chain: config_flags re-raises the config file's error with
+    the traceback in its message, and absl recasts that as a flag error."""
+    found = None
+    while e is not None:
+        if isinstance(e, UserError):
+            found = e
+        e = e.__cause__ or e.__context__
+    return found
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with the mistakes a user makes in --config as one line: an unknown
+    `:variant` (the config file raises a ConfigError), a missing file, an unknown field."""
+    try:
+        args = flags.FLAGS(argv)
+    except flags.Error as e:
+        user_error = _innermost_user_error(e)
+        if user_error is not None:
+            _exit_with(f"--config: {user_error}")
+        print(f"FATAL Flags parsing error: {e}", file=sys.stderr)
+        print("Pass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
+        sys.exit(1)
+    except (KeyError, AttributeError) as e:  # config_flags: an override naming no field
+        if not any(a.startswith("--config.") for a in argv):
+            raise
+        detail = e
+        while isinstance(detail, BaseException) and detail.args:
+            detail = detail.args[0]  # ConfigDict wraps a KeyError whose message is the key
+        key, _, hint = str(detail).partition("\n")
+        key = key.strip("'\"")
+        named = [a.split("=")[0] for a in argv if a.startswith("--config.") and key in a]
+        hint = hint or "Check the spelling against onerec_jax/defaults.py."
+        _exit_with(f"{named[0] if named else '--config'}: the config has no field {key!r}. {hint}")
+    config = _CONFIG.value
+    if flags.FLAGS["config"].present and not isinstance(config, ml_collections.ConfigDict):
+        # config_flags defers an OSError while loading the file until the config is read.
+        path = flags.FLAGS["config"].config_filename.split(":")[0]
+        if not Path(path).is_file():
+            _exit_with(f"--config={path}: no such config file. Use one of configs/*.py.")
+        problem = str(config.__dict__.get("_error", "")).strip().splitlines()[-1:]
+        _exit_with(f"--config={path}: could not be loaded ({' '.join(problem).strip()}).")
+    return args
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -189,4 +240,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

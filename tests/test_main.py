@@ -64,3 +64,63 @@ def test_user_errors_are_one_line(tmp_path, ml_dir, extra, message):
     out = _run(*args, *extra, cwd=REPO)
     assert out.returncode == 1
     assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def _assert_one_line_error(out, *fragments):
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, out.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], out.stderr
+
+
+def _bad_path(tmp_path, kind):
+    if kind == "binary":
+        (tmp_path / "garbage.bin").write_bytes(bytes(range(256)) * 12)
+        return tmp_path / "garbage.bin"
+    if kind == "prose":
+        (tmp_path / "notes.txt").write_text("hello world\nthis is not ratings\n")
+        return tmp_path / "notes.txt"
+    (tmp_path / "empty").mkdir()
+    return tmp_path / "empty"
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("binary", "garbage.bin: a binary file"),
+        ("prose", "notes.txt, line 1: 'hello world' is not 'user item item ...'"),
+        ("folder", "empty: unknown layout"),
+    ],
+)
+def test_unreadable_data_path_is_one_line_naming_the_layouts(tmp_path, kind, message):
+    path = _bad_path(tmp_path, kind)
+    args = ["--config", "configs/custom.py", "--mode", "prepare", f"--workdir={tmp_path / 'wd'}"]
+    out = _run(*args, f"--config.data.path={path}", f"--config.data.root={tmp_path}", cwd=REPO)
+    _assert_one_line_error(out, message, "a folder with ratings.csv (movielens_csv)", "data.format")
+
+
+@pytest.mark.parametrize("with_config_json", [False, True])
+def test_eval_without_checkpoints_is_one_line(tmp_path, ml_dir, with_config_json):
+    workdir = tmp_path / "wd"
+    workdir.mkdir()
+    if with_config_json:
+        (workdir / "config.json").write_text("{}")
+    args = ["--config", "configs/custom.py", "--mode", "eval", f"--workdir={workdir}"]
+    data = [f"--config.data.path={ml_dir}", f"--config.data.root={tmp_path}"]
+    out = _run(*args, *data, "--config.data.min_user_interactions=4", cwd=REPO)
+    _assert_one_line_error(out, "checkpoints: no checkpoint. Train first (--mode train).")
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ("configs/ml_latest_small.py:nosuch", "--config: unknown config variant 'nosuch': use"),
+        ("configs/nosuch.py", "--config=configs/nosuch.py: no such config file"),
+        ("configs/demo.py --config.model.dimm=3", "--config.model.dimm: the config has no field"),
+    ],
+)
+def test_config_mistakes_are_one_line(tmp_path, config, message):
+    out = _run("--config", *config.split(), "--mode", "prepare", f"--workdir={tmp_path}", cwd=REPO)
+    _assert_one_line_error(out, message)

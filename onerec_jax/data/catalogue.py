@@ -132,8 +132,9 @@ class Catalogue:
                 raise UserError(f"no movie {q!r}; with that title: {found}.")
             rows = dated
         if len({int(self.items.years[r]) for r in rows}) > 1:
-            found = "; ".join(f"{self._row_label(r)} [movieId {self.items.item_ids[r]}]"
-                              for r in rows)  # fmt: skip
+            found = "; ".join(
+                f"{self._row_label(r)} [movieId {self.items.item_ids[r]}]" for r in rows
+            )
             raise UserError(f"{q!r} is ambiguous: {found}. Add the year or give the movieId.")
         trained = [d for r in rows if (d := self.dense_id(self.items.item_ids[r]))]
         if len(trained) > 1:  # the same title and year twice in movies.csv, both trained

@@ -92,8 +92,7 @@ def raw_block(
     collab_table: CollabTable | None = None,
 ) -> np.ndarray:
     """[n_items, k] float64 block `name` before standardisation, row i-1 = dense item i."""
-    builders = {"genres": _genres, "year": _year, "title": _title, "tags": _tags,
-                "genome": _genome}  # fmt: skip
+    builders = {"genres": _genres, "year": _year, "title": _title, "tags": _tags, "genome": _genome}
     if name == "collab":
         return np.asarray(_collab(cfg, data, items, collab_table), np.float64)
     if name not in builders:
@@ -186,8 +185,14 @@ def _svd(tfidf: sparse.csr_matrix, dim: int, name: str) -> np.ndarray:
     n_docs, n_terms = tfidf.shape
     k = min(int(dim), n_docs, n_terms)
     if k < dim:
-        logging.warning("features block %r: %d items x %d terms, so %d SVD components instead "
-                        "of %d", name, n_docs, n_terms, k, dim)  # fmt: skip
+        logging.warning(
+            "features block %r: %d items x %d terms, so %d SVD components instead of %d",
+            name,
+            n_docs,
+            n_terms,
+            k,
+            dim,
+        )
     if n_terms < 2:  # TruncatedSVD needs two features; one column is its own projection
         return tfidf.toarray()
     svd = TruncatedSVD(n_components=k, random_state=_SVD_SEED)

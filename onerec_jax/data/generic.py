@@ -76,8 +76,14 @@ def read_recbole(path: str | os.PathLike, on_bad_rows: str = "error") -> RawData
                 f"{inter_path}, line 1: no {required!r} field in the header {names}. Rename "
                 f"the id columns to RecBole's defaults ({_USER}:token, {_ITEM}:token)."
             )
-    table, _ = read_table(inter_path, columns, delimiter="\t", quoting=False,
-                          on_bad_rows=on_bad_rows, header_fields=header)  # fmt: skip
+    table, _ = read_table(
+        inter_path,
+        columns,
+        delimiter="\t",
+        quoting=False,
+        on_bad_rows=on_bad_rows,
+        header_fields=header,
+    )
     users, user_vocab = _codes(table.column(_USER))
     items, item_vocab = _codes(table.column(_ITEM))
     n = table.num_rows
@@ -91,8 +97,15 @@ def read_recbole(path: str | os.PathLike, on_bad_rows: str = "error") -> RawData
         )
     else:
         ts = np.arange(n, dtype=np.int64)
-    inter = Interactions(users, items, ratings.astype(np.float32), ts.astype(np.int64),
-                         (os.fspath(inter_path),), user_vocab, item_vocab)  # fmt: skip
+    inter = Interactions(
+        users,
+        items,
+        ratings.astype(np.float32),
+        ts.astype(np.int64),
+        (os.fspath(inter_path),),
+        user_vocab,
+        item_vocab,
+    )
     return RawDataset(inter, _recbole_items(item_path, item_vocab, on_bad_rows))
 
 
@@ -104,8 +117,9 @@ def _recbole_items(path: Path | None, item_vocab, on_bad_rows: str) -> ItemInfo:
     names = [n for n, _ in columns]
     if _ITEM not in names:
         raise DataFormatError(f"{path}, line 1: no {_ITEM!r} field in the header {names}.")
-    table, _ = read_table(path, columns, delimiter="\t", quoting=False,
-                          on_bad_rows=on_bad_rows, header_fields=header)  # fmt: skip
+    table, _ = read_table(
+        path, columns, delimiter="\t", quoting=False, on_bad_rows=on_bad_rows, header_fields=header
+    )
     raw_ids, vocab = _codes(table.column(_ITEM))
     ids = raw_ids if vocab is None else vocab[raw_ids]
     if item_vocab is None and vocab is not None:
@@ -122,8 +136,9 @@ def _recbole_items(path: Path | None, item_vocab, on_bad_rows: str) -> ItemInfo:
         years = [y for _, y in split]
     years = [int(float(y)) if str(y).strip().replace(".", "", 1).isdigit() else 0 for y in years]
     genres = [tuple(str(g).split()) for g in genres] if genres else [()] * n
-    return ItemInfo(ids, [t for t, _ in split], np.asarray(years, np.int32), genres,
-                    [{} for _ in range(n)])  # fmt: skip
+    return ItemInfo(
+        ids, [t for t, _ in split], np.asarray(years, np.int32), genres, [{} for _ in range(n)]
+    )
 
 
 def read_user_sequences(path: str | os.PathLike, encoding: str = "utf8") -> RawDataset:
@@ -135,12 +150,19 @@ def read_user_sequences(path: str | os.PathLike, encoding: str = "utf8") -> RawD
     p = Path(path)
     if not p.is_file():
         raise DataFormatError(f"{p}: file not found. Check --config.data.path.")
-    table = pcsv.read_csv(
-        p,
-        pcsv.ReadOptions(column_names=["line"], encoding=encoding, block_size=1 << 24),
-        pcsv.ParseOptions(delimiter="\x1f", quote_char=False, newlines_in_values=False),
-        pcsv.ConvertOptions(column_types={"line": pa.string()}, strings_can_be_null=False),
-    )
+    try:
+        table = pcsv.read_csv(
+            p,
+            pcsv.ReadOptions(column_names=["line"], encoding=encoding, block_size=1 << 24),
+            pcsv.ParseOptions(delimiter="\x1f", quote_char=False, newlines_in_values=False),
+            pcsv.ConvertOptions(column_types={"line": pa.string()}, strings_can_be_null=False),
+        )
+    except (pa.ArrowInvalid, UnicodeDecodeError) as e:
+        problem = ": ".join(str(e).splitlines()[0].split(": ")[:2])  # not the garbled row
+        raise DataFormatError(
+            f"{p}: not {encoding} text of 'user item item ...' lines ({problem}). Check "
+            "--config.data.path, data.format and data.encoding."
+        ) from None
     tokens = pc.utf8_split_whitespace(table.column("line")).combine_chunks()
     lengths = pc.list_value_length(tokens).to_numpy(zero_copy_only=False)
     if (short := np.flatnonzero(lengths == 1)).size:
@@ -156,9 +178,17 @@ def read_user_sequences(path: str | os.PathLike, encoding: str = "utf8") -> RawD
     item_codes, item_vocab = _codes(pa.chunked_array([flat.filter(pa.array(~is_user))]))
     users = np.repeat(user_tokens, lengths[lengths > 0] - 1)
     n = len(item_codes)
-    inter = Interactions(users, item_codes, np.ones(n, np.float32), np.arange(n, dtype=np.int64),
-                         (os.fspath(p),), user_vocab, item_vocab)  # fmt: skip
+    inter = Interactions(
+        users,
+        item_codes,
+        np.ones(n, np.float32),
+        np.arange(n, dtype=np.int64),
+        (os.fspath(p),),
+        user_vocab,
+        item_vocab,
+    )
     ids = np.unique(item_codes) if item_vocab is None else item_vocab
-    empty = ItemInfo(ids, [""] * len(ids), np.zeros(len(ids), np.int32), [()] * len(ids),
-                     [{} for _ in ids])  # fmt: skip
+    empty = ItemInfo(
+        ids, [""] * len(ids), np.zeros(len(ids), np.int32), [()] * len(ids), [{} for _ in ids]
+    )
     return RawDataset(inter, empty)

@@ -26,10 +26,10 @@ from onerec_jax.errors import DataFormatError
 
 FORMATS = ("movielens_csv", "movielens_dat", "movielens_100k", "recbole", "user_sequence")
 ML100K_GENRES = (
-    "unknown", "Action", "Adventure", "Animation", "Children", "Comedy", "Crime",
-    "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
-    "Romance", "Sci-Fi", "Thriller", "War", "Western",
-)  # fmt: skip
+    "unknown", "Action", "Adventure", "Animation", "Children", "Comedy", "Crime", "Documentary",
+    "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",
+    "Thriller", "War", "Western",
+)  # one word per line would take 19 lines  # fmt: skip
 
 
 def _item_table(ids, raw_titles, genres, tags=None, years=None, **genome) -> ItemInfo:
@@ -45,8 +45,12 @@ def _interactions(table, files, *, user="user", item="item", rating="rating", ts
     soon as it is copied, so peak memory stays near one copy of the data (ML-25M scale)."""
     n = table.num_rows
     out = {}
-    fields = (("users", user, np.int64), ("items", item, np.int64),
-              ("ratings", rating, np.float32), ("timestamps", ts, np.int64))  # fmt: skip
+    fields = (
+        ("users", user, np.int64),
+        ("items", item, np.int64),
+        ("ratings", rating, np.float32),
+        ("timestamps", ts, np.int64),
+    )
     for field, column, dtype in fields:
         if column:
             out[field] = to_numpy(table.column(column), dtype)
@@ -77,8 +81,9 @@ def read_ratings_csv(path: str | os.PathLike, on_bad_rows: str = "error") -> Int
     """A MovieLens `ratings.csv` (userId,movieId,rating,timestamp) as Interactions."""
     columns = [("userId", "int"), ("movieId", "int"), ("rating", "float32"), ("timestamp", "int")]
     # The table is passed without a name so that _interactions can release it column by column.
-    return _interactions(read_table(path, columns, on_bad_rows=on_bad_rows)[0], [path],
-                         user="userId", item="movieId")  # fmt: skip
+    return _interactions(
+        read_table(path, columns, on_bad_rows=on_bad_rows)[0], [path], user="userId", item="movieId"
+    )
 
 
 def read_movielens_csv(
@@ -88,12 +93,15 @@ def read_movielens_csv(
     d = Path(path)
     inter = read_ratings_csv(d / "ratings.csv", on_bad_rows) if with_interactions else None
     movies, _ = read_table(
-        d / "movies.csv", [("movieId", "int"), ("title", "str"), ("genres", "str")],
+        d / "movies.csv",
+        [("movieId", "int"), ("title", "str"), ("genres", "str")],
         on_bad_rows=on_bad_rows,
-    )  # fmt: skip
+    )
     ids = to_numpy(movies.column("movieId"), np.int64)
-    genres = [() if g == "(no genres listed)" else tuple(g.split("|")) for g in
-              movies.column("genres").to_pylist()]  # fmt: skip
+    genres = [
+        () if g == "(no genres listed)" else tuple(g.split("|"))
+        for g in movies.column("genres").to_pylist()
+    ]
     tags = None
     if (d / "tags.csv").exists():
         t, _ = read_table(
@@ -134,8 +142,11 @@ def _read_genome(d: Path, on_bad_rows: str) -> dict:
             and np.all(np.diff(genome_ids) > 0)
         ):
             matrix = relevance.reshape(-1, n_tags)
-            return dict(genome=matrix, genome_item_ids=genome_ids,
-                        genome_tags=tuple(gtags.column("tag").to_pylist()))  # fmt: skip
+            return dict(
+                genome=matrix,
+                genome_item_ids=genome_ids,
+                genome_tags=tuple(gtags.column("tag").to_pylist()),
+            )
     col = lookup_rows(tag_ids, tag)
     if (col < 0).any():
         raise DataFormatError(
@@ -150,8 +161,11 @@ def _read_genome(d: Path, on_bad_rows: str) -> dict:
             f"{d / 'genome-scores.csv'}: {int(np.isnan(matrix).sum())} (movie, tag) relevance "
             "values are missing. The file looks truncated: re-extract the release."
         )
-    return dict(genome=matrix, genome_item_ids=genome_ids,
-                genome_tags=tuple(gtags.column("tag").to_pylist()))  # fmt: skip
+    return dict(
+        genome=matrix,
+        genome_item_ids=genome_ids,
+        genome_tags=tuple(gtags.column("tag").to_pylist()),
+    )
 
 
 def _read_dat_lines(path: Path, n_fields: int, encoding: str) -> list[list[str]]:
@@ -202,9 +216,13 @@ def read_movielens_dat(
         ratings, _ = read_table(
             d / "ratings.dat",
             [("user", "int"), ("item", "int"), ("rating", "float32"), ("timestamp", "int")],
-            delimiter="\x1f", header=False, quoting=False, encoding=encoding,
-            on_bad_rows=on_bad_rows, data=raw,
-        )  # fmt: skip
+            delimiter="\x1f",
+            header=False,
+            quoting=False,
+            encoding=encoding,
+            on_bad_rows=on_bad_rows,
+            data=raw,
+        )
         del raw
         inter = _interactions(ratings, [d / "ratings.dat"])
         del ratings
@@ -216,21 +234,23 @@ def read_movielens_dat(
         rows = _read_dat_lines(d / "tags.dat", 4, encoding)
         tag_items = [_int(d / "tags.dat", i + 1, r[1], "MovieID") for i, r in enumerate(rows)]
         tags = _aggregate_tags(
-            np.asarray(ids), np.asarray(tag_items, np.int64),
+            np.asarray(ids),
+            np.asarray(tag_items, np.int64),
             pa.chunked_array([pa.array([r[2] for r in rows], pa.string())]),
-        )  # fmt: skip
+        )
     users = None
     if (d / "users.dat").is_file():
         rows = _read_dat_lines(d / "users.dat", 5, encoding)
         cols = list(zip(*rows, strict=True)) if rows else [()] * 5
         users = {
-            "user": np.asarray([_int(d / "users.dat", i + 1, v, "UserID")
-                                for i, v in enumerate(cols[0])], np.int64),
+            "user": np.asarray(
+                [_int(d / "users.dat", i + 1, v, "UserID") for i, v in enumerate(cols[0])], np.int64
+            ),
             "gender": np.asarray(cols[1], str),
             "age": np.asarray([int(v) for v in cols[2]], np.int32),
             "occupation": np.asarray([int(v) for v in cols[3]], np.int32),
             "zip": np.asarray(cols[4], str),
-        }  # fmt: skip
+        }
     items = _item_table(ids, [r[1] for r in movies], genres, tags)
     return RawDataset(inter, items, users)
 
@@ -248,9 +268,12 @@ def read_movielens_100k(
         ratings, _ = read_table(
             d / "u.data",
             [("user", "int"), ("item", "int"), ("rating", "float32"), ("timestamp", "int")],
-            delimiter="\t", header=False, quoting=False, encoding=encoding,
+            delimiter="\t",
+            header=False,
+            quoting=False,
+            encoding=encoding,
             on_bad_rows=on_bad_rows,
-        )  # fmt: skip
+        )
         inter = _interactions(ratings, [d / "u.data"])
     if not (d / "u.item").is_file():
         raise DataFormatError(f"{d / 'u.item'}: file not found. Check --config.data.path.")
@@ -271,8 +294,13 @@ def read_movielens_100k(
             release = fields[2].rsplit("-", 1)[-1]
             titles.append(fields[1])
             years.append(year or (int(release) if release.isdigit() else 0))
-            genres.append(tuple(g for g, flag in zip(ML100K_GENRES, fields[5:], strict=True)
-                                if flag == "1" and g != "unknown"))  # fmt: skip
+            genres.append(
+                tuple(
+                    g
+                    for g, flag in zip(ML100K_GENRES, fields[5:], strict=True)
+                    if flag == "1" and g != "unknown"
+                )
+            )
     return RawDataset(inter, _item_table(ids, titles, genres, years=years))
 
 
@@ -310,14 +338,48 @@ def read_dataset(
     )
 
 
+LAYOUTS = (
+    "expected one of: a folder with ratings.csv (movielens_csv), ratings.dat (movielens_dat), "
+    "u.data (movielens_100k) or NAME.inter (recbole); a RecBole NAME.inter file; a text file of "
+    "'user item item ...' lines (user_sequence)"
+)
+_CONTROL_BYTES = bytes(range(9)) + bytes(range(14, 32))  # no text file holds these
+
+
+def _sniff_file(p: Path) -> str:
+    """`auto` for a single file: RecBole by its suffix, user_sequence when the first line reads
+    as integer ids; DataFormatError naming what the file looks like otherwise."""
+    if p.suffix == ".inter":
+        return "recbole"
+    with open(p, "rb") as f:
+        head = f.read(1 << 16)
+    fix = (
+        f"point --config.data.path at your data ({LAYOUTS}), or set data.format to one of "
+        f"{FORMATS}."
+    )
+    if any(b in _CONTROL_BYTES for b in head):
+        raise DataFormatError(f"{p}: a binary file, not text of ratings or sequences; {fix}")
+    lines = head.decode("latin-1").splitlines()
+    line_no, first = next(((i, line) for i, line in enumerate(lines, 1) if line.strip()), (1, ""))
+    if first.strip().lower().startswith(("userid,", "user_id,", "user,")):
+        raise DataFormatError(
+            f"{p}: a CSV of ratings given as a file ({first[:80]!r}); MovieLens layouts are read "
+            f"from their folder: point --config.data.path at the folder holding ratings.csv."
+        )
+    if not all(token.isdigit() for token in first.split()):
+        raise DataFormatError(
+            f"{p}, line {line_no}: {first[:80]!r} is not 'user item item ...' with integer ids "
+            f"(data.format=user_sequence also reads string ids); {fix}"
+        )
+    return "user_sequence"
+
+
 def detect_format(p: Path) -> str:
     """The layout of `p`, from the files present; DataFormatError if none matches."""
     if not p.exists():
         raise DataFormatError(f"{p}: no such file or directory. Check --config.data.path.")
     if p.is_file():
-        if p.suffix == ".inter":
-            return "recbole"
-        return "user_sequence"
+        return _sniff_file(p)
     if (p / "ratings.csv").is_file():
         return "movielens_csv"
     if (p / "ratings.dat").is_file():
@@ -327,6 +389,6 @@ def detect_format(p: Path) -> str:
     if list(p.glob("*.inter")):
         return "recbole"
     raise DataFormatError(
-        f"{p}: unknown layout (no ratings.csv, ratings.dat, u.data or *.inter). Point "
+        f"{p}: unknown layout (no ratings.csv, ratings.dat, u.data or *.inter); {LAYOUTS}. Point "
         f"--config.data.path at the extracted release, or set data.format to one of {FORMATS}."
     )

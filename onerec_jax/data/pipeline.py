@@ -1,88 +1,33 @@
-"""Grain input pipelines over `SequenceData`: next-item training windows and padded eval batches.
+"""Grain input pipelines over `SequenceData`: training batches of examples and padded eval batches.
 
-Training examples are windows of a user's training history: inputs `h[a:b]`, targets
-`h[a+1:b+1]`, left-padded with item 0. Generative models (models/tiger.py, the OneRec
-semantic-id decoder) read the same windows with the next M items' semantic-id codes at every
-slot, or one example per target position (`generative_train_dataset`).
-
-Window indices are computed once with numpy; examples are
-gathered lazily from the CSR arrays. Every pipeline cuts GLOBAL batches first and gives process
-`p` its share of each, so the union of the processes' g-th batches does not depend on the process
-count, and every process yields the same number of batches (no hangs in collectives).
+Training examples (next-item windows, per-target examples) and the rows they gather are
+data/training_examples.py; here they are shuffled per epoch, bucketed by length and batched.
+Every pipeline cuts GLOBAL batches first and gives process `p` its share of each, so the union of
+the processes' g-th batches does not depend on the process count, and every process yields the
+same number of batches (no hangs in collectives).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grain
 import jax
 import numpy as np
 
 from onerec_jax.data.sequences import SequenceData
+from onerec_jax.data.training_examples import (
+    TargetExamples,
+    Windows,
+    left_padded,
+    target_examples,
+    target_rows,
+    training_windows,
+    window_code_rows,
+    window_rows,
+)
 from onerec_jax.errors import ConfigError
-
-
-@dataclasses.dataclass(frozen=True)
-class Windows:
-    """Training windows: window `w` has inputs `items[lo:lo+n]`, targets `items[lo+1:lo+n+1]`."""
-
-    user: np.ndarray  # [n_windows] int32 dense user id
-    lo: np.ndarray  # [n_windows] int64 index into SequenceData.items of the first input
-    length: np.ndarray  # [n_windows] int64 number of (input, target) pairs, 1..max_len
-
-    def __len__(self) -> int:
-        return len(self.user)
-
-
-def training_windows(
-    data: SequenceData, *, max_len: int, stride: int | None = None, latest_only: bool = False
-) -> Windows:
-    """Next-item windows of every user's training history, user by user, latest window first.
-
-    With `m = n - 1` pairs in a history of `n` items, window `k` ends at `b_k = m - k*stride` and
-    starts at `a_k = max(0, b_k - max_len)`; windows are emitted until the first with `a_k == 0`,
-    or only window 0 (the last max_len + 1 items) with `latest_only`.
-    """
-    stride = max_len if stride is None else stride
-    if max_len < 1:
-        raise ConfigError(f"max_len must be >= 1, got {max_len}")
-    if not 1 <= stride <= max_len:
-        raise ConfigError(f"stride must be in 1..max_len={max_len} (or None), got {stride}")
-    split = data.train
-    pairs = np.maximum(split.lengths - 1, 0)  # [n_users] m
-    count = np.where(pairs > 0, 1 + -(-np.maximum(pairs - max_len, 0) // stride), 0)
-    if latest_only:
-        count = np.minimum(count, 1)
-    user = np.repeat(np.arange(data.n_users, dtype=np.int32), count)  # [n_windows]
-    first = np.cumsum(count) - count  # [n_users] position of each user's window 0
-    k = np.arange(len(user), dtype=np.int64) - np.repeat(first, count)
-    b = pairs[user] - k * stride
-    a = np.maximum(b - max_len, 0)
-    return Windows(user=user, lo=split.starts[user] + a, length=b - a)
-
-
-def _left_padded(
-    items: np.ndarray, lo: np.ndarray, length: np.ndarray, width: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Rows `items[lo[r]:lo[r]+length[r]]` right-aligned in zeros: ([rows, width] int32, valid)."""
-    offset = np.arange(width) - (width - length)[:, None]  # [rows, width], < 0 on padding
-    valid = offset >= 0
-    gathered = np.take(items, lo[:, None] + np.maximum(offset, 0), mode="clip")
-    return np.where(valid, gathered, 0).astype(np.int32), valid
-
-
-def _window_rows(
-    items: np.ndarray, windows: Windows, ids: np.ndarray, width: int
-) -> dict[str, np.ndarray]:
-    """The training rows of windows `ids`, left-padded to `width` (>= each window's length)."""
-    lo, length = windows.lo[ids], windows.length[ids]
-    inputs, mask = _left_padded(items, lo, length, width)
-    targets, _ = _left_padded(items, lo + 1, length, width)
-    # inputs, targets, mask: [rows, width]; user: [rows]
-    return {"inputs": inputs, "targets": targets, "mask": mask, "user": windows.user[ids]}
 
 
 def _bucket_widths(boundaries: Sequence[int], max_len: int) -> np.ndarray:
@@ -114,11 +59,10 @@ class _BucketBatches:
         rows: slice,
         seed: int,
         shuffle: bool,
-        rows_fn=None,
+        rows_fn: Callable[..., dict[str, np.ndarray]],
     ):
         self._items, self._windows, self._widths = items, windows, widths
-        # (items, windows, ids, width) -> batch dict; default: next-item windows
-        self._rows_fn = rows_fn or _window_rows
+        self._rows_fn = rows_fn  # (items, windows, ids, width) -> batch dict
         self._batch_size, self._rows, self._seed, self._shuffle = batch_size, rows, seed, shuffle
         bucket = np.searchsorted(widths, windows.length)  # [n_windows] first width >= length
         self._members = [np.flatnonzero(bucket == k) for k in range(len(widths))]
@@ -169,6 +113,59 @@ def _process_share(
     return index, count, batch_size // count
 
 
+def _training_dataset(
+    items: np.ndarray,
+    make_examples: Callable[[], tuple[Windows | TargetExamples, Callable[..., dict]]],
+    *,
+    noun: str,
+    max_len: int,
+    batch_size: int,
+    seed: int,
+    num_epochs: int | None,
+    shuffle: bool,
+    bucket_boundaries: Sequence[int] | None,
+    process_index: int | None,
+    process_count: int | None,
+    worker_count: int,
+) -> grain.IterDataset:
+    """What every training pipeline shares: the seed and batch size checked, then this process's
+    rows of global batches of the examples `make_examples()` gives (anything with `.length` and
+    `len`) with the function gathering their rows."""
+    if seed < 0:
+        raise ConfigError(f"seed must be non-negative, got {seed}")
+    p, _, local = _process_share(batch_size, process_index, process_count)
+    examples, rows_fn = make_examples()
+    if len(examples) < batch_size:
+        raise ConfigError(
+            f"only {len(examples)} training {noun}, fewer than one batch of {batch_size}: "
+            "lower batch_size"
+        )
+    # Whole global batches are gathered at once with vectorised numpy (~20x the throughput of
+    # Grain's per-example shuffle + batch, measured in benchmarks/input_pipeline.py); without
+    # buckets there is one bucket, max_len wide.
+    widths = (
+        np.array([max_len])
+        if bucket_boundaries is None
+        else _bucket_widths(bucket_boundaries, max_len)
+    )
+    batches = _BucketBatches(
+        items,
+        examples,
+        widths,
+        batch_size=batch_size,
+        rows=slice(p * local, (p + 1) * local),
+        seed=seed,
+        shuffle=shuffle,
+        rows_fn=rows_fn,
+    )
+    ds = grain.MapDataset.range(batches.batches_per_epoch).repeat(num_epochs)
+    ds = ds.map_with_index(batches)
+    out = ds.to_iter_dataset()
+    if worker_count > 0:
+        out = out.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return out
+
+
 def train_dataset(
     data: SequenceData,
     *,
@@ -193,151 +190,27 @@ def train_dataset(
     batch's bucket when `bucket_boundaries` is given (e.g. (16, 32, 64, 128, 200)). Each epoch
     is a fresh shuffle cut into whole global batches (the < batch_size remainder is dropped).
     """
-    if seed < 0:
-        raise ConfigError(f"seed must be non-negative, got {seed}")
-    p, count, local = _process_share(batch_size, process_index, process_count)
-    windows = training_windows(data, max_len=max_len, stride=stride, latest_only=latest_only)
-    if len(windows) < batch_size:
-        raise ConfigError(
-            f"only {len(windows)} training windows, fewer than one batch of {batch_size}: "
-            "lower batch_size"
+
+    def windows():
+        return (
+            training_windows(data, max_len=max_len, stride=stride, latest_only=latest_only),
+            window_rows,
         )
-    return _bucketed_dataset(
-        data.items, windows, max_len, batch_size=batch_size, process=p, local=local, seed=seed,
-        shuffle=shuffle, num_epochs=num_epochs, bucket_boundaries=bucket_boundaries,
-        worker_count=worker_count,
-    )  # fmt: skip
 
-
-def _bucketed_dataset(
-    items: np.ndarray,
-    examples,
-    max_len: int,
-    *,
-    batch_size: int,
-    process: int,
-    local: int,
-    seed: int,
-    shuffle: bool,
-    num_epochs: int | None,
-    bucket_boundaries: Sequence[int] | None,
-    worker_count: int,
-    rows_fn=None,
-) -> grain.IterDataset:
-    """Global batches of `examples` (anything with `.length` and `len`), this process's rows."""
-    # Whole global batches are gathered at once with vectorised numpy (~20x the throughput of
-    # Grain's per-example shuffle + batch, measured in benchmarks/input_pipeline.py); without
-    # buckets there is one bucket, max_len wide.
-    widths = (
-        np.array([max_len])
-        if bucket_boundaries is None
-        else _bucket_widths(bucket_boundaries, max_len)
-    )
-    batches = _BucketBatches(
-        items,
-        examples,
-        widths,
+    return _training_dataset(
+        data.items,
+        windows,
+        noun="windows",
+        max_len=max_len,
         batch_size=batch_size,
-        rows=slice(process * local, (process + 1) * local),
         seed=seed,
+        num_epochs=num_epochs,
         shuffle=shuffle,
-        rows_fn=rows_fn,
+        bucket_boundaries=bucket_boundaries,
+        process_index=process_index,
+        process_count=process_count,
+        worker_count=worker_count,
     )
-    ds = grain.MapDataset.range(batches.batches_per_epoch).repeat(num_epochs)
-    ds = ds.map_with_index(batches)
-    out = ds.to_iter_dataset()
-    if worker_count > 0:
-        out = out.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    return out
-
-
-@dataclasses.dataclass(frozen=True)
-class TargetExamples:
-    """One generative training example per target position of a user's training history.
-
-    Example `e` has the history `items[lo:lo+length]` (the last <= max_len items before the
-    target) and the targets `items[lo+length : lo+length+n_targets]`: the next M items, cut at
-    the end of the user's training history (so validation and test items are never targets).
-    """
-
-    user: np.ndarray  # [n] int32 dense user id
-    lo: np.ndarray  # [n] int64 index into SequenceData.items of the first history item
-    length: np.ndarray  # [n] int64 history length, 1..max_len
-    n_targets: np.ndarray  # [n] int64 real targets, 1..M
-
-    def __len__(self) -> int:
-        return len(self.user)
-
-
-def target_examples(data: SequenceData, *, max_len: int, session_items: int = 1) -> TargetExamples:
-    """Every training position t >= 1 of every user: history h[max(0, t-max_len):t], targets
-    h[t:t+session_items] (fewer at the end of the training history)."""
-    if max_len < 1 or session_items < 1:
-        raise ConfigError(f"max_len ({max_len}) and session_items ({session_items}) must be >= 1")
-    split = data.train
-    pairs = np.maximum(split.lengths - 1, 0)  # [n_users] targets per user
-    user = np.repeat(np.arange(data.n_users, dtype=np.int32), pairs)  # [n]
-    first = np.cumsum(pairs) - pairs
-    t = np.arange(len(user), dtype=np.int64) - np.repeat(first, pairs) + 1  # [n] 1..m
-    length = np.minimum(t, max_len)
-    end = split.starts[user] + t  # index of the first target
-    n_targets = np.minimum(session_items, split.lengths[user] - t)
-    return TargetExamples(user=user, lo=end - length, length=length, n_targets=n_targets)
-
-
-def _next_items(
-    items: np.ndarray, first: np.ndarray, n_real: np.ndarray, codes: np.ndarray, m: int
-) -> dict[str, np.ndarray]:
-    """Targets `items[first : first + n_real]` padded to `m`, with their code rows.
-
-    first, n_real: [...] (n_real 0 = no target). Returns targets [..., M], target_codes
-    [..., M, L+1] (zeros on padding) and mask [..., M].
-    """
-    slot = np.arange(m)
-    mask = slot < n_real[..., None]  # [..., M]
-    targets = np.where(mask, np.take(items, first[..., None] + slot, mode="clip"), 0)
-    return {
-        "targets": targets.astype(np.int32),
-        "target_codes": np.where(mask[..., None], codes[targets], 0).astype(np.int32),
-        "mask": mask,
-    }
-
-
-def _target_rows(
-    items: np.ndarray,
-    examples: TargetExamples,
-    ids: np.ndarray,
-    width: int,
-    *,
-    codes: np.ndarray,
-    session_items: int,
-) -> dict[str, np.ndarray]:
-    """One example per target: the history and one target position (P = 1)."""
-    lo, length = examples.lo[ids], examples.length[ids]
-    inputs, _ = _left_padded(items, lo, length, width)
-    nxt = _next_items(items, (lo + length)[:, None], examples.n_targets[ids][:, None], codes,
-                      session_items)  # fmt: skip
-    return {"inputs": inputs, "user": examples.user[ids], **nxt}
-
-
-def _window_code_rows(
-    items: np.ndarray,
-    windows: Windows,
-    ids: np.ndarray,
-    width: int,
-    *,
-    codes: np.ndarray,
-    session_items: int,
-    train_end: np.ndarray,
-) -> dict[str, np.ndarray]:
-    """Next-item windows with a target position per input slot (P = W, causal encoder)."""
-    lo, length, user = windows.lo[ids], windows.length[ids], windows.user[ids]
-    inputs, valid = _left_padded(items, lo, length, width)
-    # slot q of a window holds input lo + q - (W - length); its first target follows it
-    first = lo[:, None] + 1 + np.arange(width) - (width - length)[:, None]  # [rows, W]
-    n_real = np.where(valid, np.minimum(session_items, train_end[user][:, None] - first), 0)
-    nxt = _next_items(items, first, n_real, codes, session_items)
-    return {"inputs": inputs, "user": user, **nxt}
 
 
 def generative_train_dataset(
@@ -371,36 +244,47 @@ def generative_train_dataset(
     W = max_len or the bucket's width. Batches are cut globally and sliced per process, as
     `train_dataset`.
     """
-    if seed < 0:
-        raise ConfigError(f"seed must be non-negative, got {seed}")
     if session_items < 1:
         raise ConfigError(f"session_items={session_items}: use >= 1 (1 = next item).")
-    p, _, local = _process_share(batch_size, process_index, process_count)
-    codes = np.asarray(codes)
-    if codes.ndim != 2 or codes.shape[0] != data.n_items + 1:
-        raise ConfigError(
-            f"semantic ids have shape {codes.shape}, expected [{data.n_items + 1}, L + 1]: "
-            "they were made for another dataset; rerun --mode tokenize on this one."
+
+    def examples():
+        semantic_ids = np.asarray(codes)
+        if semantic_ids.ndim != 2 or semantic_ids.shape[0] != data.n_items + 1:
+            raise ConfigError(
+                f"semantic ids have shape {semantic_ids.shape}, expected "
+                f"[{data.n_items + 1}, L + 1]: they were made for another dataset; rerun "
+                "--mode tokenize on this one."
+            )
+        semantic_ids = np.maximum(semantic_ids, 0)
+        if per_target:
+            return (
+                target_examples(data, max_len=max_len, session_items=session_items),
+                functools.partial(target_rows, codes=semantic_ids, session_items=session_items),
+            )
+        return (
+            training_windows(data, max_len=max_len, stride=stride, latest_only=latest_only),
+            functools.partial(
+                window_code_rows,
+                codes=semantic_ids,
+                session_items=session_items,
+                train_end=data.train.ends,
+            ),
         )
-    codes = np.maximum(codes, 0)
-    if per_target:
-        examples = target_examples(data, max_len=max_len, session_items=session_items)
-        rows_fn = functools.partial(_target_rows, codes=codes, session_items=session_items)
-    else:
-        examples = training_windows(data, max_len=max_len, stride=stride, latest_only=latest_only)
-        rows_fn = functools.partial(
-            _window_code_rows, codes=codes, session_items=session_items, train_end=data.train.ends
-        )
-    if len(examples) < batch_size:
-        raise ConfigError(
-            f"only {len(examples)} training examples, fewer than one batch of {batch_size}: "
-            "lower batch_size"
-        )
-    return _bucketed_dataset(
-        data.items, examples, max_len, batch_size=batch_size, process=p, local=local, seed=seed,
-        shuffle=shuffle, num_epochs=num_epochs, bucket_boundaries=bucket_boundaries,
-        worker_count=worker_count, rows_fn=rows_fn,
-    )  # fmt: skip
+
+    return _training_dataset(
+        data.items,
+        examples,
+        noun="examples",
+        max_len=max_len,
+        batch_size=batch_size,
+        seed=seed,
+        num_epochs=num_epochs,
+        shuffle=shuffle,
+        bucket_boundaries=bucket_boundaries,
+        process_index=process_index,
+        process_count=process_count,
+        worker_count=worker_count,
+    )
 
 
 class _EvalBatches:
@@ -429,7 +313,7 @@ class _EvalBatches:
         real = row < self._n_users
         user = np.where(real, self._order[np.minimum(row, self._n_users - 1)], 0)
         length = np.where(real, self._length[user], 0)
-        inputs, _ = _left_padded(self._items, self._lo[user], length, self._max_len)
+        inputs, _ = left_padded(self._items, self._lo[user], length, self._max_len)
         return {
             "inputs": inputs,  # [b, L] int32, the last L history items, left-padded
             "target": np.where(real, self._targets[user], 0).astype(np.int32),  # [b]

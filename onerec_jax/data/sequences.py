@@ -197,8 +197,9 @@ def build_sequences(inter: Interactions, options: SequenceOptions) -> SequenceDa
     item_codes, item_ids = _dense(_sorted_codes(inter.items, inter.item_vocab))
     ts, ratings = inter.timestamps, inter.ratings
     keep = None if options.min_rating is None else inter.ratings >= options.min_rating
-    keep = _kcore(user_codes, item_codes, keep, options.min_user_interactions,
-                  options.min_item_interactions)  # fmt: skip
+    keep = _kcore(
+        user_codes, item_codes, keep, options.min_user_interactions, options.min_item_interactions
+    )
     if keep is not None:
         if not keep.any():
             raise DataFormatError(
@@ -288,10 +289,16 @@ def load_sequences(path: str | os.PathLike, key: str | None = None) -> SequenceD
     data = SequenceData(**arrays, options=meta["options"])
     o, n = data.offsets, len(data.items)
     if not (
-        len(o) >= 2 and o[0] == 0 and o[-1] == n and np.all(np.diff(o) >= 3)
-        and len(data.timestamps) == n == len(data.ratings) and len(data.user_ids) == len(o) - 1
-        and n and data.items.min() >= 1 and data.items.max() <= data.n_items
-    ):  # fmt: skip
+        len(o) >= 2
+        and o[0] == 0
+        and o[-1] == n
+        and np.all(np.diff(o) >= 3)
+        and len(data.timestamps) == n == len(data.ratings)
+        and len(data.user_ids) == len(o) - 1
+        and n
+        and data.items.min() >= 1
+        and data.items.max() <= data.n_items
+    ):
         raise ValueError("arrays are inconsistent")
     return data
 

@@ -22,12 +22,19 @@ from absl import logging
 from onerec_jax.errors import ConfigError, DataFormatError
 
 # Column kinds: "int" (int64 id or count), "float" (float64), "float32", "str" (utf-8 text).
-_ARROW_TYPES = {"int": pa.int64(), "float": pa.float64(), "float32": pa.float32(),
-                "str": pa.string()}  # fmt: skip
+_ARROW_TYPES = {
+    "int": pa.int64(),
+    "float": pa.float64(),
+    "float32": pa.float32(),
+    "str": pa.string(),
+}
 _INT_RE = r"^\s*[+-]?\d+\s*$"
 _FLOAT_RE = r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$"
-_PY_PATTERNS = {"int": re.compile(_INT_RE), "float": re.compile(_FLOAT_RE),
-                "float32": re.compile(_FLOAT_RE)}  # fmt: skip
+_PY_PATTERNS = {
+    "int": re.compile(_INT_RE),
+    "float": re.compile(_FLOAT_RE),
+    "float32": re.compile(_FLOAT_RE),
+}
 BAD_ROW_POLICIES = ("error", "skip")
 
 

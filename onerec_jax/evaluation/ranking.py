@@ -102,9 +102,18 @@ def rank_and_topk_with(
         target_scores = jnp.diagonal(diagonal)
     target_scores = target_scores.astype(jnp.float32)  # [B]
     higher, tied, top_scores, top_items = _scan_ids(
-        score_chunk_fn, user_state, n_items, targets, history, target_scores,
-        first_id=0, n_ids=n_items + 1, k=k, chunk_size=chunk_size, mask_history=mask_history,
-    )  # fmt: skip
+        score_chunk_fn,
+        user_state,
+        n_items,
+        targets,
+        history,
+        target_scores,
+        first_id=0,
+        n_ids=n_items + 1,
+        k=k,
+        chunk_size=chunk_size,
+        mask_history=mask_history,
+    )
     return _finish(higher, tied, top_scores, top_items, target_scores, n_items)
 
 
@@ -320,10 +329,19 @@ def rank_and_topk_split(
             return _dot_scores((state, table_shard), jnp.clip(ids - first, 0, shard_rows - 1))
 
         higher, tied, top_scores, top_items = _scan_ids(
-            scores, user_states, n_items, targets, history, target_scores, first_id=first,
-            n_ids=shard_rows, k=k, chunk_size=chunk_size, mask_history=mask_history,
+            scores,
+            user_states,
+            n_items,
+            targets,
+            history,
+            target_scores,
+            first_id=first,
+            n_ids=shard_rows,
+            k=k,
+            chunk_size=chunk_size,
+            mask_history=mask_history,
             varying=axes,
-        )  # fmt: skip
+        )
         higher, tied = jax.lax.psum((higher, tied), axes)
         every_score = jax.lax.all_gather(
             top_scores, axes, axis=1, tiled=True, to="invarying"
@@ -436,6 +454,12 @@ def make_ranker_with(
     return jax.jit(sharded, out_shardings=(rows, rows2d, rows2d))
 
 
+def history_width(longest: int) -> int:
+    """The width a batch of seen-item histories is padded to: the next power of two >= `longest`
+    (>= 1), so few distinct shapes reach jit and few recompilations happen."""
+    return 1 << max(longest - 1, 0).bit_length()
+
+
 def history_batch(
     data: SequenceData, split_name: str, users: np.ndarray, width: int | None = None
 ) -> np.ndarray:
@@ -453,7 +477,7 @@ def history_batch(
     lengths = split.ends[users] - starts  # [B]
     longest = int(lengths.max()) if len(users) else 0
     if width is None:
-        width = 1 << max(longest - 1, 0).bit_length()  # next power of two >= longest, >= 1
+        width = history_width(longest)
     elif longest > width:
         raise ValueError(
             f"history width {width} is shorter than a prefix of {longest} items in this batch: "

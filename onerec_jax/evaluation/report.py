@@ -238,8 +238,7 @@ def _comparable_key(row: RunRow) -> tuple:
     p = row.protocol
     # Not "ranking": a beam-searched top-K gives the same HR/NDCG/MRR@K as a full ranking
     # would for K up to its length, so those rows compare with the full-ranking ones.
-    keys = ("split", "mask_history", "min_rating", "min_user_interactions",
-            "min_item_interactions")  # fmt: skip
+    keys = ("split", "mask_history", "min_rating", "min_user_interactions", "min_item_interactions")
     return (row.data, *(str(p.get(k)) for k in keys))
 
 
@@ -282,8 +281,12 @@ def format_report(
             mean, ci = r.test[m]
             cells.append(_cell(f"{mean:.4f} +- {ci:.4f}", mean == best[m]))
         val = f"{r.val_ndcg10:.4f} (step {r.best_step:,} of {r.steps:,})"
-        cells += [_cell(val, r.val_ndcg10 == best_val), f"{r.params:,}",
-                  _seconds(r.train_seconds), _seconds(r.eval_seconds)]  # fmt: skip
+        cells += [
+            _cell(val, r.val_ndcg10 == best_val),
+            f"{r.params:,}",
+            _seconds(r.train_seconds),
+            _seconds(r.eval_seconds),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     if not rows:
         lines.append("| (no run with usable results) |" + " |" * (len(header) - 1))

@@ -86,17 +86,35 @@ def plot_seed_spread(groups, path: str | Path) -> None:
             offsets = np.linspace(-0.3, -0.05, len(used)) if len(used) > 1 else np.array([-0.15])
             for offset, run in zip(offsets, used, strict=True):
                 mean, ci = run.row.test[metric]
-                ax.errorbar(i + offset, mean, yerr=ci, fmt="o", color="tab:blue", markersize=4,
-                            capsize=2, label="one seed (95% interval)")  # fmt: skip
+                ax.errorbar(
+                    i + offset,
+                    mean,
+                    yerr=ci,
+                    fmt="o",
+                    color="tab:blue",
+                    markersize=4,
+                    capsize=2,
+                    label="one seed (95% interval)",
+                )
             mean, sd = group.summary()[metric]
             if used:
-                ax.errorbar(i + 0.2, mean, yerr=None if np.isnan(sd) else sd, fmt="D",
-                            color="black", markersize=6, capsize=5, elinewidth=2,
-                            label="mean +- sd over seeds")  # fmt: skip
+                ax.errorbar(
+                    i + 0.2,
+                    mean,
+                    yerr=None if np.isnan(sd) else sd,
+                    fmt="D",
+                    color="black",
+                    markersize=6,
+                    capsize=5,
+                    elinewidth=2,
+                    label="mean +- sd over seeds",
+                )
         ax.set_xticks(
-            x, [g.variant for g in groups], rotation=30 if tilt else 0,
+            x,
+            [g.variant for g in groups],
+            rotation=30 if tilt else 0,
             ha="right" if tilt else "center",
-        )  # fmt: skip
+        )
         ax.set_xlim(-0.6, n - 0.4)
         ax.set_ylabel(f"test {label}")
         ax.set_title(f"Test {label} over seeds")

@@ -23,8 +23,12 @@ if TYPE_CHECKING:
 
 SEED_DIR = re.compile(r"seed(0|[1-9][0-9]*)")  # no leading zeros: seed01 would alias seed1
 # (key, column) of the numbers averaged over seeds; "val" is the selecting validation NDCG@10.
-SUMMARY_METRICS = (("hr@10", "test HR@10"), ("ndcg@10", "test NDCG@10"), ("mrr", "test MRR"),
-                   ("val", "val NDCG@10"))  # fmt: skip
+SUMMARY_METRICS = (
+    ("hr@10", "test HR@10"),
+    ("ndcg@10", "test NDCG@10"),
+    ("mrr", "test MRR"),
+    ("val", "val NDCG@10"),
+)
 
 
 def seed_dir(seed: int) -> str:
@@ -144,8 +148,13 @@ def format_seed_section(groups: list[SeedGroup], plot: str | None) -> list[str]:
         "best mean in its column.",
         "",
     ]
-    header = ["variant", "model", "seeds used", *(f"{label} mean +- sd" for _, label in
-              SUMMARY_METRICS), "test NDCG@10 per seed (95% interval)"]  # fmt: skip
+    header = [
+        "variant",
+        "model",
+        "seeds used",
+        *(f"{label} mean +- sd" for _, label in SUMMARY_METRICS),
+        "test NDCG@10 per seed (95% interval)",
+    ]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     summaries = [g.summary() for g in groups]
     best = {

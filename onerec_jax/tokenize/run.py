@@ -75,9 +75,13 @@ def encode(
         from onerec_jax.tokenize import rqkmeans
 
         out = rqkmeans.residual_kmeans(
-            x, levels, size, iters=int(cfg.kmeans_iters), rng=int(cfg.seed),
+            x,
+            levels,
+            size,
+            iters=int(cfg.kmeans_iters),
+            rng=int(cfg.seed),
             balanced=bool(cfg.balanced),
-        )  # fmt: skip
+        )
         codes, codebooks = np.asarray(out.codes), np.asarray(out.codebooks)
         recon = x - codebooks[np.arange(levels), codes].sum(1)
         numbers = {

@@ -274,6 +274,12 @@ class Checkpointer:
 
     def close(self) -> None:
         """Waits for pending saves and releases the manager's threads."""
+        # orbax's close() does not wait for the clean-up of unfinished saves it starts on opening
+        # (orbax-checkpoint 0.12.8): a process that exits right after (--mode eval with no
+        # checkpoint) would get that thread's traceback at interpreter shutdown.
+        await_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
+        if await_cleanup is not None:
+            await_cleanup()
         self._manager.close()
 
     def __enter__(self) -> Checkpointer:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onerec_jax.data.pipeline import generative_train_dataset, sample_users, target_examples
+from onerec_jax.data.pipeline import generative_train_dataset, sample_users
+from onerec_jax.data.training_examples import target_examples
 from onerec_jax.errors import ConfigError
 from tests.data.test_pipeline import HAND, random_data
 

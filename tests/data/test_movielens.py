@@ -260,3 +260,18 @@ def test_genome_with_a_missing_score_is_an_error(ml25m_dir):
     )
     with pytest.raises(DataFormatError, match="1 \\(movie, tag\\) relevance values are missing"):
         movielens.read_dataset(ml25m_dir)
+
+
+@pytest.mark.parametrize(
+    "name, body, fmt, problem",
+    [
+        ("g.bin", bytes(range(256)) * 4, "auto", r"g.bin: a binary file"),
+        ("g.bin", b"1 2 3\n\xff\xfe\x00\x1f\n", "user_sequence", r"g.bin: not utf8 text"),
+        ("notes.txt", b"\nhello world\n", "auto", r"notes.txt, line 2: 'hello world' is not"),
+        ("r.csv", b"userId,movieId,rating,timestamp\n", "auto", r"r.csv: a CSV of ratings"),
+    ],
+)
+def test_a_file_in_no_layout_is_named_with_the_layouts(tmp_path, name, body, fmt, problem):
+    (tmp_path / name).write_bytes(body)
+    with pytest.raises(DataFormatError, match=problem):
+        movielens.read_dataset(tmp_path / name, fmt)

@@ -7,8 +7,9 @@ import itertools
 import numpy as np
 import pytest
 
-from onerec_jax.data.pipeline import eval_dataset, train_dataset, training_windows
+from onerec_jax.data.pipeline import eval_dataset, train_dataset
 from onerec_jax.data.sequences import SequenceData
+from onerec_jax.data.training_examples import training_windows
 
 F, T = False, True
 

@@ -10,15 +10,13 @@ import numpy as np
 import pyarrow.csv as pacsv
 import pytest
 
-from onerec_jax.data.synthetic import (
+from onerec_jax.data.synthetic import load_synthetic, main, write_synthetic
+from onerec_jax.data.synthetic_world import (
     GENRES,
     SyntheticConfig,
     build_planted_model,
     generate_sequences,
-    load_synthetic,
-    main,
     user_lengths,
-    write_synthetic,
 )
 
 HEADERS = {

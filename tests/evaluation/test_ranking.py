@@ -17,6 +17,7 @@ from onerec_jax.data.sequences import SequenceData
 from onerec_jax.evaluation.metrics import metrics_from_ranks
 from onerec_jax.evaluation.ranking import (
     history_batch,
+    history_width,
     make_ranker,
     make_ranker_with,
     rank_and_topk,
@@ -361,6 +362,11 @@ def test_history_batch_by_hand():
         history_batch(data, "test", np.array([2]), width=4)
     with pytest.raises(ValueError, match="dense ids"):
         history_batch(data, "test", np.array([3]))
+
+
+def test_history_width_is_the_next_power_of_two():
+    widths = [history_width(n) for n in (0, 1, 2, 3, 4, 5, 8, 9, 200)]
+    assert widths == [1, 1, 2, 4, 4, 8, 8, 16, 256]
 
 
 def test_history_batch_masks_whole_prefix_end_to_end():
