@@ -225,9 +225,6 @@ def config_defaults(c: ml_collections.ConfigDict) -> None:
     """`:onerec`: the item head."""
     c.model.num_heads = 2
     c.model.mlp_dim = 2 * c.model.dim
-    # Every window, not only the latest: ml-latest-small validation NDCG@10 0.0851 against
-    # 0.0733 (seed 0; BENCHMARKS.md "What each difference did").
-    c.data.windows = "all"
 
 
 def with_semantic_id_features(c: ml_collections.ConfigDict) -> None:
