@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -39,8 +40,13 @@ def restore_best(
 ) -> TrainedRun:
     """The model of `config` on `data` with the best validated params of the run in `workdir`
     (params and best_step None when no step has been validated), laid out on `config`'s mesh.
-    A layout mismatch raises CheckpointError."""
-    mesh, rules, _, model = train.setup_model(config, data, items)
+    Sets `config`'s mesh and logical axis rules globally. A layout mismatch raises
+    CheckpointError."""
+    mesh, rules = train.make_mesh(config)
+    # Global, not a context: the caller traces the returned model's functions afterwards.
+    jax.set_mesh(mesh)
+    nn.set_logical_axis_rules(rules)  # before any trace (JAX_GUIDE.md)
+    _, model = train.build_model(config, data, items)
     abstract = train.abstract_params(config, model, mesh, rules)
     ckpt = checkpointing.Checkpointer(Path(workdir) / "checkpoints", metric=train.SELECT_METRIC)
     try:

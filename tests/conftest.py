@@ -18,8 +18,8 @@ if not flags.FLAGS.is_parsed():
 
 @pytest.fixture(autouse=True)
 def _no_global_mesh_leaks():
-    """`Trainer` sets a global mesh and logical-axis rules; later tests must not inherit them
-    (a module applied outside the trainer would then constrain its batch to the 8-device mesh)."""
+    """`runs.restore_best` sets a global mesh and logical-axis rules; later tests must not inherit
+    them (a module applied outside a run would then constrain its batch to the 8-device mesh)."""
     rules = nn.get_logical_axis_rules()
     yield
     if nn.get_logical_axis_rules() != rules or not jax.sharding.get_abstract_mesh().empty:

@@ -7,7 +7,8 @@ device, on 8 fake CPU devices and on many hosts: only the mesh shape changes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -67,6 +68,16 @@ def rules_from_config(rules) -> tuple[tuple[str, str | tuple[str, ...] | None], 
     for name, axes in rules:
         out.append((name, tuple(axes) if isinstance(axes, list | tuple) else axes))
     return tuple(out)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: jax.sharding.Mesh, rules) -> Iterator[None]:
+    """`mesh` and the logical axis `rules` in effect inside the block, as they were after it.
+
+    Enter it before anything is traced: the rules are not part of jit's cache key (JAX_GUIDE.md).
+    """
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
 
 
 def state_shardings(abstract_state, mesh: jax.sharding.Mesh, rules):

@@ -1,6 +1,8 @@
 """`train_and_evaluate(config, workdir)`: the sharded train loop, validation, early stopping, test.
 
-One jitted step with donated state over the config's mesh; validation NDCG@10 every
+It reads as set-up (`make_mesh`, `make_setup`, `_start`), loop (`_train_loop`) and finish
+(`_finish`); the mesh and logical axis rules are in effect around all three. One jitted
+`state.train_step` with donated state over the config's mesh; validation NDCG@10 every
 `train.eval_every_steps` (default: once an epoch) picks the checkpoint; test is computed once, on
 the best checkpoint. A run killed at any moment and restarted with the same command continues
 from its last checkpoint and produces the same later losses as an uninterrupted run.
@@ -8,9 +10,12 @@ from its last checkpoint and produces the same later losses as an uninterrupted 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +37,7 @@ from onerec_jax.parallel import sharding
 from onerec_jax.tokenize.semantic_ids import load_semantic_ids
 from onerec_jax.training import checkpointing
 from onerec_jax.training.logger import MetricLogger
+from onerec_jax.training.state import LoopRecord, TrainState, init_state, train_step
 
 SELECT_METRIC = "val/ndcg@10"
 
@@ -77,8 +83,9 @@ def _count_params(params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
 
 
-def setup_model(config: ml_collections.ConfigDict, data, items):
-    """(mesh, rules, DataInfo, model) of `config` on `data`; sets the global mesh and rules."""
+def make_mesh(config: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, tuple]:
+    """(mesh, logical axis rules) of `config.mesh`; the caller puts them in effect
+    (`sharding.use_mesh`) before building or tracing anything."""
     c = config
     if c.mesh.num_devices and jax.process_count() > 1:  # a prefix leaves processes out
         raise ConfigError(
@@ -86,12 +93,13 @@ def setup_model(config: ml_collections.ConfigDict, data, items):
             "processes: leave it 0 (every device); size the mesh with mesh.shape."
         )
     devices = jax.devices()[: c.mesh.num_devices] if c.mesh.num_devices else None
-    mesh = sharding.make_mesh(c.mesh.shape, devices)
-    rules = sharding.rules_from_config(c.mesh.rules)
-    jax.set_mesh(mesh)
-    nn.set_logical_axis_rules(rules)  # global, before any trace (JAX_GUIDE.md)
-    info = data_info(data, items, c.data.max_len, c.model.semantic_ids)
-    return mesh, rules, info, registry.build_model(c, info)
+    return sharding.make_mesh(c.mesh.shape, devices), sharding.rules_from_config(c.mesh.rules)
+
+
+def build_model(config: ml_collections.ConfigDict, data, items) -> tuple[DataInfo, Any]:
+    """(DataInfo, model object) of `config` on `data`."""
+    info = data_info(data, items, config.data.max_len, config.model.semantic_ids)
+    return info, registry.build_model(config, info)
 
 
 def _init_batch(c: ml_collections.ConfigDict) -> dict[str, jax.Array]:
@@ -120,83 +128,100 @@ def abstract_params(config: ml_collections.ConfigDict, model, mesh: jax.sharding
     return _abstract(lambda rng: model.init(rng, batch), mesh, rules)[0]
 
 
-class Trainer:
-    """Holds the jitted step, the state and its shardings for one config."""
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+    """What the loop needs, built once from the config (`make_setup`); holds no device state."""
 
-    def __init__(self, config: ml_collections.ConfigDict, data, items):
-        self.config, self.data = config, data
-        c = config
-        self.mesh, self.rules, self.info, self.model = setup_model(c, data, items)
-        self.spec = registry.model_spec(c)
-        self.code_windows = self.spec.batches == registry.CODE_WINDOWS  # + the targets' codes
-        self.per_target = self.code_windows and not c.model.encoder_causal
-        if self.per_target:  # a bidirectional encoder: one example per training target
-            examples = pipeline.target_examples(
-                data, max_len=c.data.max_len, session_items=c.model.session_items
-            )
-        else:
-            examples = pipeline.training_windows(data, max_len=c.data.max_len, **_windows(c))
-        self.steps_per_epoch = max(len(examples) // c.train.batch_size, 1)
-        self.total_steps = c.train.num_steps or c.train.num_epochs * self.steps_per_epoch
-        updates = max(self.total_steps // c.optim.accumulate_steps, 1)
-        self.tx, self.schedule = optim.make_optimizer(c.optim, updates)
-        if not self.model.trainable:  # e.g. popularity: one step that changes nothing, then test
-            self.total_steps, self.tx = 1, optax.set_to_zero()
-        self.eval_every = c.train.eval_every_steps or self.steps_per_epoch
+    config: ml_collections.ConfigDict
+    data: Any  # SequenceData
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    info: DataInfo
+    model: Any  # the model object of models/ (init, loss, ...)
+    steps_per_epoch: int
+    total_steps: int  # train steps of the whole run
+    eval_every: int  # train steps between validations
+    init_fn: Callable  # rng -> TrainState at step 0 (params boxed)
+    abstract_state: TrainState  # ShapeDtypeStructs with their shardings: what a checkpoint restores
+    state_sharding: TrainState  # the state's NamedShardings
+    train_step: Callable  # jitted (state, batch, rng) -> (state, metrics); the state is donated
 
-        dummy = _init_batch(c)
 
-        def init_fn(rng):
-            params = self.model.init(rng, dummy)
-            return {"params": params, "opt_state": self.tx.init(params), "step": jnp.int32(0)}
+def _batch_kind(c: ml_collections.ConfigDict) -> tuple[bool, bool]:
+    """(code windows: batches carry the targets' codes, per target: one example per target)."""
+    code_windows = registry.model_spec(c).batches == registry.CODE_WINDOWS
+    return code_windows, code_windows and not c.model.encoder_causal  # per target: bidirectional
 
-        self._init_fn = init_fn
-        self.abstract_state, self.state_sharding = _abstract(init_fn, self.mesh, self.rules)
-        self.train_step = jax.jit(
-            self._train_step, out_shardings=(self.state_sharding, None), donate_argnums=0
+
+def make_setup(
+    config: ml_collections.ConfigDict, data, items, mesh: jax.sharding.Mesh, rules
+) -> TrainSetup:
+    """The model, optimizer, schedule and jitted step of `config` on `data` over `mesh`; call it
+    with `mesh` and `rules` in effect (`sharding.use_mesh`)."""
+    c = config
+    info, model = build_model(c, data, items)
+    if _batch_kind(c)[1]:
+        examples = pipeline.target_examples(
+            data, max_len=c.data.max_len, session_items=c.model.session_items
         )
+    else:
+        examples = pipeline.training_windows(data, max_len=c.data.max_len, **_windows(c))
+    steps_per_epoch = max(len(examples) // c.train.batch_size, 1)
+    total_steps = c.train.num_steps or c.train.num_epochs * steps_per_epoch
+    updates = max(total_steps // c.optim.accumulate_steps, 1)
+    tx, schedule = optim.make_optimizer(c.optim, updates)
+    if not model.trainable:  # e.g. popularity: one step that changes nothing, then test
+        total_steps, tx = 1, optax.set_to_zero()
+    init_fn = functools.partial(init_state, batch=_init_batch(c), init_fn=model.init, tx=tx)
+    abstract_state, state_sharding = _abstract(init_fn, mesh, rules)
+    step_fn = functools.partial(
+        train_step,
+        loss_fn=model.loss,
+        tx=tx,
+        learning_rate_fn=schedule,
+        accumulate_steps=c.optim.accumulate_steps,
+    )
+    return TrainSetup(
+        config=c,
+        data=data,
+        mesh=mesh,
+        rules=rules,
+        info=info,
+        model=model,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        eval_every=c.train.eval_every_steps or steps_per_epoch,
+        init_fn=init_fn,
+        abstract_state=abstract_state,
+        state_sharding=state_sharding,
+        train_step=jax.jit(step_fn, out_shardings=(state_sharding, None), donate_argnums=0),
+    )
 
-    def init_state(self, seed: int):
-        init = jax.jit(lambda rng: _unbox(self._init_fn(rng)), out_shardings=self.state_sharding)
-        return init(jax.random.key(seed))
 
-    def _train_step(self, state, batch, rng):
-        rng = jax.random.fold_in(rng, state["step"])
-        grad_fn = jax.value_and_grad(self.model.loss, has_aux=True)
-        (loss, metrics), grads = grad_fn(state["params"], batch, rng)
-        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        metrics = {
-            **metrics,
-            "grad_norm": optax.tree.norm(grads),
-            "lr": self.schedule(state["step"] // self.config.optim.accumulate_steps),
-        }
-        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+def initial_state(setup: TrainSetup, seed: int) -> TrainState:
+    """The state at step 0, laid out over the mesh."""
+    init = jax.jit(lambda rng: _unbox(setup.init_fn(rng)), out_shardings=setup.state_sharding)
+    return init(jax.random.key(seed))
 
-    def batches(self, seed: int):
-        c = self.config
-        if self.code_windows:
-            return pipeline.generative_train_dataset(
-                self.data,
-                self.info.semantic_ids.codes,
-                max_len=c.data.max_len,
-                batch_size=c.train.batch_size,
-                seed=seed,
-                session_items=c.model.session_items,
-                per_target=self.per_target,
-                **_windows(c),
-                bucket_boundaries=tuple(c.data.bucket_boundaries) or None,
-                worker_count=c.data.worker_count,
-            )
-        return pipeline.train_dataset(
-            self.data,
-            max_len=c.data.max_len,
-            batch_size=c.train.batch_size,
-            seed=seed,
-            **_windows(c),
-            bucket_boundaries=tuple(c.data.bucket_boundaries) or None,
-            worker_count=c.data.worker_count,
+
+def train_batches(setup: TrainSetup, seed: int):
+    """This process's training batches (a Grain dataset; its iterator state is checkpointed)."""
+    c, data = setup.config, setup.data
+    code_windows, per_target = _batch_kind(c)
+    options = {
+        "max_len": c.data.max_len,
+        "batch_size": c.train.batch_size,
+        "seed": seed,
+        **_windows(c),
+        "bucket_boundaries": tuple(c.data.bucket_boundaries) or None,
+        "worker_count": c.data.worker_count,
+    }
+    if code_windows:
+        codes = setup.info.semantic_ids.codes
+        return pipeline.generative_train_dataset(
+            data, codes, session_items=c.model.session_items, per_target=per_target, **options
         )
+    return pipeline.train_dataset(data, **options)
 
 
 def _windows(c: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -214,126 +239,142 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     if is_main:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     data, items = load_data(config)
-    trainer = Trainer(config, data, items)
-    evaluator = Evaluator(trainer.model, data, config, trainer.mesh, trainer.rules)
-    ckpt = checkpointing.Checkpointer(workdir / "checkpoints", metric=SELECT_METRIC)
-    data_iter = iter(trainer.batches(config.seed))
-    rng = jax.random.key(config.seed)
-    meta = {
-        "best": -math.inf,
-        "best_step": None,
-        "bad_evals": 0,
-        "train_seconds": 0.0,
-        "eval_seconds": 0.0,
-        "history": [],
-    }
+    mesh, rules = make_mesh(config)
+    with sharding.use_mesh(mesh, rules):
+        setup = make_setup(config, data, items, mesh, rules)
+        evaluator = Evaluator(setup.model, data, config, mesh, rules)
+        ckpt = checkpointing.Checkpointer(workdir / "checkpoints", metric=SELECT_METRIC)
+        logger = MetricLogger(workdir, enabled=is_main)
+        data_iter = iter(train_batches(setup, config.seed))
+        state, record = _start(setup, ckpt, data_iter, workdir)
+        steps, stopped_early = _train_loop(setup, state, record, data_iter, evaluator, ckpt, logger)
+        results = _finish(setup, record, evaluator, ckpt, logger, workdir, steps, stopped_early)
+    logger.close()
+    ckpt.close()
+    return results
+
+
+def _start(setup: TrainSetup, ckpt, data_iter, workdir: Path) -> tuple[TrainState, LoopRecord]:
+    """(state, record) at step 0, or at the latest checkpoint (`data_iter` then set to it)."""
     latest = ckpt.latest_step()
     if latest is None:
-        state = trainer.init_state(config.seed)
-    else:
-        abstract = trainer.abstract_state
-        params, opt_state, meta = ckpt.restore(
-            latest,
-            abstract_params=abstract["params"],
-            abstract_opt_state=abstract["opt_state"],
-            data_iter=data_iter,
-        )
-        state = {
-            "params": params,
-            "opt_state": opt_state,
-            "step": jax.device_put(jnp.int32(latest)),
-        }
-        logging.info("resumed from step %d in %s", latest, workdir)
-    n_params = _count_params(state["params"])
-    logger = MetricLogger(workdir, enabled=is_main)
-    step = int(state["step"])
-    progress = logger.progress(trainer.total_steps, step, enabled=config.train.progress and is_main)
-    window = {"start": time.perf_counter(), "tokens": 0.0}
+        return initial_state(setup, setup.config.seed), LoopRecord()
+    params, opt_state, meta = ckpt.restore(
+        latest,
+        abstract_params=setup.abstract_state.params,
+        abstract_opt_state=setup.abstract_state.opt_state,
+        data_iter=data_iter,
+    )
+    step = jax.device_put(jnp.int32(latest))
+    logging.info("resumed from step %d in %s", latest, workdir)
+    return TrainState(params=params, opt_state=opt_state, step=step), LoopRecord.from_meta(meta)
+
+
+@dataclasses.dataclass
+class _Window:
+    """Wall time and tokens since the last logged step: the train seconds and throughput."""
+
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+    tokens: float = 0.0
+
+
+def _train_loop(
+    setup: TrainSetup, state: TrainState, record: LoopRecord, data_iter, evaluator, ckpt, logger
+) -> tuple[int, bool]:
+    """Trains `state` up to `total_steps` or early stopping, validating and checkpointing every
+    `eval_every` steps (`record` follows); returns (steps taken in all, stopped early)."""
+    c = setup.config
+    rng = jax.random.key(c.seed)
+    step = int(state.step)
+    enabled = c.train.progress and jax.process_index() == 0
+    progress = logger.progress(setup.total_steps, step, enabled=enabled)
+    window = _Window()
     cpu_mark = time.process_time()  # process CPU seconds (all threads): the cost BENCHMARKS reports
-    stopped_early = meta["bad_evals"] >= config.train.patience  # a finished run stays finished
-    while step < trainer.total_steps and not stopped_early:
+    stopped_early = record.bad_evals >= c.train.patience  # a finished run stays finished
+    while step < setup.total_steps and not stopped_early:
         local = next(data_iter)
-        window["tokens"] += float(local["mask"].sum()) * jax.process_count()  # host-side count
-        batch = sharding.global_batch(local, trainer.mesh, trainer.rules)
-        state, step_metrics = trainer.train_step(state, batch, rng)
+        window.tokens += float(local["mask"].sum()) * jax.process_count()  # host-side count
+        batch = sharding.global_batch(local, setup.mesh, setup.rules)
+        state, step_metrics = setup.train_step(state, batch, rng)
         step += 1
-        is_eval = step % trainer.eval_every == 0 or step == trainer.total_steps
-        if step % config.train.log_every_steps == 0 or is_eval:
+        is_eval = step % setup.eval_every == 0 or step == setup.total_steps
+        if step % c.train.log_every_steps == 0 or is_eval:
             host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
             _check_finite(host, step, ckpt)
-            elapsed = time.perf_counter() - window["start"]
-            host["tokens_per_s"] = window["tokens"] / max(elapsed, 1e-9)
-            meta["train_seconds"] += elapsed
+            elapsed = time.perf_counter() - window.start
+            host["tokens_per_s"] = window.tokens / max(elapsed, 1e-9)
+            record.train_seconds += elapsed
             logger.write(step, {f"train/{k}": v for k, v in host.items()})
             progress.update(step, host["loss"], host["tokens_per_s"])
-            window = {"start": time.perf_counter(), "tokens": 0.0}
+            window = _Window()
         if is_eval:
-            val, _ = evaluator.evaluate(state["params"], "valid")
-            meta["eval_seconds"] += val["seconds"]
-            meta["cpu_seconds"] = meta.get("cpu_seconds", 0.0) + time.process_time() - cpu_mark
+            val, _ = evaluator.evaluate(state.params, "valid")
+            record.record_validation(step, val["ndcg@10"], val, time.process_time(), cpu_mark)
             cpu_mark = time.process_time()
-            score = val["ndcg@10"]
-            improved = score > meta["best"]
-            if improved:
-                meta.update(best=score, best_step=step, bad_evals=0, best_val=val)
-                meta["best_cpu_seconds"] = meta["cpu_seconds"]
-            else:
-                meta["bad_evals"] += 1
-            meta["history"].append([step, meta["train_seconds"], score, meta["cpu_seconds"]])
             logger.write(step, {f"val/{k}": v for k, v in val.items() if "@" in k or k == "mrr"})
             ckpt.save(
                 step,
-                params=state["params"],
-                opt_state=state["opt_state"],
+                params=state.params,
+                opt_state=state.opt_state,
                 data_iter=data_iter,
-                meta=meta,
-                metrics={SELECT_METRIC: score},
+                meta=record.to_meta(),
+                metrics={SELECT_METRIC: val["ndcg@10"]},
             )
-            stopped_early = meta["bad_evals"] >= config.train.patience
-            window["start"] = time.perf_counter()
+            stopped_early = record.bad_evals >= c.train.patience
+            window.start = time.perf_counter()
     progress.close()
+    return step, stopped_early
+
+
+def _finish(
+    setup: TrainSetup,
+    record: LoopRecord,
+    evaluator,
+    ckpt,
+    logger,
+    workdir: Path,
+    steps: int,
+    stopped_early: bool,
+) -> dict:
+    """Tests the best validated checkpoint once; writes and returns results.json."""
     ckpt.wait()
     best_step = ckpt.best_step()
     if best_step is None:
         raise TrainingError(f"{workdir}: no validated checkpoint to test; train longer.")
-    params = ckpt.restore_params(best_step, trainer.abstract_state["params"])
+    params = ckpt.restore_params(best_step, setup.abstract_state.params)
     test, _ = evaluator.evaluate(params, "test")
-    if meta.get("best_step") == best_step and "best_val" in meta:
-        best_val = meta["best_val"]  # recorded when that checkpoint was validated
+    if record.best_step == best_step and record.best_val is not None:
+        best_val = record.best_val  # recorded when that checkpoint was validated
     else:  # e.g. Orbax kept another step of equal score
         best_val, _ = evaluator.evaluate(params, "valid")
+    c, data = setup.config, setup.data
     results = {
-        "model": config.model.name,
-        "data": {
-            **data.stats(),
-            "source": config.data.path or config.data.synthetic or config.data.release,
-        },
+        "model": c.model.name,
+        "data": {**data.stats(), "source": c.data.path or c.data.synthetic or c.data.release},
         "protocol": {
             "split": "leave-one-out",
-            "mask_history": bool(config.eval.mask_history),
-            "max_len": config.data.max_len,
+            "mask_history": bool(c.eval.mask_history),
+            "max_len": c.data.max_len,
             **data.options,
-            "ranking": trainer.model.ranking,
+            "ranking": setup.model.ranking,
         },
         "best_step": best_step,
-        "steps": step,
+        "steps": steps,
         "stopped_early": stopped_early,
-        "params": n_params,
-        "train_seconds": meta["train_seconds"],
-        "eval_seconds": meta["eval_seconds"] + test["seconds"],
+        "params": _count_params(params),
+        "train_seconds": record.train_seconds,
+        "eval_seconds": record.eval_seconds + test["seconds"],
         # process CPU seconds (every thread) of training and validation, in all and up to the
         # validation that selected the best checkpoint (compilation included)
-        "cpu_seconds": meta.get("cpu_seconds"),
-        "cpu_seconds_to_best": meta.get("best_cpu_seconds"),
-        "history": meta["history"],
+        "cpu_seconds": record.cpu_seconds,
+        "cpu_seconds_to_best": record.best_cpu_seconds,
+        "history": record.history,
         "val": best_val,
         "test": test,
     }
-    if is_main:
+    if jax.process_index() == 0:
         (workdir / "results.json").write_text(json.dumps(results, indent=2))
         logger.write(best_step, {f"test/{k}": v for k, v in test.items() if "@" in k or k == "mrr"})
-    logger.close()
-    ckpt.close()
     return results
 
 

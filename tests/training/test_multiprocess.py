@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from onerec_jax.data import dataset
+from onerec_jax.parallel import sharding
 from onerec_jax.training import checkpointing, train
 
 REPO = Path(__file__).resolve().parents[2]
@@ -175,7 +176,9 @@ def test_final_params_match_one_process(runs):
     config = _config(runs["root"])
     data, items = dataset.load_data(config.data)
     jax.clear_caches()  # logical-axis rules are not part of jit's cache key (JAX_GUIDE.md)
-    abstract = train.Trainer(config, data, items).abstract_state["params"]
+    mesh, rules = train.make_mesh(config)
+    with sharding.use_mesh(mesh, rules):
+        abstract = train.make_setup(config, data, items, mesh, rules).abstract_state.params
     params = {}
     for name in ("one", "two"):
         with checkpointing.Checkpointer(runs["root"] / name / "checkpoints") as ckpt:

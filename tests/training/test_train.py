@@ -48,22 +48,24 @@ def _run_steps(config, n_devices, n_steps=3):
     config.mesh.num_devices = n_devices
     data, items = dataset.load_data(config.data)
     jax.clear_caches()  # logical-axis rules are not part of jit's cache key (JAX_GUIDE.md)
-    trainer = train.Trainer(config, data, items)
-    state = trainer.init_state(config.seed)
-    it = iter(trainer.batches(config.seed))
-    rng, losses = jax.random.key(0), []
-    for _ in range(n_steps):
-        batch = sharding.global_batch(next(it), trainer.mesh, trainer.rules)
-        state, metrics = trainer.train_step(state, batch, rng)
-        losses.append(float(metrics["loss"]))
-    return losses, jax.device_get(state["params"]), trainer
+    mesh, rules = train.make_mesh(config)
+    with sharding.use_mesh(mesh, rules):
+        setup = train.make_setup(config, data, items, mesh, rules)
+        state = train.initial_state(setup, config.seed)
+        it = iter(train.train_batches(setup, config.seed))
+        rng, losses = jax.random.key(0), []
+        for _ in range(n_steps):
+            batch = sharding.global_batch(next(it), mesh, rules)
+            state, metrics = setup.train_step(state, batch, rng)
+            losses.append(float(metrics["loss"]))
+    return losses, jax.device_get(state.params), setup
 
 
 @pytest.mark.parametrize("model", ["sasrec", "onerec"])
 def test_sharded_step_matches_one_device(root, model):
     one_losses, one_params, _ = _run_steps(tiny_config(root, model), 1)
-    eight_losses, eight_params, trainer = _run_steps(tiny_config(root, model), 8)
-    assert trainer.mesh.shape["data"] == 8
+    eight_losses, eight_params, setup = _run_steps(tiny_config(root, model), 8)
+    assert setup.mesh.shape["data"] == 8
     np.testing.assert_allclose(eight_losses, one_losses, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(one_params), jax.tree.leaves(eight_params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
