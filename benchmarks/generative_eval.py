@@ -6,10 +6,10 @@ No file is read: users are synthetic with ML-25M's shape (`train_throughput.synt
 59,047 items, lognormal lengths, median 71), semantic ids are random codes (3 levels x 256 +
 the collision token; timing does not depend on what the codes mean), and params are freshly
 initialised (beam search costs the same whatever the weights). Per variant, in this process:
-`Trainer.train_step` compiled and timed over `--steps` steps (targets/s = real target items per
-step / median step time), then `Evaluator.evaluate(params, "test")` over `--users` users twice:
-the first pass includes compilation (one per history width), the second is the steady time,
-extrapolated linearly to 162,541 users when fewer are run.
+the jitted `train_step` of training/train.py compiled and timed over `--steps` steps (targets/s =
+real target items per step / median step time), then `Evaluator.evaluate(params, "test")` over
+`--users` users twice: the first pass includes compilation (one per history width), the second is
+the steady time, extrapolated linearly to 162,541 users when fewer are run.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ _train_throughput = _sibling("train_throughput")
 ML25M_ITEMS, ML25M_USERS = _train_throughput.ML25M_ITEMS, _train_throughput.ML25M_USERS
 synthetic_sequences = _train_throughput.synthetic_sequences
 time_train_steps = _train_throughput.time_train_steps
+train_setup = _train_throughput.train_setup
 
 
 def run_variant(args, variant: str, ids_path: str) -> dict:
@@ -48,7 +49,6 @@ def run_variant(args, variant: str, ids_path: str) -> dict:
 
     from onerec_jax.defaults import apply_variant, base_config
     from onerec_jax.evaluation.evaluator import Evaluator
-    from onerec_jax.training.train import Trainer
 
     flags.FLAGS(sys.argv[:1])  # Grain reads absl flags
     logging.set_verbosity(logging.WARNING)
@@ -61,8 +61,8 @@ def run_variant(args, variant: str, ids_path: str) -> dict:
     if args.eval_batch:
         c.eval.batch_size = args.eval_batch
     data = synthetic_sequences(args.train_users, args.n_items, args.seed)
-    trainer = Trainer(c, data, items=None)
-    state, host, compile_s, times, _ = time_train_steps(trainer, args.seed, args.warmup, args.steps)
+    setup = train_setup(c, data)
+    state, host, compile_s, times, _ = time_train_steps(setup, args.seed, args.warmup, args.steps)
     targets = float(np.mean([b["mask"].sum() for b in host]))
     step_s = float(np.median(times))
     row = {
@@ -79,8 +79,8 @@ def run_variant(args, variant: str, ids_path: str) -> dict:
     print("TRAIN " + json.dumps(row), flush=True)
     if args.users > 0:
         eval_data = synthetic_sequences(args.users, args.n_items, args.seed + 1)
-        evaluator = Evaluator(trainer.model, eval_data, c, trainer.mesh, trainer.rules)
-        params = state["params"]
+        evaluator = Evaluator(setup.model, eval_data, c, setup.mesh, setup.rules)
+        params = state.params
         first, _ = evaluator.evaluate(params, "test")
         steady, _ = evaluator.evaluate(params, "test") if args.twice else (first, None)
         row.update(

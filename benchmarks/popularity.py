@@ -19,17 +19,20 @@ from ml_collections import config_flags
 from onerec_jax.data import dataset
 from onerec_jax.defaults import apply_variant
 from onerec_jax.evaluation.evaluator import Evaluator
-from onerec_jax.training.train import Trainer
+from onerec_jax.parallel import sharding
+from onerec_jax.training import train
 
 
 def popularity_metrics(config: ml_collections.ConfigDict) -> dict[str, dict[str, float]]:
     """{"valid": metrics, "test": metrics} of the popularity model on `config`'s data."""
     config = apply_variant(config.copy_and_resolve_references(), "pop")
     data, _ = dataset.load_data(config.data, with_items=False)
-    trainer = Trainer(config, data, None)
-    params = trainer.init_state(config.seed)["params"]  # the counts: nothing is trained
-    evaluator = Evaluator(trainer.model, data, config, trainer.mesh, trainer.rules)
-    return {split: evaluator.evaluate(params, split)[0] for split in ("valid", "test")}
+    mesh, rules = train.make_mesh(config)
+    with sharding.use_mesh(mesh, rules):
+        setup = train.make_setup(config, data, None, mesh, rules)
+        params = train.initial_state(setup, config.seed).params  # the counts: nothing is trained
+        evaluator = Evaluator(setup.model, data, config, mesh, rules)
+        return {split: evaluator.evaluate(params, split)[0] for split in ("valid", "test")}
 
 
 def main(argv):

@@ -7,7 +7,8 @@
 On CPU the script asks for 8 fake devices (XLA_FLAGS, set before JAX is imported). Users are
 synthetic (`train_throughput.synthetic_sequences`: ML-25M-like lengths, items uniform over the
 catalogue), built in memory. It trains `--steps` timed steps (after `--warmup`) with the config's
-`Trainer.train_step`, then ranks `--eval_users` users against every item with the `Evaluator`.
+jitted `train_step` (training/train.py), then ranks `--eval_users` users against every item with
+the `Evaluator`.
 
 Reported: the bytes each device holds of every large state leaf (the item table and its Adam
 moments: 1/S of the table each when split S ways, the whole table when replicated), the compiled
@@ -112,7 +113,7 @@ def run(config, *, steps: int, warmup: int, eval_users: int, seed: int = 0) -> d
     from onerec_jax.evaluation import ranking
     from onerec_jax.evaluation.evaluator import Evaluator
     from onerec_jax.parallel import sharding, vocab_parallel
-    from onerec_jax.training.train import Trainer
+    from onerec_jax.training import train
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS(sys.argv[:1])  # Grain reads absl flags
@@ -120,17 +121,18 @@ def run(config, *, steps: int, warmup: int, eval_users: int, seed: int = 0) -> d
     out = {"n_items": config.scale.n_items, "n_devices": jax.device_count()}
     start = time.perf_counter()
     data = synthetic_sequences(config.scale.n_users, config.scale.n_items, seed)
-    trainer = Trainer(config, data, items=None)
+    setup = _train_throughput.train_setup(config, data)
+    mesh, rules = setup.mesh, setup.rules
     shards = max(1, vocab_parallel._size(vocab_parallel.vocab_axes()))
-    out["vocab_shards"], out["mesh"] = shards, dict(trainer.mesh.shape)
-    it = iter(trainer.batches(seed))
-    batches = [sharding.global_batch(next(it), trainer.mesh, trainer.rules) for _ in range(2)]
-    state = trainer.init_state(seed)
+    out["vocab_shards"], out["mesh"] = shards, dict(mesh.shape)
+    it = iter(train.train_batches(setup, seed))
+    batches = [sharding.global_batch(next(it), mesh, rules) for _ in range(2)]
+    state = train.initial_state(setup, seed)
     jax.block_until_ready(state)
     out["setup_s"] = time.perf_counter() - start
     table_rows = max(  # the item tables: the params' largest embedding
         leaf.shape[0]
-        for path, leaf in jax.tree_util.tree_leaves_with_path(state["params"])
+        for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)
         if "embedding" in jax.tree_util.keystr(path) and leaf.ndim == 2
     )
     out["table_rows"] = table_rows
@@ -138,7 +140,7 @@ def run(config, *, steps: int, warmup: int, eval_users: int, seed: int = 0) -> d
 
     rng = jax.random.key(seed)
     start = time.perf_counter()
-    step = trainer.train_step.lower(state, batches[0], rng).compile()
+    step = setup.train_step.lower(state, batches[0], rng).compile()
     out["compile_s"] = time.perf_counter() - start
     out["train_step"] = compiled_report(step, table_rows, shards)
     state, times, losses = run_timed_steps(step, state, batches, rng, warmup, steps)
@@ -148,16 +150,16 @@ def run(config, *, steps: int, warmup: int, eval_users: int, seed: int = 0) -> d
 
     if eval_users > 0:
         eval_data = synthetic_sequences(eval_users, config.scale.n_items, seed + 1)
-        evaluator = Evaluator(trainer.model, eval_data, config, trainer.mesh, trainer.rules)
-        params = state["params"]
+        evaluator = Evaluator(setup.model, eval_data, config, mesh, rules)
+        params = state.params
         table = evaluator._scorer_params(params)
         e = config.eval
         b = e.batch_size
         users = jax.numpy.zeros((b, config.model.dim), table.dtype)
         ids = jax.numpy.ones((b,), jax.numpy.int32)
         ranker = ranking.make_ranker(
-            trainer.mesh, k=e.k, chunk_size=e.chunk_size, mask_history=e.mask_history,
-            n_items=eval_data.n_items, rules=trainer.rules,
+            mesh, k=e.k, chunk_size=e.chunk_size, mask_history=e.mask_history,
+            n_items=eval_data.n_items, rules=rules,
         )  # fmt: skip
         out["ranker"] = compiled_report(
             ranker.lower(users, table, ids, jax.numpy.ones((b, 256), jax.numpy.int32)).compile(),

@@ -11,7 +11,7 @@ Models use `base_config()` + `apply_variant()`: SASRec with mlp_dim = dim, OneRe
 no side features) with mlp_dim = 2 * dim; losses with their config defaults (sampled softmax:
 256 uniform shared negatives + in-batch negatives, logQ; full softmax in 8,192-item chunks).
 
-Per config: `Trainer.train_step` is lowered and compiled ahead of time (compile s), run
+Per config: `train.py`'s jitted `train_step` is lowered and compiled ahead of time (compile s), run
 `--warmup` steps, then `--steps` timed steps, each blocked until done (step ms = median).
 tokens/s = mean valid target positions per batch / median step time. Peak memory is the
 device's `peak_bytes_in_use` where the backend reports it, else the process peak RSS (VmHWM).
@@ -131,21 +131,36 @@ def peak_memory() -> tuple[float, str]:
     return float("nan"), "unknown"
 
 
-def time_train_steps(trainer, seed: int, warmup: int, steps: int):
-    """Compiles `trainer.train_step` ahead of time and runs `warmup` + `steps` steps over 4
+def train_setup(config, data):
+    """`training.train.make_setup` of `config` on `data` (no item file), its mesh and logical
+    axis rules set globally for the rest of this benchmark process."""
+    import flax.linen as nn
+    import jax
+
+    from onerec_jax.training import train
+
+    mesh, rules = train.make_mesh(config)
+    jax.set_mesh(mesh)
+    nn.set_logical_axis_rules(rules)  # before any trace (JAX_GUIDE.md)
+    return train.make_setup(config, data, None, mesh, rules)
+
+
+def time_train_steps(setup, seed: int, warmup: int, steps: int):
+    """Compiles `setup.train_step` ahead of time and runs `warmup` + `steps` steps over 4
     cycled batches, each blocked until done. Returns (state, host batches, compile s, the timed
     steps' seconds, the last loss)."""
     import jax
 
     from onerec_jax.parallel import sharding
+    from onerec_jax.training import train
 
-    it = iter(trainer.batches(seed))
+    it = iter(train.train_batches(setup, seed))
     host = [next(it) for _ in range(4)]  # cycled through by the timed steps
-    batches = [sharding.global_batch(b, trainer.mesh, trainer.rules) for b in host]
-    state = trainer.init_state(seed)
+    batches = [sharding.global_batch(b, setup.mesh, setup.rules) for b in host]
+    state = train.initial_state(setup, seed)
     rng = jax.random.key(seed)
     start = time.perf_counter()
-    step = trainer.train_step.lower(state, batches[0], rng).compile()
+    step = setup.train_step.lower(state, batches[0], rng).compile()
     compile_s = time.perf_counter() - start
     state, times, losses = run_timed_steps(step, state, batches, rng, warmup, steps)
     return state, host, compile_s, times, losses[-1] if losses else float("nan")
@@ -177,22 +192,21 @@ def run_one(args, model: str, dim: int, loss: str, dtype: str, with_eval: bool) 
     from absl import flags, logging
 
     from onerec_jax.evaluation.evaluator import Evaluator
-    from onerec_jax.training.train import Trainer
 
     flags.FLAGS(sys.argv[:1])  # Grain reads absl flags
     logging.set_verbosity(logging.WARNING)
     c = make_config(args, model, dim, loss, dtype)
     data = synthetic_sequences(args.train_users, args.n_items, args.seed)
-    trainer = Trainer(c, data, items=None)
+    setup = train_setup(c, data)
     state, host, compile_s, times, loss_value = time_train_steps(
-        trainer, args.seed, args.warmup, args.steps
+        setup, args.seed, args.warmup, args.steps
     )
     tokens = float(np.mean([b["mask"].sum() for b in host]))
     padding = 1.0 - float(np.mean([b["mask"].mean() for b in host]))
     step_s = float(np.median(times))
     peak_bytes, peak_source = peak_memory()  # before evaluation
 
-    params = state["params"]
+    params = state.params
     embedding = sum(
         int(np.prod(x.shape))
         for path, x in jax.tree_util.tree_leaves_with_path(params)
@@ -227,7 +241,7 @@ def run_one(args, model: str, dim: int, loss: str, dtype: str, with_eval: bool) 
     print("RESULT " + json.dumps(row), flush=True)
     if with_eval and args.eval_users > 0:
         eval_data = synthetic_sequences(args.eval_users, args.n_items, args.seed + 1)
-        evaluator = Evaluator(trainer.model, eval_data, c, trainer.mesh, trainer.rules)
+        evaluator = Evaluator(setup.model, eval_data, c, setup.mesh, setup.rules)
         first, _ = evaluator.evaluate(params, "test")  # compiles once per history width
         steady, _ = evaluator.evaluate(params, "test")
         result = {

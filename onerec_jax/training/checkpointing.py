@@ -7,7 +7,7 @@ directory holds four items, so evaluation can restore params alone:
 - `data_iter`: this process's Grain iterator state (one JSON file per process, so resume with
   the same process count);
 - `meta`: a small JSON dict the trainer needs to resume exactly (best validation so far,
-  patience, wall time, ...).
+  patience, wall time, ...: `state.LoopRecord.to_meta`).
 
 Retention (verified on orbax-checkpoint 0.12.8 by tests/training/test_checkpointing.py): a step is
 kept if it is the latest, or if it has the best `metric` among the steps saved WITH metrics. A
