@@ -1,4 +1,5 @@
-"""The public PyTorch SASRec+ recipe, rewritten minimally, trained under our protocol.
+"""The public PyTorch SASRec+ and BERT4Rec recipes, rewritten minimally, trained under our
+protocol.
 
   pip install -c constraints.txt -e '.[bench]'        # torch (CPU), only for this benchmark
   taskset -c 0 python benchmarks/reference_sasrec.py --config configs/ml_latest_small.py \
@@ -15,6 +16,14 @@ key padding mask); x = FFN(LN(x)) + LN(x) (two 1x1 convolutions with dropout); p
 zeroed after each block; a last LN; logits against the item table (scaled by sqrt(dim) at the
 input). Initialisation normal(0.02) for embeddings and the FFN and attention-output kernels
 (MultiheadAttention's in-projection keeps torch's Xavier-uniform), biases 0, padding row 0.
+
+`--model bert4rec` (with `--patience 20 --max_epochs 200`, the reference's BERT4Rec.yaml):
+HF BertModel as the reference configures it (hidden 64, 2 layers, 2 heads, intermediate 256,
+dropout 0.1, LayerNorm eps 1e-12, absolute positions from the first slot, embedding LayerNorm,
+post-LN layers, GELU) fed the item embeddings, logits from the tied item table; ids 0 padding,
+n + 1 [MASK]; one example per user an epoch, the last 50 training items, each replaced by
+[MASK] with probability 0.2 (no forced last-item masking), cross-entropy at the masked slots
+over all n + 2 rows; evaluation appends [MASK] after the last 49 items.
 
 What is ours: the data (our reader, dense ids, leave-one-out split: `SequenceData.split`) and the
 metric (full ranking over every item, the user's training history masked, rank = 1 + higher +
@@ -112,6 +121,58 @@ class ReferenceSASRec(nn.Module):
         return self.last_norm(x) @ self.item_emb.weight.T
 
 
+class BertLayer(nn.Module):
+    """One post-LN BERT encoder layer as HF transformers' BertLayer (eps 1e-12, GELU)."""
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.attn_drop = nn.Dropout(dropout)
+        self.out = nn.Linear(dim, dim)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-12)
+        self.up = nn.Linear(dim, mlp_dim)
+        self.down = nn.Linear(mlp_dim, dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-12)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, key_bias):  # x [B, T, D], key_bias [B, 1, 1, T] (0 or -inf-ish)
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        att = (q @ k.transpose(-1, -2)) / math.sqrt(d // self.heads) + key_bias
+        h = (self.attn_drop(att.softmax(-1)) @ v).transpose(1, 2).reshape(b, t, d)
+        x = self.norm1(x + self.drop(self.out(h)))
+        h = self.down(nn.functional.gelu(self.up(x)))
+        return self.norm2(x + self.drop(h))
+
+
+class ReferenceBERT4Rec(nn.Module):
+    """BERT4Rec as the reference builds it: HF BertModel (absolute positions from the first
+    slot, token-type row 0, embedding LayerNorm, post-LN layers, dropout 0.1, init normal(0.02))
+    fed item embeddings, logits from the tied item table (no bias). Ids: 0 padding, 1..n items,
+    n + 1 the [MASK] token; the table has all n + 2 rows, as the reference's."""
+
+    def __init__(self, n_items: int, max_len=50, dim=64, layers=2, heads=2, mlp_dim=256,
+                 dropout=0.1, max_positions=200):  # fmt: skip
+        super().__init__()
+        self.item_emb = nn.Embedding(n_items + 2, dim, padding_idx=0)
+        self.pos_emb = nn.Embedding(max_positions, dim)
+        self.type_emb = nn.Embedding(2, dim)
+        self.emb_norm = nn.LayerNorm(dim, eps=1e-12)
+        self.drop = nn.Dropout(dropout)
+        self.layers = nn.ModuleList(BertLayer(dim, heads, mlp_dim, dropout) for _ in range(layers))
+        self.apply(ReferenceSASRec._init)
+
+    def forward(self, ids):  # [B, T] right-padded with 0 -> logits [B, T, n_items + 2]
+        positions = self.pos_emb(torch.arange(ids.shape[1]))[None]
+        x = self.item_emb(ids) + positions + self.type_emb.weight[0]
+        x = self.drop(self.emb_norm(x))
+        key_bias = torch.where(ids != 0, 0.0, torch.finfo(x.dtype).min)[:, None, None, :]
+        for layer in self.layers:
+            x = layer(x, key_bias)
+        return x @ self.item_emb.weight.T
+
+
 def _load_data(config_path: str, overrides: dict[str, str]):
     spec = importlib.util.spec_from_file_location("dataset_config", config_path)
     module = importlib.util.module_from_spec(spec)
@@ -158,18 +219,23 @@ def ranking_metrics(scores: np.ndarray, targets: np.ndarray, k: int = 10) -> dic
 
 @torch.no_grad()
 def evaluate(model, data, split_name: str, max_len: int, batch: int = 256) -> dict[str, float]:
-    """Full ranking of every user's target in `split_name` ("valid" or "test")."""
+    """Full ranking of every user's target in `split_name` ("valid" or "test"). BERT4Rec reads
+    the last max_len - 1 items and a [MASK] (the reference's MaskedLMPredictionDataset)."""
     model.eval()
     split = data.split(split_name)
+    cloze = isinstance(model, ReferenceBERT4Rec)
     per_user: dict[str, list[np.ndarray]] = {}
     for lo in range(0, data.n_users, batch):
         users = range(lo, min(lo + batch, data.n_users))
-        rows = [
-            data.items[max(split.starts[u], split.ends[u] - max_len) : split.ends[u]] for u in users
-        ]
+        keep = max_len - 1 if cloze else max_len
+        rows = [data.items[max(split.starts[u], split.ends[u] - keep) : split.ends[u]]
+                for u in users]  # fmt: skip
+        if cloze:
+            rows = [np.append(r, data.n_items + 1) for r in rows]
         ids = torch.from_numpy(_right_padded(rows, 0))
         last = torch.tensor([len(r) - 1 for r in rows])
         logits = model(ids)[torch.arange(len(rows)), last].numpy().astype(np.float64)
+        logits = logits[:, : data.n_items + 1]  # BERT4Rec's [MASK] row is not an item
         logits[:, 0] = -np.inf
         for i, u in enumerate(users):
             logits[i, data.items[split.starts[u] : split.ends[u]]] = -np.inf  # the whole history
@@ -185,13 +251,25 @@ def evaluate(model, data, split_name: str, max_len: int, batch: int = 256) -> di
     return out
 
 
-def train(data, *, seed=0, max_len=200, batch=128, lr=1e-3, max_epochs=400, patience=10, log=print):
+def _cloze_batch(rows: list[np.ndarray], n_items: int, rng, mask_prob: float):
+    """The reference's MaskedLMDataset: each item hidden by [MASK] (id n_items + 1) with
+    probability mask_prob, labels only there (-100 elsewhere), right padded."""
+    ids = _right_padded(rows, 0)
+    hide = (rng.random(ids.shape) < mask_prob) & (ids != 0)
+    labels = np.where(hide, ids, -100)
+    return torch.from_numpy(np.where(hide, n_items + 1, ids)), torch.from_numpy(labels)
+
+
+def train(data, *, model_name="sasrec", seed=0, max_len=200, batch=128, lr=1e-3, max_epochs=400,
+          patience=10, mask_prob=0.2, log=print):  # fmt: skip
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = ReferenceSASRec(data.n_items, max_len=max_len)
+    cloze = model_name == "bert4rec"
+    model = (ReferenceBERT4Rec if cloze else ReferenceSASRec)(data.n_items, max_len)
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     loss_fn = nn.CrossEntropyLoss(ignore_index=-100)
-    examples = _training_examples(data, max_len)
+    # SASRec: the last max_len + 1 items (inputs and shifted labels); BERT4Rec: the last max_len
+    examples = _training_examples(data, max_len - 1 if cloze else max_len)
     history, best = [], {"val_ndcg": -1.0}
     best_state, bad, cpu = None, 0, 0.0
     for epoch in range(1, max_epochs + 1):
@@ -199,9 +277,13 @@ def train(data, *, seed=0, max_len=200, batch=128, lr=1e-3, max_epochs=400, pati
         order = rng.permutation(len(examples))  # DataLoader(shuffle=True), last batch kept
         for lo in range(0, len(examples), batch):
             rows = [examples[i] for i in order[lo : lo + batch]]
-            ids = torch.from_numpy(_right_padded([r[:-1] for r in rows], 0))
-            labels = torch.from_numpy(_right_padded([r[1:] for r in rows], -100))
-            loss = loss_fn(model(ids).reshape(-1, data.n_items + 1), labels.reshape(-1))
+            if cloze:
+                ids, labels = _cloze_batch(rows, data.n_items, rng, mask_prob)
+            else:
+                ids = torch.from_numpy(_right_padded([r[:-1] for r in rows], 0))
+                labels = torch.from_numpy(_right_padded([r[1:] for r in rows], -100))
+            logits = model(ids)
+            loss = loss_fn(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -227,6 +309,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", default="configs/ml_latest_small.py", help="dataset config file")
     p.add_argument("--data.path", dest="path", default=None, help="override config.data.path")
     p.add_argument("--data.format", dest="format", default=None, help="override config.data.format")
+    p.add_argument("--model", choices=("sasrec", "bert4rec"), default="sasrec")
+    p.add_argument(
+        "--max_len",
+        type=int,
+        default=None,
+        help="default: config data.max_len (SASRec), 50 (BERT4Rec, the reference's)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max_epochs", type=int, default=400)
     p.add_argument("--patience", type=int, default=10, help="PROTOCOL.md's reference run: 10")
@@ -238,15 +327,17 @@ def main(argv: list[str] | None = None) -> None:
     data, cfg = _load_data(args.config, overrides)
     print(f"{data.n_users} users, {data.n_items} items; torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s)", flush=True)  # fmt: skip
+    max_len = args.max_len or (50 if args.model == "bert4rec" else cfg.data.max_len)
     model, history, best, cpu = train(
-        data, seed=args.seed, max_len=cfg.data.max_len, max_epochs=args.max_epochs,
+        data, model_name=args.model, seed=args.seed, max_len=max_len, max_epochs=args.max_epochs,
         patience=args.patience, log=lambda m: print(m, flush=True),
     )  # fmt: skip
-    test = evaluate(model, data, "test", cfg.data.max_len)
+    test = evaluate(model, data, "test", max_len)
     print(f"best epoch {best['epoch']}: val NDCG@10 {best['val_ndcg']:.4f}, "
           f"test NDCG@10 {test['ndcg@10']:.4f} HR@10 {test['hr@10']:.4f}")  # fmt: skip
     result = {
-        "model": "reference SASRec+ (torch)", "seed": args.seed,
+        "model": f"reference {'BERT4Rec' if args.model == 'bert4rec' else 'SASRec+'} (torch)",
+        "seed": args.seed, "max_len": max_len,
         "data": overrides or cfg.data.release,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "best_epoch": best["epoch"],
         "cpu_seconds_to_best": best["cpu_seconds"], "cpu_seconds": cpu, "valid": best["valid"],
