@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import platform
@@ -26,18 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
+# benchmarks/ is not a package: its scripts import each other from their own folder.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_throughput as _train_throughput  # noqa: E402
 
-def _sibling(name: str):
-    """The benchmark module `name`.py beside this file (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(
-        name, Path(__file__).resolve().parent / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_train_throughput = _sibling("train_throughput")
 ML25M_ITEMS, ML25M_USERS = _train_throughput.ML25M_ITEMS, _train_throughput.ML25M_USERS
 synthetic_sequences = _train_throughput.synthetic_sequences
 time_train_steps = _train_throughput.time_train_steps

@@ -39,18 +39,10 @@ if __name__ == "__main__" and "--xla_force_host_platform_device_count" not in os
 
 import numpy as np
 
+# benchmarks/ is not a package: its scripts import each other from their own folder.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_throughput as _train_throughput  # noqa: E402
 
-def _sibling(name: str):
-    """The benchmark module `name`.py beside this file (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(
-        name, Path(__file__).resolve().parent / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_train_throughput = _sibling("train_throughput")
 _table, peak_memory = _train_throughput._table, _train_throughput.peak_memory
 run_timed_steps = _train_throughput.run_timed_steps
 synthetic_sequences = _train_throughput.synthetic_sequences

@@ -106,7 +106,7 @@ class Recommender:
         if user is not None:
             batch["user"] = np.asarray([user], np.int32)
         seen = np.unique(history)
-        width = 1 << max(len(seen) - 1, 0).bit_length()  # few shapes, few recompilations
+        width = ranking.history_width(len(seen))  # few shapes, few recompilations
         masked = np.zeros((1, width), np.int32)
         masked[0, : len(seen)] = seen
         k = min(k, self.data.n_items)

@@ -62,7 +62,7 @@ class Evaluator:
         for g, batch in enumerate(ds):
             # One history width per GLOBAL batch, so every process pads its rows alike.
             longest = int(lengths[order[g * e.batch_size : (g + 1) * e.batch_size]].max())
-            width = 1 << max(longest - 1, 0).bit_length()
+            width = ranking.history_width(longest)
             history = ranking.history_batch(self.data, split, batch["user"], width=width)
             local = {"inputs": batch["inputs"], "user": batch["user"], "target": batch["target"],
                      "history": history}  # fmt: skip
