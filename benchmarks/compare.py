@@ -33,8 +33,18 @@ from typing import NamedTuple
 from onerec_jax.evaluation import report, report_seeds
 
 # Item-scoring models, then the semantic-id schemes (each tokenizes into its run folder first).
-VARIANTS = ("pop", "bpr", "ncf", "gru4rec", "sasrec", "bert4rec", "onerec",
-            "onerec_sidfeat", "tiger", "onerec_sid")  # fmt: skip
+VARIANTS = (
+    "pop",
+    "bpr",
+    "ncf",
+    "gru4rec",
+    "sasrec",
+    "bert4rec",
+    "onerec",
+    "onerec_sidfeat",
+    "tiger",
+    "onerec_sid",
+)
 
 # (command, log file) -> exit code; tests pass a fake one.
 Runner = Callable[[list[str], Path], int]
@@ -46,13 +56,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--root", required=True, type=Path, help="one folder per variant goes here")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants")
     seeds = p.add_mutually_exclusive_group()
-    seeds.add_argument("--seed", type=int, default=None,
-                       help="config.seed for every variant; runs go in ROOT/<variant>")  # fmt: skip
-    seeds.add_argument("--seeds", default=None, metavar="K,K,...",
-                       help="train every variant once per seed, into ROOT/<variant>/seed<k>; the "
-                       "report gives the mean +- sd over seeds")  # fmt: skip
-    p.add_argument("--extra", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="config overrides for every variant, e.g. train.num_epochs=3")  # fmt: skip
+    seeds.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="config.seed for every variant; runs go in ROOT/<variant>",
+    )
+    seeds.add_argument(
+        "--seeds",
+        default=None,
+        metavar="K,K,...",
+        help="train every variant once per seed, into ROOT/<variant>/seed<k>; the "
+        "report gives the mean +- sd over seeds",
+    )
+    p.add_argument(
+        "--extra",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides for every variant, e.g. train.num_epochs=3",
+    )
     p.add_argument("--force", action="store_true", help="retrain runs that have results")
     args = p.parse_args(argv)
     if ":" in Path(args.config).name:
@@ -133,8 +157,17 @@ def config_overrides(seed: int | None, extra: list[str]) -> list[str]:
 
 
 def train_command(config: str, variant: str, workdir: Path, overrides: list[str]) -> list[str]:
-    return [sys.executable, "-m", "onerec_jax.main", "--config", f"{config}:{variant}",
-            "--mode", "train", f"--workdir={workdir}", *overrides]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "onerec_jax.main",
+        "--config",
+        f"{config}:{variant}",
+        "--mode",
+        "train",
+        f"--workdir={workdir}",
+        *overrides,
+    ]
 
 
 def run_logged(command: list[str], log: Path) -> int:
@@ -162,8 +195,9 @@ def train_variants(args: argparse.Namespace, runner: Runner = run_logged) -> lis
         workdir, name = args.root / run.name, run.name
         if (workdir / "results.json").exists() and not args.force:
             print(f"[{name}] skipped: {workdir / 'results.json'} exists (--force retrains)")
-            records.append({"variant": run.variant, "seed": run.seed, "run": name,
-                            "status": "skipped"})  # fmt: skip
+            records.append(
+                {"variant": run.variant, "seed": run.seed, "run": name, "status": "skipped"}
+            )
             continue
         if args.force and workdir.exists():
             shutil.rmtree(workdir)  # else the trainer would resume the finished run
@@ -175,9 +209,15 @@ def train_variants(args: argparse.Namespace, runner: Runner = run_logged) -> lis
         start = time.perf_counter()
         code = runner(command, log)
         seconds = time.perf_counter() - start
-        status = {"variant": run.variant, "seed": run.seed, "command": command,
-                  "returncode": code, "wall_seconds": seconds, "log": log.name,
-                  "error": error_line(log) if code else None}  # fmt: skip
+        status = {
+            "variant": run.variant,
+            "seed": run.seed,
+            "command": command,
+            "returncode": code,
+            "wall_seconds": seconds,
+            "log": log.name,
+            "error": error_line(log) if code else None,
+        }
         (workdir / report.RUN_STATUS).write_text(json.dumps(status, indent=2))
         outcome = "done" if code == 0 else f"FAILED (exit {code}): {status['error']}"
         print(f"[{name}] {outcome} in {seconds:,.0f}s wall", flush=True)

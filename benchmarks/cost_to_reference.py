@@ -57,8 +57,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     refs = [json.loads(path.read_text()) for path in args.reference]
     ours = {run: cpu_curve(run) for run in args.runs if (run / "results.json").exists()}
-    print("| reference seed | its best val NDCG@10 | its CPU-s to best | our run | our CPU-s "
-          "to reach it | fraction |")  # fmt: skip
+    print(
+        "| reference seed | its best val NDCG@10 | its CPU-s to best | our run | our CPU-s "
+        "to reach it | fraction |"
+    )
     print("|---|---|---|---|---|---|")
     fractions = []
     for ref, path in zip(refs, args.reference, strict=True):
@@ -68,16 +70,22 @@ def main(argv: list[str] | None = None) -> None:
             name = f"{run}{' (est.)' if estimated else ''}"
             if reached is None:
                 best = max(score for _, score in curve)
-                print(f"| {path.stem} | {target:.4f} | {cost:,.0f} | {name} | not reached "
-                      f"(best {best:.4f}) | - |")  # fmt: skip
+                print(
+                    f"| {path.stem} | {target:.4f} | {cost:,.0f} | {name} | not reached "
+                    f"(best {best:.4f}) | - |"
+                )
                 continue
             fractions.append(reached / cost)
-            print(f"| {path.stem} | {target:.4f} | {cost:,.0f} | {name} | {reached:,.0f} | "
-                  f"{reached / cost:.2f} |")  # fmt: skip
+            print(
+                f"| {path.stem} | {target:.4f} | {cost:,.0f} | {name} | {reached:,.0f} | "
+                f"{reached / cost:.2f} |"
+            )
     if fractions:
         sd = statistics.stdev(fractions) if len(fractions) > 1 else 0.0
-        print(f"\nfraction of the reference's CPU-seconds, mean +- sd over {len(fractions)} "
-              f"pairs: {statistics.mean(fractions):.2f} +- {sd:.2f}")  # fmt: skip
+        print(
+            f"\nfraction of the reference's CPU-seconds, mean +- sd over {len(fractions)} "
+            f"pairs: {statistics.mean(fractions):.2f} +- {sd:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -52,8 +52,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--max_steps", type=int, default=0, help="train this many steps, not 1 epoch (0: 1 epoch)"
     )
-    p.add_argument("--extra", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="config overrides for every stage, e.g. model.dim=128")  # fmt: skip
+    p.add_argument(
+        "--extra",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides for every stage, e.g. model.dim=128",
+    )
     p.add_argument("--poll_s", type=float, default=0.5, help="RSS sampling interval, seconds")
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
@@ -73,14 +79,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def stage_command(args: argparse.Namespace, stage: str) -> list[str]:
     """`python -m onerec_jax.main ...` for `stage`, writing into ROOT/<stage>."""
     root = args.root.resolve()
-    common = [f"--workdir={root / stage}", f"--config.data.path={args.data.resolve()}",
-              f"--config.data.cache_dir={root / 'cache'}"]  # fmt: skip
+    common = [
+        f"--workdir={root / stage}",
+        f"--config.data.path={args.data.resolve()}",
+        f"--config.data.cache_dir={root / 'cache'}",
+    ]
     if stage == "prepare":
         head, mode = [args.config], ["--mode", "prepare"]
     else:
         head, mode = [f"{args.config}:{stage}"], ["--mode", "train"]
-        common += ["--config.train.num_epochs=1", "--config.loss.name=sampled_softmax",
-                   f"--config.eval.valid_users={args.valid_users}"]  # fmt: skip
+        common += [
+            "--config.train.num_epochs=1",
+            "--config.loss.name=sampled_softmax",
+            f"--config.eval.valid_users={args.valid_users}",
+        ]
         if args.max_steps:
             common.append(f"--config.train.num_steps={args.max_steps}")
     extra = [f"--config.{item}" for item in args.extra]
@@ -123,8 +135,12 @@ def run_measured(command: list[str], log: Path, poll_s: float) -> dict:
         sampler.join()
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"returncode": proc.returncode, "seconds": seconds,
-            "peak_rss_bytes": usage.ru_maxrss * 1024, "samples": samples}  # fmt: skip
+    return {
+        "returncode": proc.returncode,
+        "seconds": seconds,
+        "peak_rss_bytes": usage.ru_maxrss * 1024,
+        "samples": samples,
+    }
 
 
 def _peak(samples: list[tuple[float, int]], start: float, end: float) -> int | None:
@@ -137,20 +153,28 @@ def train_breakdown(workdir: Path, wall: float, samples: list[tuple[float, int]]
     results = json.loads((workdir / "results.json").read_text())
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "train/loss" in r]
-    ends = {key: max((r["time"] for r in rows if key in r), default=None)
-            for key in ("train/loss", "val/ndcg@10", "test/ndcg@10")}  # fmt: skip
+    ends = {
+        key: max((r["time"] for r in rows if key in r), default=None)
+        for key in ("train/loss", "val/ndcg@10", "test/ndcg@10")
+    }
     train_s, test_s = results["train_seconds"], results["test"]["seconds"]
     valid_s = results["eval_seconds"] - test_s
     rates = [r["train/tokens_per_s"] for r in train_rows]
     t_train, t_val, t_test = ends.values()
     parts = {
         "training": {"seconds": train_s, "peak_rss_bytes": _peak(samples, 0, t_train or 0)},
-        "validation": {"seconds": valid_s, "users": int(results["val"]["n_users"]),
-                       "peak_rss_bytes": _peak(samples, t_train or 0, t_val or 0)},
-        "test": {"seconds": test_s, "users": int(results["test"]["n_users"]),
-                 "peak_rss_bytes": _peak(samples, t_val or 0, t_test or 0)},
+        "validation": {
+            "seconds": valid_s,
+            "users": int(results["val"]["n_users"]),
+            "peak_rss_bytes": _peak(samples, t_train or 0, t_val or 0),
+        },
+        "test": {
+            "seconds": test_s,
+            "users": int(results["test"]["n_users"]),
+            "peak_rss_bytes": _peak(samples, t_val or 0, t_test or 0),
+        },
         "other": {"seconds": wall - train_s - valid_s - test_s},
-    }  # fmt: skip
+    }
     return {
         "parts": parts,
         "steps": results["steps"],
@@ -182,9 +206,14 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
     log = root / f"{stage}.log"
     print(f"[{stage}] {shlex.join(command)}\n[{stage}] log: {log}", file=sys.stderr, flush=True)
     run = run_measured(command, log, args.poll_s)
-    record = {"stage": stage, "command": command, "log": str(log),
-              "returncode": run["returncode"], "seconds": run["seconds"],
-              "peak_rss_bytes": run["peak_rss_bytes"]}  # fmt: skip
+    record = {
+        "stage": stage,
+        "command": command,
+        "log": str(log),
+        "returncode": run["returncode"],
+        "seconds": run["seconds"],
+        "peak_rss_bytes": run["peak_rss_bytes"],
+    }
     if run["returncode"]:
         record["error"] = last_error(log)
     elif stage == "prepare":
@@ -192,8 +221,12 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
     else:
         record.update(train_breakdown(workdir, run["seconds"], run["samples"]))
     outcome = f"exit {run['returncode']}: {record['error']}" if run["returncode"] else "done"
-    print(f"[{stage}] {outcome} in {run['seconds']:,.1f} s, peak RSS "
-          f"{run['peak_rss_bytes'] / 1e9:.2f} GB", file=sys.stderr, flush=True)  # fmt: skip
+    print(
+        f"[{stage}] {outcome} in {run['seconds']:,.1f} s, peak RSS "
+        f"{run['peak_rss_bytes'] / 1e9:.2f} GB",
+        file=sys.stderr,
+        flush=True,
+    )
     return record
 
 
@@ -210,28 +243,45 @@ def table_rows(records: list[dict]) -> list[list[str]]:
             rows.append([r["stage"], *head, f"FAILED (exit {r['returncode']}): {r['error']}"])
         elif r["stage"] == "prepare":
             d = r["data"]
-            rows.append(["prepare (cold cache)", *head,
-                         f"{d['interactions']:,} interactions, {d['users']:,} users, "
-                         f"{d['items']:,} items"])  # fmt: skip
+            rows.append(
+                [
+                    "prepare (cold cache)",
+                    *head,
+                    f"{d['interactions']:,} interactions, {d['users']:,} users, "
+                    f"{d['items']:,} items",
+                ]
+            )
         else:
             p = r["parts"]
             rate = "" if r["tokens_per_s"] is None else f", {r['tokens_per_s']:,.0f} tokens/s"
             if r["tokens_per_s"] is not None and r["logged_windows"] == 1:
                 rate += " (one logged window: compilation included)"
             rows += [
-                [f"{NAMES[r['stage']]}: 1 epoch + test", *head,
-                 f"{r['params']:,} params, sampled softmax"],
-                ["- training", f"{p['training']['seconds']:,.1f}",
-                 _gb(p["training"]["peak_rss_bytes"]),
-                 f"{r['steps']:,} steps{rate}, last loss {r['final_loss']:.3f}"],
-                [f"- validation ({p['validation']['users']:,} users)",
-                 f"{p['validation']['seconds']:,.1f}", _gb(p["validation"]["peak_rss_bytes"]),
-                 f"NDCG@10 {r['val_ndcg@10']:.4f}"],
-                [f"- test ({p['test']['users']:,} users, full ranking)",
-                 f"{p['test']['seconds']:,.1f}", _gb(p["test"]["peak_rss_bytes"]),
-                 f"NDCG@10 {r['test_ndcg@10']:.4f}, HR@10 {r['test_hr@10']:.4f}"],
+                [
+                    f"{NAMES[r['stage']]}: 1 epoch + test",
+                    *head,
+                    f"{r['params']:,} params, sampled softmax",
+                ],
+                [
+                    "- training",
+                    f"{p['training']['seconds']:,.1f}",
+                    _gb(p["training"]["peak_rss_bytes"]),
+                    f"{r['steps']:,} steps{rate}, last loss {r['final_loss']:.3f}",
+                ],
+                [
+                    f"- validation ({p['validation']['users']:,} users)",
+                    f"{p['validation']['seconds']:,.1f}",
+                    _gb(p["validation"]["peak_rss_bytes"]),
+                    f"NDCG@10 {r['val_ndcg@10']:.4f}",
+                ],
+                [
+                    f"- test ({p['test']['users']:,} users, full ranking)",
+                    f"{p['test']['seconds']:,.1f}",
+                    _gb(p["test"]["peak_rss_bytes"]),
+                    f"NDCG@10 {r['test_ndcg@10']:.4f}, HR@10 {r['test_hr@10']:.4f}",
+                ],
                 ["- start-up, data load, checkpoints", f"{p['other']['seconds']:,.1f}", "", ""],
-            ]  # fmt: skip
+            ]
     total = sum(r["seconds"] for r in records)
     peak = max(r["peak_rss_bytes"] for r in records)
     return rows + [["total", f"{total:,.1f}", _gb(peak), "peak: the largest stage's"]]
@@ -244,10 +294,12 @@ def format_table(rows: list[list[str]], markdown: bool) -> str:
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
     widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
     return "\n".join(
-        "  ".join(x.ljust(w) if i in (0, 3) else x.rjust(w) for i, (x, w) in
-                  enumerate(zip(r, widths, strict=True))).rstrip()
+        "  ".join(
+            x.ljust(w) if i in (0, 3) else x.rjust(w)
+            for i, (x, w) in enumerate(zip(r, widths, strict=True))
+        ).rstrip()
         for r in [header, *rows]
-    )  # fmt: skip
+    )
 
 
 def describe_machine() -> str:
@@ -257,8 +309,9 @@ def describe_machine() -> str:
         "import jax; d = jax.devices(); print(f'{len(d)} x {d[0].device_kind}', jax.__version__)"
     )
     try:
-        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                             timeout=120, check=True).stdout.split()  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
+        ).stdout.split()
         device, jax_version = " ".join(out[:-1]), out[-1]
     except (subprocess.SubprocessError, IndexError):
         device, jax_version = "unknown device", "?"
@@ -266,8 +319,10 @@ def describe_machine() -> str:
     models = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
     cpu = models[0] if models else platform.processor()
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{platform.node()}: {cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM; JAX "
-            f"{jax_version} on {device}; Python {platform.python_version()}")  # fmt: skip
+    return (
+        f"{platform.node()}: {cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM; JAX "
+        f"{jax_version} on {device}; Python {platform.python_version()}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

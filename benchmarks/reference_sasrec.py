@@ -152,8 +152,17 @@ class ReferenceBERT4Rec(nn.Module):
     fed item embeddings, logits from the tied item table (no bias). Ids: 0 padding, 1..n items,
     n + 1 the [MASK] token; the table has all n + 2 rows, as the reference's."""
 
-    def __init__(self, n_items: int, max_len=50, dim=64, layers=2, heads=2, mlp_dim=256,
-                 dropout=0.1, max_positions=200):  # fmt: skip
+    def __init__(
+        self,
+        n_items: int,
+        max_len=50,
+        dim=64,
+        layers=2,
+        heads=2,
+        mlp_dim=256,
+        dropout=0.1,
+        max_positions=200,
+    ):
         super().__init__()
         self.item_emb = nn.Embedding(n_items + 2, dim, padding_idx=0)
         self.pos_emb = nn.Embedding(max_positions, dim)
@@ -228,8 +237,9 @@ def evaluate(model, data, split_name: str, max_len: int, batch: int = 256) -> di
     for lo in range(0, data.n_users, batch):
         users = range(lo, min(lo + batch, data.n_users))
         keep = max_len - 1 if cloze else max_len
-        rows = [data.items[max(split.starts[u], split.ends[u] - keep) : split.ends[u]]
-                for u in users]  # fmt: skip
+        rows = [
+            data.items[max(split.starts[u], split.ends[u] - keep) : split.ends[u]] for u in users
+        ]
         if cloze:
             rows = [np.append(r, data.n_items + 1) for r in rows]
         ids = torch.from_numpy(_right_padded(rows, 0))
@@ -260,8 +270,19 @@ def _cloze_batch(rows: list[np.ndarray], n_items: int, rng, mask_prob: float):
     return torch.from_numpy(np.where(hide, n_items + 1, ids)), torch.from_numpy(labels)
 
 
-def train(data, *, model_name="sasrec", seed=0, max_len=200, batch=128, lr=1e-3, max_epochs=400,
-          patience=10, mask_prob=0.2, log=print):  # fmt: skip
+def train(
+    data,
+    *,
+    model_name="sasrec",
+    seed=0,
+    max_len=200,
+    batch=128,
+    lr=1e-3,
+    max_epochs=400,
+    patience=10,
+    mask_prob=0.2,
+    log=print,
+):
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     cloze = model_name == "bert4rec"
@@ -325,24 +346,40 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     overrides = {k: v for k, v in (("path", args.path), ("format", args.format)) if v is not None}
     data, cfg = _load_data(args.config, overrides)
-    print(f"{data.n_users} users, {data.n_items} items; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} thread(s)", flush=True)  # fmt: skip
+    print(
+        f"{data.n_users} users, {data.n_items} items; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s)",
+        flush=True,
+    )
     max_len = args.max_len or (50 if args.model == "bert4rec" else cfg.data.max_len)
     model, history, best, cpu = train(
-        data, model_name=args.model, seed=args.seed, max_len=max_len, max_epochs=args.max_epochs,
-        patience=args.patience, log=lambda m: print(m, flush=True),
-    )  # fmt: skip
+        data,
+        model_name=args.model,
+        seed=args.seed,
+        max_len=max_len,
+        max_epochs=args.max_epochs,
+        patience=args.patience,
+        log=lambda m: print(m, flush=True),
+    )
     test = evaluate(model, data, "test", max_len)
-    print(f"best epoch {best['epoch']}: val NDCG@10 {best['val_ndcg']:.4f}, "
-          f"test NDCG@10 {test['ndcg@10']:.4f} HR@10 {test['hr@10']:.4f}")  # fmt: skip
+    print(
+        f"best epoch {best['epoch']}: val NDCG@10 {best['val_ndcg']:.4f}, "
+        f"test NDCG@10 {test['ndcg@10']:.4f} HR@10 {test['hr@10']:.4f}"
+    )
     result = {
         "model": f"reference {'BERT4Rec' if args.model == 'bert4rec' else 'SASRec+'} (torch)",
-        "seed": args.seed, "max_len": max_len,
+        "seed": args.seed,
+        "max_len": max_len,
         "data": overrides or cfg.data.release,
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "best_epoch": best["epoch"],
-        "cpu_seconds_to_best": best["cpu_seconds"], "cpu_seconds": cpu, "valid": best["valid"],
-        "test": test, "history": history,
-    }  # fmt: skip
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "best_epoch": best["epoch"],
+        "cpu_seconds_to_best": best["cpu_seconds"],
+        "cpu_seconds": cpu,
+        "valid": best["valid"],
+        "test": test,
+        "history": history,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))

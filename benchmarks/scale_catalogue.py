@@ -70,14 +70,16 @@ def leaf_bytes(state, table_rows: int) -> list[dict]:
         if leaf.nbytes < BIG_LEAF and (not leaf.ndim or leaf.shape[0] != table_rows):
             continue
         per_device = {s.device: s.data.nbytes for s in leaf.addressable_shards}
-        rows.append({
-            "leaf": jax.tree_util.keystr(path),
-            "shape": tuple(leaf.shape),
-            "spec": str(leaf.sharding.spec),
-            "bytes": leaf.nbytes,
-            "device_max": max(per_device.values()),
-            "device_min": min(per_device.values()),
-        })  # fmt: skip
+        rows.append(
+            {
+                "leaf": jax.tree_util.keystr(path),
+                "shape": tuple(leaf.shape),
+                "spec": str(leaf.sharding.spec),
+                "bytes": leaf.nbytes,
+                "device_max": max(per_device.values()),
+                "device_min": min(per_device.values()),
+            }
+        )
     return rows
 
 
@@ -150,9 +152,13 @@ def run(config, *, steps: int, warmup: int, eval_users: int, seed: int = 0) -> d
         users = jax.numpy.zeros((b, config.model.dim), table.dtype)
         ids = jax.numpy.ones((b,), jax.numpy.int32)
         ranker = ranking.make_ranker(
-            mesh, k=e.k, chunk_size=e.chunk_size, mask_history=e.mask_history,
-            n_items=eval_data.n_items, rules=rules,
-        )  # fmt: skip
+            mesh,
+            k=e.k,
+            chunk_size=e.chunk_size,
+            mask_history=e.mask_history,
+            n_items=eval_data.n_items,
+            rules=rules,
+        )
         out["ranker"] = compiled_report(
             ranker.lower(users, table, ids, jax.numpy.ones((b, 256), jax.numpy.int32)).compile(),
             table_rows,
@@ -196,7 +202,7 @@ def report(result: dict, config, command: str, markdown: bool) -> str:
             [
                 [r["leaf"], str(r["shape"]), r["spec"], _gb(r["bytes"]), _gb(r["device_max"])]
                 for r in result["leaves"]
-            ],  # fmt: skip
+            ],
             markdown,
         ),
         "",
@@ -216,7 +222,7 @@ def report(result: dict, config, command: str, markdown: bool) -> str:
                     str(r["table_collectives"]),
                 ]
                 for name, r in compiled
-            ],  # fmt: skip
+            ],
             markdown,
         )
     )

@@ -153,8 +153,9 @@ def _top_k_fn(model, n_items: int):
         targets = jnp.zeros(history.shape[:1], jnp.int32)  # no target: only the top-k is used
         if own_scorer:
             score_chunk = functools.partial(model.score_chunk, params)
-            out = ranking.rank_and_topk_with(score_chunk, state, n_items, targets, history,
-                                             k=k, chunk_size=chunk_size)  # fmt: skip
+            out = ranking.rank_and_topk_with(
+                score_chunk, state, n_items, targets, history, k=k, chunk_size=chunk_size
+            )
         else:
             table = model.item_table(params)  # [V, D]
             out = ranking.rank_and_topk(state, table, targets, history, k=k, chunk_size=chunk_size)

@@ -10,8 +10,13 @@ from onerec_jax import distributed
 from onerec_jax.distributed import DistributedError, Plan
 
 REPO = Path(__file__).resolve().parents[1]
-SLURM = {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "gpu[01-02]", "SLURM_NTASKS": "16",
-         "SLURM_PROCID": "9", "SLURM_LOCALID": "1"}  # fmt: skip
+SLURM = {
+    "SLURM_JOB_ID": "77",
+    "SLURM_STEP_NODELIST": "gpu[01-02]",
+    "SLURM_NTASKS": "16",
+    "SLURM_PROCID": "9",
+    "SLURM_LOCALID": "1",
+}
 
 
 def test_a_plain_host_initializes_nothing():
@@ -19,14 +24,23 @@ def test_a_plain_host_initializes_nothing():
 
 
 def test_flags_give_an_explicit_plan():
-    p = distributed.plan(coordinator_address="10.0.0.1:1234", num_processes=4, process_id=3,
-                         initialization_timeout=20, heartbeat_timeout=7, environ={})  # fmt: skip
+    p = distributed.plan(
+        coordinator_address="10.0.0.1:1234",
+        num_processes=4,
+        process_id=3,
+        initialization_timeout=20,
+        heartbeat_timeout=7,
+        environ={},
+    )
     assert p == Plan("flags", "10.0.0.1:1234", 4, 3, 20, 7)
 
 
 def test_the_local_launchers_environment_gives_a_plan():
-    env = {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:5000", "JAX_NUM_PROCESSES": "2",
-           "JAX_PROCESS_ID": "1"}  # fmt: skip
+    env = {
+        "JAX_COORDINATOR_ADDRESS": "127.0.0.1:5000",
+        "JAX_NUM_PROCESSES": "2",
+        "JAX_PROCESS_ID": "1",
+    }
     assert distributed.plan(environ=env) == Plan("environment", "127.0.0.1:5000", 2, 1)
     # a flag wins over its variable; --nodistributed ignores the environment
     assert distributed.plan(process_id=0, environ=env).process_id == 0
@@ -40,19 +54,34 @@ def test_the_local_launchers_environment_gives_a_plan():
 @pytest.mark.parametrize(
     "kwargs, env, message",
     [
-        ({"coordinator_address": "h:1"}, {},
-         "coordinator_address given but --num_processes (JAX_NUM_PROCESSES) and --process_id"),
-        ({}, {"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"},
-         "--coordinator_address (JAX_COORDINATOR_ADDRESS) missing"),
-        ({"coordinator_address": "nohost", "num_processes": 2, "process_id": 0}, {},
-         "'nohost' is not HOST:PORT"),
-        ({"coordinator_address": "h:1", "num_processes": 2, "process_id": 2}, {},
-         "process_id=2 with num_processes=2"),
-        ({}, {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two",
-              "JAX_PROCESS_ID": "0"}, "num_processes='two' is not an integer"),
+        (
+            {"coordinator_address": "h:1"},
+            {},
+            "coordinator_address given but --num_processes (JAX_NUM_PROCESSES) and --process_id",
+        ),
+        (
+            {},
+            {"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"},
+            "--coordinator_address (JAX_COORDINATOR_ADDRESS) missing",
+        ),
+        (
+            {"coordinator_address": "nohost", "num_processes": 2, "process_id": 0},
+            {},
+            "'nohost' is not HOST:PORT",
+        ),
+        (
+            {"coordinator_address": "h:1", "num_processes": 2, "process_id": 2},
+            {},
+            "process_id=2 with num_processes=2",
+        ),
+        (
+            {},
+            {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"},
+            "num_processes='two' is not an integer",
+        ),
         ({"heartbeat_timeout": 0}, {}, "heartbeat_timeout=0"),
     ],
-)  # fmt: skip
+)
 def test_incomplete_or_bad_settings_name_the_problem_and_the_fix(kwargs, env, message):
     with pytest.raises(DistributedError) as e:
         distributed.plan(environ=env, **kwargs)
@@ -76,22 +105,36 @@ def test_tpu_slices_and_forced_detection():
 
 
 def _main(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "onerec_jax.main", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "onerec_jax.main", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_main_reports_incomplete_settings_in_one_line(tmp_path):
-    out = _main("--config", "configs/demo.py", f"--workdir={tmp_path}",
-                "--coordinator_address=127.0.0.1:1")  # fmt: skip
+    out = _main(
+        "--config", "configs/demo.py", f"--workdir={tmp_path}", "--coordinator_address=127.0.0.1:1"
+    )
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert out.stderr.startswith("error: incomplete multi-process settings: coordinator_address")
     assert not list(tmp_path.iterdir())
 
 
 def test_single_process_modes_run_on_process_zero_only(tmp_path):
-    out = _main("--config", "configs/demo.py", "--mode", "prepare", f"--workdir={tmp_path}",
-                "--coordinator_address=127.0.0.1:1", "--num_processes=2",
-                "--process_id=1")  # fmt: skip
+    out = _main(
+        "--config",
+        "configs/demo.py",
+        "--mode",
+        "prepare",
+        f"--workdir={tmp_path}",
+        "--coordinator_address=127.0.0.1:1",
+        "--num_processes=2",
+        "--process_id=1",
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == (
         "process 1: --mode prepare runs on process 0 only; nothing to do here."

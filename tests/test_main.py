@@ -13,8 +13,11 @@ REPO = Path(__file__).resolve().parents[1]
 def _run(*args, cwd):
     return subprocess.run(
         [sys.executable, "-m", "onerec_jax.main", *args],
-        capture_output=True, text=True, cwd=cwd, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
 
 
 @pytest.fixture
@@ -26,15 +29,24 @@ def ml_dir(tmp_path):
     (d / "ratings.csv").write_text(
         "userId,movieId,rating,timestamp\n" + "".join(f"{u},{m},{r},{t}\n" for u, m, r, t in rows)
     )
-    (d / "movies.csv").write_text("movieId,title,genres\n" + "".join(
-        f'{m},"Film {m}, The (2000)",Drama\n' for m in range(10, 17)))  # fmt: skip
+    (d / "movies.csv").write_text(
+        "movieId,title,genres\n"
+        + "".join(f'{m},"Film {m}, The (2000)",Drama\n' for m in range(10, 17))
+    )
     return d
 
 
 def test_prepare_builds_then_reuses_the_cache(tmp_path, ml_dir):
-    args = ["--config", "configs/custom.py", "--mode", "prepare", f"--workdir={tmp_path / 'wd'}",
-            f"--config.data.path={ml_dir}", f"--config.data.root={tmp_path / 'root'}",
-            "--config.data.min_user_interactions=4"]  # fmt: skip
+    args = [
+        "--config",
+        "configs/custom.py",
+        "--mode",
+        "prepare",
+        f"--workdir={tmp_path / 'wd'}",
+        f"--config.data.path={ml_dir}",
+        f"--config.data.root={tmp_path / 'root'}",
+        "--config.data.min_user_interactions=4",
+    ]
     first = _run(*args, cwd=REPO)
     assert first.returncode == 0, first.stderr
     # With min_user_interactions=4, user 4 goes: 15 ratings of items 10..15 remain.
@@ -59,8 +71,13 @@ def test_prepare_builds_then_reuses_the_cache(tmp_path, ml_dir):
     ],
 )
 def test_user_errors_are_one_line(tmp_path, ml_dir, extra, message):
-    args = ["--config", "configs/custom.py", f"--workdir={tmp_path / 'wd'}",
-            f"--config.data.path={ml_dir}", f"--config.data.root={tmp_path}"]  # fmt: skip
+    args = [
+        "--config",
+        "configs/custom.py",
+        f"--workdir={tmp_path / 'wd'}",
+        f"--config.data.path={ml_dir}",
+        f"--config.data.root={tmp_path}",
+    ]
     out = _run(*args, *extra, cwd=REPO)
     assert out.returncode == 1
     assert message in out.stderr and "Traceback" not in out.stderr

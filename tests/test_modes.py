@@ -20,8 +20,16 @@ def _config(root, method):
     c.data.root = str(root)
     c.data.progress = False
     c.features.blocks = ("genres", "tags", "genome")
-    c.tokenize.update(method=method, levels=2, codebook_size=16, steps=200, batch_size=256,
-                      hidden_dims=(64,), latent_dim=8, kmeans_iters=20)  # fmt: skip
+    c.tokenize.update(
+        method=method,
+        levels=2,
+        codebook_size=16,
+        steps=200,
+        batch_size=256,
+        hidden_dims=(64,),
+        latent_dim=8,
+        kmeans_iters=20,
+    )
     return c
 
 

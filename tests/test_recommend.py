@@ -37,20 +37,34 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("rec")
     src = root / "ml"
     src.mkdir()
-    rows = [(u, m, 4.0, 1000 * u + t) for u in range(1, N_USERS + 1)
-            for t, m in enumerate(_history(u))]  # fmt: skip
+    rows = [
+        (u, m, 4.0, 1000 * u + t) for u in range(1, N_USERS + 1) for t, m in enumerate(_history(u))
+    ]
     rows.append((1, 6, 4.0, 999_999))
     (src / "ratings.csv").write_text(
         "userId,movieId,rating,timestamp\n" + "".join(f"{u},{m},{r},{t}\n" for u, m, r, t in rows)
     )
-    (src / "movies.csv").write_text("movieId,title,genres\n" + "".join(
-        f'{m},"{t}",{g}\n' for m, (t, g) in MOVIES.items()))  # fmt: skip
+    (src / "movies.csv").write_text(
+        "movieId,title,genres\n" + "".join(f'{m},"{t}",{g}\n' for m, (t, g) in MOVIES.items())
+    )
     c = apply_variant(base_config(), "sasrec")
-    c.data.update(path=str(src), root=str(root), max_len=6, min_user_interactions=3,
-                  min_item_interactions=2, progress=False)  # fmt: skip
+    c.data.update(
+        path=str(src),
+        root=str(root),
+        max_len=6,
+        min_user_interactions=3,
+        min_item_interactions=2,
+        progress=False,
+    )
     c.model.update(dim=16, num_layers=1, num_heads=1, mlp_dim=16, dropout=0.1)
-    c.train.update(batch_size=16, num_steps=2, eval_every_steps=2, log_every_steps=1,
-                   progress=False, patience=100)  # fmt: skip
+    c.train.update(
+        batch_size=16,
+        num_steps=2,
+        eval_every_steps=2,
+        log_every_steps=1,
+        progress=False,
+        patience=100,
+    )
     c.optim.warmup_steps = 1
     c.eval.update(batch_size=32, chunk_size=16, k=10)  # 29 item rows: two chunks
     c.mesh.num_devices = 1

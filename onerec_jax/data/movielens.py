@@ -26,10 +26,26 @@ from onerec_jax.errors import DataFormatError
 
 FORMATS = ("movielens_csv", "movielens_dat", "movielens_100k", "recbole", "user_sequence")
 ML100K_GENRES = (
-    "unknown", "Action", "Adventure", "Animation", "Children", "Comedy", "Crime", "Documentary",
-    "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",
-    "Thriller", "War", "Western",
-)  # one word per line would take 19 lines  # fmt: skip
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+)  # one word per line would take 19 lines
 
 
 def _item_table(ids, raw_titles, genres, tags=None, years=None, **genome) -> ItemInfo:

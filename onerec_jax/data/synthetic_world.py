@@ -24,10 +24,26 @@ import numpy as np
 from onerec_jax.errors import ConfigError
 
 GENRES = (
-    "Action", "Adventure", "Animation", "Children", "Comedy", "Crime", "Documentary", "Drama",
-    "Fantasy", "Film-Noir", "Horror", "IMAX", "Musical", "Mystery", "Romance", "Sci-Fi",
-    "Thriller", "War", "Western",
-)  # one word per line would take 19 lines  # fmt: skip
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "IMAX",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+)  # one word per line would take 19 lines
 _MAX_MOVIE_ID_RATIO = 209_171 / 62_423  # ML-25M's largest movieId over its number of movies
 _CHUNK_USERS = 16_384  # users generated together; bounds the seen-bitmap memory
 _ITEM_ROUNDS = 2  # full (cluster, item) rejection rounds before the exact cluster draw

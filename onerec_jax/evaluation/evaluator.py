@@ -53,9 +53,13 @@ class Evaluator:
         scorer_params = self._scorer_params(params)
         sample = self._valid_users if split == "valid" else None
         ds = pipeline.eval_dataset(
-            self.data, split, max_len=self.config.data.max_len, batch_size=e.batch_size,
-            by_length=True, users=sample,
-        )  # fmt: skip
+            self.data,
+            split,
+            max_len=self.config.data.max_len,
+            batch_size=e.batch_size,
+            by_length=True,
+            users=sample,
+        )
         order = pipeline.eval_user_order(self.data, split, by_length=True, users=sample)
         users, ranks, weights, tops = [], [], [], []
         lengths = self.data.split(split).lengths  # [n_users] prefix lengths
@@ -64,8 +68,12 @@ class Evaluator:
             longest = int(lengths[order[g * e.batch_size : (g + 1) * e.batch_size]].max())
             width = ranking.history_width(longest)
             history = ranking.history_batch(self.data, split, batch["user"], width=width)
-            local = {"inputs": batch["inputs"], "user": batch["user"], "target": batch["target"],
-                     "history": history}  # fmt: skip
+            local = {
+                "inputs": batch["inputs"],
+                "user": batch["user"],
+                "target": batch["target"],
+                "history": history,
+            }
             glob = sharding.global_batch(local, self.mesh, self.rules)
             inputs = {"inputs": glob["inputs"], "user": glob["user"]}
             if self.generative:
@@ -74,8 +82,9 @@ class Evaluator:
                 r = _rank_in_list(top_items, top_scores, glob["target"], self.data.n_items)
             else:
                 states = self._user_state(params, inputs)
-                r, top_items, _ = self._ranker(states, scorer_params, glob["target"],
-                                               glob["history"])  # fmt: skip
+                r, top_items, _ = self._ranker(
+                    states, scorer_params, glob["target"], glob["history"]
+                )
             ranks.append(_to_host(r))
             tops.append(_to_host(top_items))
             users.append(_to_host(glob["user"]))

@@ -109,8 +109,13 @@ class ScoringModel(Model):
         masking still done by the shared ranker.
         """
         rows = vocab_parallel.take_rows(self.item_table(params), item_ids)  # [C, D]
-        return jnp.einsum("bd,cd->bc", state, rows, preferred_element_type=jnp.float32,
-                          precision=jax.lax.Precision.HIGHEST)  # fmt: skip
+        return jnp.einsum(
+            "bd,cd->bc",
+            state,
+            rows,
+            preferred_element_type=jnp.float32,
+            precision=jax.lax.Precision.HIGHEST,
+        )
 
     @property
     def dot_product_scores(self) -> bool:

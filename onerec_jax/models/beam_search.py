@@ -149,8 +149,9 @@ def beam_search(
         """Candidate scores and children [B, W * C_level], flat index = beam_index * C + code."""
         size = code_sizes[level]
         allowed = valid[level, :, :size][prefix]  # [B, W, C]
-        logp = _level_logprobs(step_fn, context, tokens, level, size,
-                               allowed if renormalize else None)  # fmt: skip
+        logp = _level_logprobs(
+            step_fn, context, tokens, level, size, allowed if renormalize else None
+        )
         children = next_prefix[level, :, :size][prefix]  # [B, W, C]
         cand = jnp.where(allowed, scores[..., None] + logp, neg_inf)  # [B, W, C]
         return cand.reshape(batch, beam * size), children.reshape(batch, beam * size)

@@ -44,9 +44,10 @@ class MatrixFactorization(nn.Module):
         )
         if self.item_bias:
             self.bias = self.param(
-                "item_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+                "item_bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
                 (self.vocab_size,),
-            )  # fmt: skip
+            )
 
     def __call__(self, users, items):
         """users [...] and items [...] (broadcastable) -> (scores, |p_u|^2, |q_i|^2)."""

@@ -81,9 +81,13 @@ class GenerativeModel(Model):
     def loss(self, params, batch, rng):
         tokens, columns, real = self._decoder_io(batch["target_codes"], batch["mask"])
         logits, stats = self.module.apply(
-            {"params": params}, batch["inputs"], batch["user"], tokens, train=True,
+            {"params": params},
+            batch["inputs"],
+            batch["user"],
+            tokens,
+            train=True,
             rngs={"dropout": rng},
-        )  # fmt: skip
+        )
         if self.valid_only:  # only the codes that continue the target's prefix to some item
             allowed = self._valid_columns(batch["target_codes"])
         else:  # each position sees its level's codes
@@ -141,9 +145,17 @@ class GenerativeModel(Model):
             return logits[:, :, -1, lo : lo + self.code_sizes[level]]
 
         return beam_search(
-            step_fn, context, self.valid, self.next_prefix, self.code_sizes, history,
-            n_items=self.info.n_items, beam=beam, k=k, renormalize=self.valid_only,
-        )  # fmt: skip
+            step_fn,
+            context,
+            self.valid,
+            self.next_prefix,
+            self.code_sizes,
+            history,
+            n_items=self.info.n_items,
+            beam=beam,
+            k=k,
+            renormalize=self.valid_only,
+        )
 
     def generate(self, params, batch, history, k: int | None = None, beam: int | None = None):
         """(items [B, K], scores [B, K]): the top K (default eval.k) valid items outside

@@ -171,9 +171,15 @@ class OneRecItemModel(ScoringModel):
         hidden = self.apply(params, corrupted, train=True, rng=drop_rng)
         table = self.item_table(params)
         total, count = next_item_loss(
-            self.config.loss, hidden, table, inputs, masked, loss_rng, self.item_log_probs,
+            self.config.loss,
+            hidden,
+            table,
+            inputs,
+            masked,
+            loss_rng,
+            self.item_log_probs,
             vocab_size=self.info.vocab_size,
-        )  # fmt: skip
+        )
         aux = total / jnp.maximum(count, 1.0)
         metrics = {**metrics, "next_item_loss": loss, "aux_loss": aux}
         total_loss = loss + m.aux_weight * aux

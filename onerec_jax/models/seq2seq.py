@@ -194,7 +194,7 @@ class EncoderDecoder(nn.Module):
                 False,
                 self.dtype,
                 name=f"encoder_{i}",
-            )  # fmt: skip
+            )
             for i in range(self.num_layers)
         ]
         self.decoder_blocks = [

@@ -16,10 +16,19 @@ _spec.loader.exec_module(compare)
 def _results(ndcg):
     m = {"hr@10": 2 * ndcg, "ndcg@10": ndcg, "mrr": ndcg / 2, "n_users": 10}
     m.update({f"{k}_ci95": 0.01 for k in ("hr@10", "ndcg@10", "mrr")})
-    return {"model": "x", "data": {"users": 10, "source": "demo"},
-            "protocol": {"mask_history": True, "max_len": 5}, "best_step": 1, "steps": 1,
-            "params": 3, "train_seconds": 1.0, "eval_seconds": 0.5, "history": [[1, 1.0, ndcg]],
-            "val": m, "test": m}  # fmt: skip
+    return {
+        "model": "x",
+        "data": {"users": 10, "source": "demo"},
+        "protocol": {"mask_history": True, "max_len": 5},
+        "best_step": 1,
+        "steps": 1,
+        "params": 3,
+        "train_seconds": 1.0,
+        "eval_seconds": 0.5,
+        "history": [[1, 1.0, ndcg]],
+        "val": m,
+        "test": m,
+    }
 
 
 class FakeTrainer:
@@ -43,14 +52,33 @@ class FakeTrainer:
 
 
 def test_arguments_become_config_flags():
-    args = compare.parse_args(["--config", "configs/demo.py", "--root", "R", "--seed", "3",
-                               "--extra", "train.num_epochs=2", "loss.name=bce"])  # fmt: skip
+    args = compare.parse_args(
+        [
+            "--config",
+            "configs/demo.py",
+            "--root",
+            "R",
+            "--seed",
+            "3",
+            "--extra",
+            "train.num_epochs=2",
+            "loss.name=bce",
+        ]
+    )
     assert args.variants == list(compare.VARIANTS)
     overrides = compare.config_overrides(args.seed, args.extra)
     assert overrides == ["--config.seed=3", "--config.train.num_epochs=2", "--config.loss.name=bce"]
     assert compare.train_command("configs/demo.py", "sasrec", Path("R/sasrec"), overrides) == [
-        sys.executable, "-m", "onerec_jax.main", "--config", "configs/demo.py:sasrec",
-        "--mode", "train", "--workdir=R/sasrec", *overrides]  # fmt: skip
+        sys.executable,
+        "-m",
+        "onerec_jax.main",
+        "--config",
+        "configs/demo.py:sasrec",
+        "--mode",
+        "train",
+        "--workdir=R/sasrec",
+        *overrides,
+    ]
     args = compare.parse_args(["--config", "c.py", "--root", "R", "--variants", " sasrec,onerec,"])
     assert args.variants == ["sasrec", "onerec"] and args.extra == [] and args.seed is None
 
@@ -102,13 +130,28 @@ def test_skips_done_variants_records_failures_and_reports(tmp_path, capsys):
 
 
 def test_seeds_plan_one_run_per_variant_and_seed():
-    args = compare.parse_args(["--config", "c.py", "--root", "R", "--variants", "sasrec,pop",
-                               "--seeds", " 2, 0,", "--extra", "train.num_epochs=2"])  # fmt: skip
+    args = compare.parse_args(
+        [
+            "--config",
+            "c.py",
+            "--root",
+            "R",
+            "--variants",
+            "sasrec,pop",
+            "--seeds",
+            " 2, 0,",
+            "--extra",
+            "train.num_epochs=2",
+        ]
+    )
     assert args.seeds == [2, 0] and args.seed is None
     runs = compare.planned_runs(args)  # every variant at the first seed, then the next
     assert [(r.variant, r.seed, r.name) for r in runs] == [
-        ("sasrec", 2, "sasrec/seed2"), ("pop", 2, "pop/seed2"),
-        ("sasrec", 0, "sasrec/seed0"), ("pop", 0, "pop/seed0")]  # fmt: skip
+        ("sasrec", 2, "sasrec/seed2"),
+        ("pop", 2, "pop/seed2"),
+        ("sasrec", 0, "sasrec/seed0"),
+        ("pop", 0, "pop/seed0"),
+    ]
     args = compare.parse_args(["--config", "c.py", "--root", "R", "--variants", "pop"])
     assert [(r.variant, r.seed, r.name) for r in compare.planned_runs(args)] == [
         ("pop", None, "pop")
@@ -117,13 +160,28 @@ def test_seeds_plan_one_run_per_variant_and_seed():
 
 def test_seeds_train_into_seed_folders_and_report_mean_and_sd(tmp_path, capsys):
     fake = FakeTrainer(failing=("pop/seed0",))
-    argv = ["--config", "c.py", "--root", str(tmp_path), "--variants", "sasrec,pop",
-            "--seeds", "0,1,2", "--extra", "loss.name=bce"]  # fmt: skip
+    argv = [
+        "--config",
+        "c.py",
+        "--root",
+        str(tmp_path),
+        "--variants",
+        "sasrec,pop",
+        "--seeds",
+        "0,1,2",
+        "--extra",
+        "loss.name=bce",
+    ]
     assert compare.main(argv, runner=fake) == 1  # pop's seed 0 failed
     assert [(c[4], c[7], c[8:]) for c in fake.calls] == [
-        (f"c.py:{v}", f"--workdir={tmp_path / v / f'seed{k}'}",
-         [f"--config.seed={k}", "--config.loss.name=bce"])
-        for k in (0, 1, 2) for v in ("sasrec", "pop")]  # fmt: skip
+        (
+            f"c.py:{v}",
+            f"--workdir={tmp_path / v / f'seed{k}'}",
+            [f"--config.seed={k}", "--config.loss.name=bce"],
+        )
+        for k in (0, 1, 2)
+        for v in ("sasrec", "pop")
+    ]
     status = json.loads((tmp_path / "pop" / "seed0" / "run_status.json").read_text())
     assert status["seed"] == 0 and status["returncode"] == 2
     text = (tmp_path / "report.md").read_text().replace("**", "")  # bold: test_report_seeds.py
@@ -137,8 +195,16 @@ def test_seeds_train_into_seed_folders_and_report_mean_and_sd(tmp_path, capsys):
     assert "[pop/seed0] FAILED (exit 2)" in out and "  sasrec/seed2: done" in out
     # More seeds later: the finished ones are skipped, only seed 3 trains.
     fake = FakeTrainer()
-    argv = ["--config", "c.py", "--root", str(tmp_path), "--variants", "sasrec",
-            "--seeds", "0,1,2,3"]  # fmt: skip
+    argv = [
+        "--config",
+        "c.py",
+        "--root",
+        str(tmp_path),
+        "--variants",
+        "sasrec",
+        "--seeds",
+        "0,1,2,3",
+    ]
     assert compare.main(argv, runner=fake) == 0
     assert [c[7] for c in fake.calls] == [f"--workdir={tmp_path / 'sasrec' / 'seed3'}"]
     text = (tmp_path / "report.md").read_text().replace("**", "")

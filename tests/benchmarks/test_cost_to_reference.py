@@ -29,8 +29,12 @@ def _run(path: Path, history, cpu_total, times=None):
 def test_recorded_and_estimated_cpu_curves(tmp_path, capsys):
     new = _run(tmp_path / "new", [[5, 1.0, 0.02, 10.0], [10, 2.0, 0.05, 20.0]], 20.0)
     # Wall seconds since the first line: 10, 30, 40 of 40; 80 CPU-s in all -> 2 CPU-s a second.
-    old = _run(tmp_path / "old", [[5, 1, 0.01], [10, 2, 0.06], [15, 3, 0.04]], 80.0,
-               times=[100.0, 110.0, 130.0, 140.0])  # fmt: skip
+    old = _run(
+        tmp_path / "old",
+        [[5, 1, 0.01], [10, 2, 0.06], [15, 3, 0.04]],
+        80.0,
+        times=[100.0, 110.0, 130.0, 140.0],
+    )
     assert cost.cpu_curve(new) == ([(10.0, 0.02), (20.0, 0.05)], False)
     assert cost.cpu_curve(old) == ([(20.0, 0.01), (60.0, 0.06), (80.0, 0.04)], True)
     assert cost.first_reaching([(20.0, 0.01), (60.0, 0.06)], 0.05) == 60.0

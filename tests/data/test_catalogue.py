@@ -41,20 +41,35 @@ def _data(item_ids) -> SequenceData:
 @pytest.fixture(scope="module")
 def catalogue():
     titles, years = zip(*(split_title(t) for t in MOVIES.values()), strict=True)
-    items = ItemInfo(np.array(list(MOVIES)), list(titles), np.array(years, np.int32),
-                     [("Drama",)] * len(MOVIES), [{}] * len(MOVIES))  # fmt: skip
+    items = ItemInfo(
+        np.array(list(MOVIES)),
+        list(titles),
+        np.array(years, np.int32),
+        [("Drama",)] * len(MOVIES),
+        [{}] * len(MOVIES),
+    )
     return Catalogue(_data(TRAINED), items)
 
 
 @pytest.mark.parametrize(
     "query, movie_id",
     [
-        ("toy story", 1), (" TOY  STORY (1995) ", 1), ("Heat (1986)", 3), ("4", 4),
-        ("The Matrix", 4), ("Matrix, The", 4), ("the matrix (1999)", 4), ("Se7en", 5),
-        ("Seven", 5), ("Emma", 9), ("Emma (1996)", 9), ("City of Lost Children", 11),
-        ("The City of Lost Children (1995)", 11), ("Cité des enfants perdus, La", 11),
+        ("toy story", 1),
+        (" TOY  STORY (1995) ", 1),
+        ("Heat (1986)", 3),
+        ("4", 4),
+        ("The Matrix", 4),
+        ("Matrix, The", 4),
+        ("the matrix (1999)", 4),
+        ("Se7en", 5),
+        ("Seven", 5),
+        ("Emma", 9),
+        ("Emma (1996)", 9),
+        ("City of Lost Children", 11),
+        ("The City of Lost Children (1995)", 11),
+        ("Cité des enfants perdus, La", 11),
     ],
-)  # fmt: skip
+)
 def test_queries_resolve_to_the_trained_movie(catalogue, query, movie_id):
     assert catalogue.resolve(query) == TRAINED.index(movie_id) + 1
 
@@ -62,12 +77,18 @@ def test_queries_resolve_to_the_trained_movie(catalogue, query, movie_id):
 @pytest.mark.parametrize(
     "query, message",
     [
-        ("Heat", r"'Heat' is ambiguous: Heat \(1995\) \[movieId 2\]; Heat \(1986\) \[movieId 3\]"
-                 r"\. Add the year or give the movieId"),
+        (
+            "Heat",
+            r"'Heat' is ambiguous: Heat \(1995\) \[movieId 2\]; Heat \(1986\) \[movieId 3\]"
+            r"\. Add the year or give the movieId",
+        ),
         ("Heat (2010)", r"no movie 'Heat \(2010\)'; with that title: Heat \(1986\), Heat \(1995\)"),
         ("War of the Worlds", r"names several movies \(movieIds 7, 8\): give the movieId"),
-        ("Lonely Movie", r"Lonely Movie \(2001\) \(movieId 6\) is not in the trained catalogue of "
-                         r"9 items: the run.s filters \(min_rating=None, .*interactions=2"),
+        (
+            "Lonely Movie",
+            r"Lonely Movie \(2001\) \(movieId 6\) is not in the trained catalogue of "
+            r"9 items: the run.s filters \(min_rating=None, .*interactions=2",
+        ),
         ("6", r"Lonely Movie \(2001\) \(movieId 6\) is not in the trained catalogue"),
         ("12", r"movieId 12 is not in the dataset's movie list"),
         ("Matrx", r"no movie titled 'Matrx'\. Did you mean: Matrix, The \(1999\)\?"),
@@ -75,7 +96,7 @@ def test_queries_resolve_to_the_trained_movie(catalogue, query, movie_id):
         ("War", r"Did you mean: War of the Worlds \(2005\)\?"),  # a title twice: once
         ("Zzzzzz", r"^no movie titled 'Zzzzzz'\.$"),
     ],
-)  # fmt: skip
+)
 def test_bad_queries_name_the_fix(catalogue, query, message):
     with pytest.raises(UserError, match=message):
         catalogue.resolve(query)

@@ -26,27 +26,39 @@ ML_LATEST_SMALL = Path(
 def _data():
     # Dense items 1..5 are source ids 100..500; item 500 has no row in the item table.
     return SequenceData(
-        offsets=np.array([0, 4, 8]), items=np.array([1, 2, 3, 4, 5, 4, 3, 1], np.int32),
-        timestamps=np.arange(8), ratings=np.ones(8, np.float32), user_ids=np.array([10, 20]),
-        item_ids=np.array([-1, 100, 200, 300, 400, 500]), options={},
-    )  # fmt: skip
+        offsets=np.array([0, 4, 8]),
+        items=np.array([1, 2, 3, 4, 5, 4, 3, 1], np.int32),
+        timestamps=np.arange(8),
+        ratings=np.ones(8, np.float32),
+        user_ids=np.array([10, 20]),
+        item_ids=np.array([-1, 100, 200, 300, 400, 500]),
+        options={},
+    )
 
 
 def _items(genome=True, tags=True):
     g = np.array([[0.1, 0.5, 0.9], [0.3, 0.5, 0.7], [0.8, 0.5, 0.2]], np.float32)
-    tag_dicts = [{"pixar": 3, "funny": 1}, {"cyberpunk": 2, "philosophy": 1, "funny": 1}, {},
-                 {"heist": 2, "funny": 1, "pacino": 1}]  # fmt: skip
+    tag_dicts = [
+        {"pixar": 3, "funny": 1},
+        {"cyberpunk": 2, "philosophy": 1, "funny": 1},
+        {},
+        {"heist": 2, "funny": 1, "pacino": 1},
+    ]
     return ItemInfo(
         item_ids=np.array([400, 100, 300, 200]),
         titles=["Toy Story", "Matrix, The", "Toy Soldiers", "Heat"],
         years=np.array([1995, 1999, 0, 1990], np.int32),
-        genres=[("Animation", "Comedy"), ("Action", "Sci-Fi"), ("(no genres listed)",),
-                ("Action", "Crime")],
+        genres=[
+            ("Animation", "Comedy"),
+            ("Action", "Sci-Fi"),
+            ("(no genres listed)",),
+            ("Action", "Crime"),
+        ],
         tags=tag_dicts if tags else [{}, {}, {}, {}],
         genome=g if genome else None,
         genome_item_ids=np.array([100, 300, 400]) if genome else None,
         genome_tags=("dark", "long", "funny") if genome else (),
-    )  # fmt: skip
+    )
 
 
 def _cfg(blocks, **options):
@@ -120,8 +132,9 @@ def test_tags_block_matches_a_numpy_tfidf_and_svd():
     cfg = _cfg(["tags"], tags_dim=2)
     # Dense order: 100, 200, 300 (no tags), 400, 500 (no item row).
     vocab = ["cyberpunk", "funny", "heist", "pacino", "philosophy", "pixar"]
-    counts = np.array([[2, 1, 0, 0, 1, 0], [0, 1, 2, 1, 0, 0], [0] * 6, [0, 1, 0, 0, 0, 3],
-                       [0] * 6], np.float64)  # fmt: skip
+    counts = np.array(
+        [[2, 1, 0, 0, 1, 0], [0, 1, 2, 1, 0, 0], [0] * 6, [0, 1, 0, 0, 0, 3], [0] * 6], np.float64
+    )
     matrix, names = features.tag_counts(_data(), _items())
     order = [names.index(t) for t in vocab]
     np.testing.assert_array_equal(matrix.toarray()[:, order], counts)
@@ -144,8 +157,13 @@ def test_genome_imputation_and_missing_flag(missing, imputed):
     cfg = _cfg(["genome"], genome_missing=missing)
     raw = features.raw_block("genome", cfg, _data(), _items())
     # Dense 1, 3, 4 have genome rows (100, 300, 400); 2 and 5 are imputed and flagged.
-    want = [[0.1, 0.5, 0.9, 0], [*imputed, 1], [0.3, 0.5, 0.7, 0], [0.8, 0.5, 0.2, 0],
-            [*imputed, 1]]  # fmt: skip
+    want = [
+        [0.1, 0.5, 0.9, 0],
+        [*imputed, 1],
+        [0.3, 0.5, 0.7, 0],
+        [0.8, 0.5, 0.2, 0],
+        [*imputed, 1],
+    ]
     np.testing.assert_allclose(raw, want, atol=1e-6)
     block = features.build_features(cfg, _data(), _items()).block("genome")[1:]
     np.testing.assert_allclose(block, _reference_standardise(want), atol=1e-5)

@@ -27,9 +27,16 @@ def reference_examples(data, max_len: int, m: int) -> list[tuple]:
 
 def all_rows(data, codes, max_len, m, batch_size=1, per_target=True):
     ds = generative_train_dataset(
-        data, codes, max_len=max_len, batch_size=batch_size, seed=0, session_items=m,
-        num_epochs=1, shuffle=False, per_target=per_target,
-    )  # fmt: skip
+        data,
+        codes,
+        max_len=max_len,
+        batch_size=batch_size,
+        seed=0,
+        session_items=m,
+        num_epochs=1,
+        shuffle=False,
+        per_target=per_target,
+    )
     return list(ds)
 
 

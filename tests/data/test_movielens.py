@@ -16,20 +16,31 @@ def _write(path, text, encoding="utf8"):
 @pytest.fixture
 def ml25m_dir(tmp_path):
     d = tmp_path / "ml-25m"
-    _write(d / "ratings.csv", "userId,movieId,rating,timestamp\n"
-           "1,2571,5.0,1000\n1,10,3.5,900\n2,10,4.0,1000\n2,3000,0.5,1000\n")  # fmt: skip
-    _write(d / "movies.csv", "movieId,title,genres\n"
-           '10,"GoldenEye (1995)",Action|Adventure|Thriller\n'
-           '2571,"Matrix, The (1999)",Action|Sci-Fi|Thriller\n'
-           '3000,"Amélie (Fabuleux destin d\'Amélie Poulain, Le) (2001)",Comedy|Romance\n'
-           "4000,Untitled Film,(no genres listed)\n")  # fmt: skip
-    _write(d / "tags.csv", "userId,movieId,tag,timestamp\n"
-           "1,2571,cyberpunk,5\n2,2571,Cyberpunk ,6\n2,2571,\"philosophy, sort of\",7\n"
-           "1,10,bond,8\n")  # fmt: skip
+    _write(
+        d / "ratings.csv",
+        "userId,movieId,rating,timestamp\n"
+        "1,2571,5.0,1000\n1,10,3.5,900\n2,10,4.0,1000\n2,3000,0.5,1000\n",
+    )
+    _write(
+        d / "movies.csv",
+        "movieId,title,genres\n"
+        '10,"GoldenEye (1995)",Action|Adventure|Thriller\n'
+        '2571,"Matrix, The (1999)",Action|Sci-Fi|Thriller\n'
+        '3000,"Amélie (Fabuleux destin d\'Amélie Poulain, Le) (2001)",Comedy|Romance\n'
+        "4000,Untitled Film,(no genres listed)\n",
+    )
+    _write(
+        d / "tags.csv",
+        "userId,movieId,tag,timestamp\n"
+        '1,2571,cyberpunk,5\n2,2571,Cyberpunk ,6\n2,2571,"philosophy, sort of",7\n'
+        "1,10,bond,8\n",
+    )
     _write(d / "links.csv", "movieId,imdbId,tmdbId\n10,0113189,710\n2571,0133093,603\n")
     _write(d / "genome-tags.csv", "tagId,tag\n1,007\n2,action\n")
-    _write(d / "genome-scores.csv", "movieId,tagId,relevance\n"
-           "10,1,0.99\n10,2,0.5\n2571,1,0.01\n2571,2,0.75\n")  # fmt: skip
+    _write(
+        d / "genome-scores.csv",
+        "movieId,tagId,relevance\n10,1,0.99\n10,2,0.5\n2571,1,0.01\n2571,2,0.75\n",
+    )
     return d
 
 
@@ -86,9 +97,13 @@ def test_movielens_dat_latin1_and_colons(tmp_path):
     _write(
         d / "ratings.dat", "1::1193::5::978300760\n1::661::3::978302109\n2::1193::4::978298413\n"
     )
-    _write(d / "movies.dat", "1193::One Flew Over the Cuckoo's Nest (1975)::Drama\n"
-           "661::Star Wars: Episode I - The Phantom Menace (1999)::Action|Sci-Fi\n"
-           "3::Misérables, Les (1995)::Drama|Musical\n", encoding="latin-1")  # fmt: skip
+    _write(
+        d / "movies.dat",
+        "1193::One Flew Over the Cuckoo's Nest (1975)::Drama\n"
+        "661::Star Wars: Episode I - The Phantom Menace (1999)::Action|Sci-Fi\n"
+        "3::Misérables, Les (1995)::Drama|Musical\n",
+        encoding="latin-1",
+    )
     _write(d / "users.dat", "1::F::1::10::48067\n2::M::56::16::70072\n")
     _write(d / "tags.dat", "15::661::space opera::1162160236\n")
     raw = movielens.read_dataset(d)
@@ -115,12 +130,14 @@ def test_movielens_100k(tmp_path):
     flags_242[5] = "1"  # Comedy
     flags_302 = ["0"] * 19
     flags_302[6] = flags_302[16] = "1"  # Crime, Thriller
-    _write(d / "u.item",
-           "242|Kolya (1996)|24-Jan-1997||http://x|" + "|".join(flags_242) + "\n"
-           "302|L.A. Confidential (1997)|01-Jan-1997||http://y|" + "|".join(flags_302) + "\n"
-           "267|unknown||||" + "|".join(["1"] + ["0"] * 18) + "\n"
-           "1300|Café au lait (1993)|01-Jan-1993||x|" + "|".join(["0"] * 19) + "\n",
-           encoding="latin-1")  # fmt: skip
+    _write(
+        d / "u.item",
+        "242|Kolya (1996)|24-Jan-1997||http://x|" + "|".join(flags_242) + "\n"
+        "302|L.A. Confidential (1997)|01-Jan-1997||http://y|" + "|".join(flags_302) + "\n"
+        "267|unknown||||" + "|".join(["1"] + ["0"] * 18) + "\n"
+        "1300|Café au lait (1993)|01-Jan-1993||x|" + "|".join(["0"] * 19) + "\n",
+        encoding="latin-1",
+    )
     raw = movielens.read_dataset(d)
     np.testing.assert_array_equal(raw.interactions.users, [196, 186])
     np.testing.assert_array_equal(raw.interactions.items, [242, 302])
@@ -131,10 +148,16 @@ def test_movielens_100k(tmp_path):
 
 def test_recbole_atomic_files(tmp_path):
     d = tmp_path / "rb"
-    _write(d / "beauty.inter", "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
-           "A1\tB07\t5.0\t1.5\nA2\tB01\t3.0\t1.25\nA1\tB01\t4.0\t1.5\n")  # fmt: skip
-    _write(d / "beauty.item", "item_id:token\tmovie_title:token_seq\trelease_year:token\t"
-           "genre:token_seq\nB01\tLip Balm\t2010\tCare Lips\nB07\tSoap\t\tCare\n")  # fmt: skip
+    _write(
+        d / "beauty.inter",
+        "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+        "A1\tB07\t5.0\t1.5\nA2\tB01\t3.0\t1.25\nA1\tB01\t4.0\t1.5\n",
+    )
+    _write(
+        d / "beauty.item",
+        "item_id:token\tmovie_title:token_seq\trelease_year:token\t"
+        "genre:token_seq\nB01\tLip Balm\t2010\tCare Lips\nB07\tSoap\t\tCare\n",
+    )
     raw = movielens.read_dataset(d)
     inter = raw.interactions
     assert list(inter.user_vocab[inter.users]) == ["A1", "A2", "A1"]

@@ -14,8 +14,9 @@ from onerec_jax.errors import ConfigError
 def _inter(rows, files=("toy",)):
     """rows: (user, item, rating, timestamp) in file order."""
     u, i, r, t = (np.asarray(c) for c in zip(*rows, strict=True))
-    return Interactions(u.astype(np.int64), i.astype(np.int64), r.astype(np.float32),
-                        t.astype(np.int64), files)  # fmt: skip
+    return Interactions(
+        u.astype(np.int64), i.astype(np.int64), r.astype(np.float32), t.astype(np.int64), files
+    )
 
 
 def reference(rows, min_rating=None, min_user=5, min_item=0):
@@ -53,8 +54,17 @@ def test_stable_order_on_equal_timestamps():
 
 
 def test_leave_one_out_on_toy_set():
-    rows = [(2, 11, 1, 3), (1, 12, 1, 1), (2, 13, 1, 1), (1, 11, 1, 2), (1, 14, 1, 3),
-            (2, 12, 1, 2), (1, 13, 1, 4), (2, 14, 1, 4), (2, 15, 1, 5)]  # fmt: skip
+    rows = [
+        (2, 11, 1, 3),
+        (1, 12, 1, 1),
+        (2, 13, 1, 1),
+        (1, 11, 1, 2),
+        (1, 14, 1, 3),
+        (2, 12, 1, 2),
+        (1, 13, 1, 4),
+        (2, 14, 1, 4),
+        (2, 15, 1, 5),
+    ]
     data = build_sequences(_inter(rows), SequenceOptions(min_user_interactions=3))
     # Dense ids follow ascending source ids; item 0 is padding.
     np.testing.assert_array_equal(data.user_ids, [1, 2])
@@ -77,10 +87,20 @@ def test_kcore_iterates_until_stable():
     # min 3 per user and 2 per item. Item 99 is rated once -> dropped; then user 3 has only 2
     # ratings -> dropped; then item 50 (rated by users 3 and 1) has 1 -> dropped; then user 1
     # has 2 -> dropped. Only users 2 and 4 survive, which one pass would not find.
-    rows = [(1, 10, 1, 1), (1, 20, 1, 2), (1, 50, 1, 3),
-            (3, 50, 1, 1), (3, 99, 1, 2), (3, 10, 1, 3),
-            (2, 10, 1, 1), (2, 20, 1, 2), (2, 30, 1, 3),
-            (4, 10, 1, 1), (4, 20, 1, 2), (4, 30, 1, 3)]  # fmt: skip
+    rows = [
+        (1, 10, 1, 1),
+        (1, 20, 1, 2),
+        (1, 50, 1, 3),
+        (3, 50, 1, 1),
+        (3, 99, 1, 2),
+        (3, 10, 1, 3),
+        (2, 10, 1, 1),
+        (2, 20, 1, 2),
+        (2, 30, 1, 3),
+        (4, 10, 1, 1),
+        (4, 20, 1, 2),
+        (4, 30, 1, 3),
+    ]
     opts = SequenceOptions(min_user_interactions=3, min_item_interactions=2)
     data = build_sequences(_inter(rows), opts)
     assert _as_source(data) == {2: [10, 20, 30], 4: [10, 20, 30]}
@@ -97,8 +117,15 @@ def test_min_rating_threshold():
 def test_matches_slow_reference_on_random_data(seed):
     rng = np.random.default_rng(seed)
     n = 3000
-    rows = list(zip(rng.integers(0, 120, n) * 7, rng.integers(1, 400, n) * 3,
-                    rng.integers(1, 11, n) / 2, rng.integers(0, 40, n), strict=True))  # fmt: skip
+    rows = list(
+        zip(
+            rng.integers(0, 120, n) * 7,
+            rng.integers(1, 400, n) * 3,
+            rng.integers(1, 11, n) / 2,
+            rng.integers(0, 40, n),
+            strict=True,
+        )
+    )
     opts = SequenceOptions(min_rating=2.0, min_user_interactions=8, min_item_interactions=3)
     data = build_sequences(_inter(rows), opts)
     ref = reference(rows, 2.0, 8, 3)
@@ -108,9 +135,14 @@ def test_matches_slow_reference_on_random_data(seed):
 
 def test_string_ids_map_back():
     inter = Interactions(
-        np.array([1, 0, 1, 1, 0, 0]), np.array([2, 0, 1, 0, 1, 2]), np.ones(6, np.float32),
-        np.array([1, 1, 2, 3, 2, 3]), ("x",), np.array(["bob", "al"]), np.array(["c", "a", "b"]),
-    )  # fmt: skip
+        np.array([1, 0, 1, 1, 0, 0]),
+        np.array([2, 0, 1, 0, 1, 2]),
+        np.ones(6, np.float32),
+        np.array([1, 1, 2, 3, 2, 3]),
+        ("x",),
+        np.array(["bob", "al"]),
+        np.array(["c", "a", "b"]),
+    )
     data = build_sequences(inter, SequenceOptions(min_user_interactions=3))
     assert list(data.user_ids) == ["al", "bob"]  # dense users in ascending source order
     assert list(data.item_ids) == ["", "a", "b", "c"]

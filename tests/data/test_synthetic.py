@@ -30,9 +30,18 @@ HEADERS = {
 # Small enough for pure-Python loops; users rate a third of the items on average, so the
 # renormalisation over unseen items matters.
 SMALL = SyntheticConfig(
-    n_users=400, n_items=120, n_ratings=16_000, n_movies=130, n_clusters=4, n_genome_items=60,
-    n_genome_tags=16, n_tags_rows=300, max_user_ratings=80, zipf_exponent=0.7, seed=3,
-)  # fmt: skip
+    n_users=400,
+    n_items=120,
+    n_ratings=16_000,
+    n_movies=130,
+    n_clusters=4,
+    n_genome_items=60,
+    n_genome_tags=16,
+    n_tags_rows=300,
+    max_user_ratings=80,
+    zipf_exponent=0.7,
+    seed=3,
+)
 
 
 @pytest.fixture(scope="module")

@@ -142,8 +142,9 @@ def test_partial_ties_count_half_with_and_without_history_mask(chunk_size):
     assert ranks.dtype == np.float32
     assert ranks.tolist() == [4.0, 3.5, 3.0, 3.0]
     assert items[0].tolist() == [1, 6, 2, 3, 4, 5]  # top-k ties still by lower id
-    ranks, _, _ = run(users, table, targets, history, k=6, chunk_size=chunk_size,
-                      mask_history=False)  # fmt: skip
+    ranks, _, _ = run(
+        users, table, targets, history, k=6, chunk_size=chunk_size, mask_history=False
+    )
     assert ranks.tolist() == [4.0] * 4
 
 
@@ -168,8 +169,15 @@ def test_all_scores_equal_gives_a_random_rankings_mean_rank(chunk_size):
     assert m["ndcg@5"] == pytest.approx(ndcg) and m["ndcg@10"] == pytest.approx(ndcg)
     assert m["mrr"] == pytest.approx((1 / 5 + 1 / 4 + 1 / 4.5) / 3)
     # ... the same whether the tied scores come from a dot product or a scorer of its own.
-    got = rank_and_topk_with(lambda state, ids: jnp.zeros((3, ids.shape[0])), None, n_items,
-                             targets, history, k=3, chunk_size=chunk_size)  # fmt: skip
+    got = rank_and_topk_with(
+        lambda state, ids: jnp.zeros((3, ids.shape[0])),
+        None,
+        n_items,
+        targets,
+        history,
+        k=3,
+        chunk_size=chunk_size,
+    )
     np.testing.assert_array_equal(got[0], ranks)
 
 

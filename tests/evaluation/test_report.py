@@ -18,8 +18,14 @@ def _tiny_config(data_root):
     c = apply_variant(base_config(), "sasrec")
     c.data.update(synthetic="demo", root=str(data_root), max_len=20, progress=False)
     c.model.update(dim=16, num_layers=1, num_heads=1, mlp_dim=16, dropout=0.1)
-    c.train.update(batch_size=16, num_steps=8, eval_every_steps=4, log_every_steps=4,
-                   progress=False, patience=100)  # fmt: skip
+    c.train.update(
+        batch_size=16,
+        num_steps=8,
+        eval_every_steps=4,
+        log_every_steps=4,
+        progress=False,
+        patience=100,
+    )
     c.optim.warmup_steps = 2
     c.eval.update(batch_size=512, chunk_size=256)
     c.mesh.num_devices = 1
@@ -27,8 +33,15 @@ def _tiny_config(data_root):
 
 
 def _metrics(hr, ndcg, mrr, ci):
-    return {"hr@10": hr, "hr@10_ci95": ci, "ndcg@10": ndcg, "ndcg@10_ci95": ci, "mrr": mrr,
-            "mrr_ci95": ci, "n_users": 671}  # fmt: skip
+    return {
+        "hr@10": hr,
+        "hr@10_ci95": ci,
+        "ndcg@10": ndcg,
+        "ndcg@10_ci95": ci,
+        "mrr": mrr,
+        "mrr_ci95": ci,
+        "n_users": 671,
+    }
 
 
 HAND = {  # train.py's results.json layout, numbers chosen to win and lose against the real run
@@ -42,7 +55,7 @@ HAND = {  # train.py's results.json layout, numbers chosen to win and lose again
         "min_user_interactions": 5,
         "min_item_interactions": 5,
         "ranking": "full",
-    },  # fmt: skip
+    },
     "best_step": 30,
     "steps": 40,
     "stopped_early": True,
@@ -78,13 +91,17 @@ def root(tmp_path_factory):
     # Killed at step 12, resumed from step 4: steps 8 and 12 logged twice; the last line cut.
     (root / "killed" / "checkpoints" / "4").mkdir(parents=True)
     (root / "killed" / "checkpoints" / "12").mkdir()
-    log = [{"step": 1, "time": 1000.0, "train/loss": 7.0},
-           {"step": 4, "time": 1010.0, "val/ndcg@10": 0.01},
-           {"step": 8, "time": 1020.0, "val/ndcg@10": 0.02},
-           {"step": 8, "time": 1100.0, "val/ndcg@10": 0.025},
-           {"step": 12, "time": 1112.0, "val/ndcg@10": 0.03}]  # fmt: skip
-    _write(root / "killed" / "metrics.jsonl",
-           "".join(json.dumps(r) + "\n" for r in log) + '{"step": 16, "ti')  # fmt: skip
+    log = [
+        {"step": 1, "time": 1000.0, "train/loss": 7.0},
+        {"step": 4, "time": 1010.0, "val/ndcg@10": 0.01},
+        {"step": 8, "time": 1020.0, "val/ndcg@10": 0.02},
+        {"step": 8, "time": 1100.0, "val/ndcg@10": 0.025},
+        {"step": 12, "time": 1112.0, "val/ndcg@10": 0.03},
+    ]
+    _write(
+        root / "killed" / "metrics.jsonl",
+        "".join(json.dumps(r) + "\n" for r in log) + '{"step": 16, "ti',
+    )
     _write(root / "notes" / "todo.txt", "not a run")
     report.write_report(root)
     return root
@@ -108,7 +125,10 @@ def test_usable_runs_carry_their_results_json_numbers(root):
     for m in ("hr@10", "ndcg@10", "mrr"):
         assert real.test[m] == (saved["test"][m], saved["test"][f"{m}_ci95"])
     assert (real.val_ndcg10, real.best_step, real.params) == (
-        saved["val"]["ndcg@10"], saved["best_step"], saved["params"])  # fmt: skip
+        saved["val"]["ndcg@10"],
+        saved["best_step"],
+        saved["params"],
+    )
     assert (real.model, real.data, real.loss) == ("sasrec", "demo", "full_softmax")
     assert real.curve == [(h[1], h[2]) for h in saved["history"]] and len(real.curve) == 2
     assert hand.test["hr@10"] == (0.9, 0.01) and hand.loss == "bce" and hand.users == 671
@@ -124,11 +144,18 @@ def test_table_shows_intervals_and_bolds_the_best_of_each_column(root):
     rows = _table_rows(text)
     hand, real = rows["hand/onerec"], rows["sasrec"]
     assert hand == [
-        "hand/onerec", "onerec", "ml-latest-small (671 users)",
+        "hand/onerec",
+        "onerec",
+        "ml-latest-small (671 users)",
         "ratings >= 4.0, k-core 5/5, max_len 200, history masked, loss bce",
-        "**0.9000 +- 0.0100**", "0.0000 +- 0.0100", "**0.5000 +- 0.0100**",
-        "0.0000 (step 30 of 40)", "1,234,567", "1,234", "12",
-    ]  # fmt: skip
+        "**0.9000 +- 0.0100**",
+        "0.0000 +- 0.0100",
+        "**0.5000 +- 0.0100**",
+        "0.0000 (step 30 of 40)",
+        "1,234,567",
+        "1,234",
+        "12",
+    ]
     protocol = "all ratings, k-core 5/0, max_len 20, history masked, loss full_softmax"
     assert real[1:4] == ["sasrec", "demo (2,000 users)", protocol]
     assert real[4] == f"{t['hr@10']:.4f} +- {t['hr@10_ci95']:.4f}"
@@ -182,7 +209,10 @@ def test_root_without_usable_runs(tmp_path):
 
 def test_loss_column_names_the_models_own_objective(tmp_path):
     path = tmp_path / "config.json"
-    for model, loss, shown in [("bpr", "full_softmax", "BPR pairwise"), ("sasrec", "bce", "bce"),
-                               ("pop", "full_softmax", "none (counts)")]:  # fmt: skip
+    for model, loss, shown in [
+        ("bpr", "full_softmax", "BPR pairwise"),
+        ("sasrec", "bce", "bce"),
+        ("pop", "full_softmax", "none (counts)"),
+    ]:
         path.write_text(json.dumps({"model": {"name": model}, "loss": {"name": loss}}))
         assert report._config_loss(path) == shown

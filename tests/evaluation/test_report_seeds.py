@@ -11,13 +11,28 @@ from onerec_jax.evaluation import report, report_seeds
 
 
 def _results(hr, ndcg, mrr, val, ci):
-    test = {"hr@10": hr, "ndcg@10": ndcg, "mrr": mrr, "n_users": 100,
-            "hr@10_ci95": 2 * ci, "ndcg@10_ci95": ci, "mrr_ci95": ci}  # fmt: skip
-    return {"model": "m", "data": {"users": 100, "source": "demo"},
-            "protocol": {"mask_history": True, "max_len": 5}, "best_step": 2, "steps": 4,
-            "params": 10, "train_seconds": 3.0, "eval_seconds": 1.0,
-            "history": [[2, 1.0, val], [4, 2.0, val / 2]],
-            "val": {**test, "ndcg@10": val}, "test": test}  # fmt: skip
+    test = {
+        "hr@10": hr,
+        "ndcg@10": ndcg,
+        "mrr": mrr,
+        "n_users": 100,
+        "hr@10_ci95": 2 * ci,
+        "ndcg@10_ci95": ci,
+        "mrr_ci95": ci,
+    }
+    return {
+        "model": "m",
+        "data": {"users": 100, "source": "demo"},
+        "protocol": {"mask_history": True, "max_len": 5},
+        "best_step": 2,
+        "steps": 4,
+        "params": 10,
+        "train_seconds": 3.0,
+        "eval_seconds": 1.0,
+        "history": [[2, 1.0, val], [4, 2.0, val / 2]],
+        "val": {**test, "ndcg@10": val},
+        "test": test,
+    }
 
 
 def _write(path, obj):
@@ -30,8 +45,11 @@ def _write(path, obj):
 #   NDCG@10 0.05 0.06 0.07: mean 0.06, sd sqrt(0.0002 / 2) = 0.0100 (ddof=0 would give 0.0082)
 #   MRR     0.02 0.02 0.05: mean 0.03, sd sqrt(0.0006 / 2) = 0.0173
 #   val     0.04 0.08 0.06: mean 0.06, sd sqrt(0.0008 / 2) = 0.0200
-SASREC = {0: (0.10, 0.05, 0.02, 0.04, 0.004), 1: (0.12, 0.06, 0.02, 0.08, 0.005),
-          2: (0.17, 0.07, 0.05, 0.06, 0.006)}  # fmt: skip
+SASREC = {
+    0: (0.10, 0.05, 0.02, 0.04, 0.004),
+    1: (0.12, 0.06, 0.02, 0.08, 0.005),
+    2: (0.17, 0.07, 0.05, 0.06, 0.006),
+}
 
 
 @pytest.fixture
@@ -105,15 +123,25 @@ def test_report_has_mean_sd_cells_left_out_seeds_and_each_runs_interval(root):
     assert "sample standard deviation (ddof=1)" in seeds
     table = _table(seeds.split("Seeds left out")[0])
     assert table["sasrec"] == [
-        "sasrec", "m", "3 of 3 (0, 1, 2)", "0.1300 +- 0.0361", "0.0600 +- 0.0100",
-        "0.0300 +- 0.0173", "**0.0600 +- 0.0200**",
+        "sasrec",
+        "m",
+        "3 of 3 (0, 1, 2)",
+        "0.1300 +- 0.0361",
+        "0.0600 +- 0.0100",
+        "0.0300 +- 0.0173",
+        "**0.0600 +- 0.0200**",
         "0: 0.0500 +- 0.0040; 1: 0.0600 +- 0.0050; 2: 0.0700 +- 0.0060",
-    ]  # fmt: skip
+    ]
     assert table["onerec"] == [
-        "onerec", "m", "1 of 3 (0)", "**0.2000 (1 seed, no sd)**", "**0.0900 (1 seed, no sd)**",
-        "**0.0400 (1 seed, no sd)**", "0.0500 (1 seed, no sd)",
+        "onerec",
+        "m",
+        "1 of 3 (0)",
+        "**0.2000 (1 seed, no sd)**",
+        "**0.0900 (1 seed, no sd)**",
+        "**0.0400 (1 seed, no sd)**",
+        "0.0500 (1 seed, no sd)",
         "0: 0.0900 +- 0.0100; 1: left out; 2: left out",
-    ]  # fmt: skip
+    ]
     assert "pop" not in table
     left_out = seeds.split("Seeds left out of the means:")[1]
     assert left_out.count("\n| onerec | ") == 2 and "| sasrec |" not in left_out
@@ -122,8 +150,11 @@ def test_report_has_mean_sd_cells_left_out_seeds_and_each_runs_interval(root):
     # Each seed's run keeps its own row with its 95% interval (seed 1 has the best val).
     runs = _table(main)
     assert runs["sasrec/seed1"][4:8] == [
-        "0.1200 +- 0.0100", "0.0600 +- 0.0050", "0.0200 +- 0.0050", "**0.0800 (step 2 of 4)**"
-    ]  # fmt: skip
+        "0.1200 +- 0.0100",
+        "0.0600 +- 0.0050",
+        "0.0200 +- 0.0050",
+        "**0.0800 (step 2 of 4)**",
+    ]
     assert list(runs) == ["onerec/seed0", "pop", "sasrec/seed0", "sasrec/seed1", "sasrec/seed2"]
     assert "| onerec/seed1 | no results.json: training failed" in broken
 
@@ -150,7 +181,10 @@ def test_roots_without_seed_folders_have_no_seed_section(root):
 def test_report_on_one_variant_folder_and_on_one_seed_run(root):
     text = report.write_report(root / "sasrec").read_text()
     table = _table(text.split("## Seeds")[1].split("Seeds left out")[0])
-    assert table["sasrec"][2:5] == ["3 of 3 (0, 1, 2)", "**0.1300 +- 0.0361**",
-                                    "**0.0600 +- 0.0100**"]  # fmt: skip
+    assert table["sasrec"][2:5] == [
+        "3 of 3 (0, 1, 2)",
+        "**0.1300 +- 0.0361**",
+        "**0.0600 +- 0.0100**",
+    ]
     text = report.write_report(root / "sasrec" / "seed0").read_text()  # the root is one run
     assert "## Seeds" not in text and "| seed0 | m |" in text

@@ -23,8 +23,9 @@ def padded(table, rows, fill):
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 8), (2, 1, 4)])
-@pytest.mark.parametrize("chunk_size, k, mask_history", [(96, 20, True), (8192, 50, False),
-                                                         (7, 5, True)])  # fmt: skip
+@pytest.mark.parametrize(
+    "chunk_size, k, mask_history", [(96, 20, True), (8192, 50, False), (7, 5, True)]
+)
 def test_split_ranking_matches_reference(shape, chunk_size, k, mask_history):
     users, table, targets, history = random_case(11, batch=16)
     targets[-2:] = 0  # padding rows of an eval batch
@@ -33,8 +34,14 @@ def test_split_ranking_matches_reference(shape, chunk_size, k, mask_history):
     rows = -(-len(table) // shape[2]) * shape[2] + shape[2]  # a few padding rows
     big = padded(table, rows, 3.0)
     split_table = np.asarray(big)
-    ranker = make_ranker(mesh, k=k, chunk_size=chunk_size, mask_history=mask_history,
-                         n_items=len(table) - 1, rules=RULES)  # fmt: skip
+    ranker = make_ranker(
+        mesh,
+        k=k,
+        chunk_size=chunk_size,
+        mask_history=mask_history,
+        n_items=len(table) - 1,
+        rules=RULES,
+    )
     table_on_mesh = jax.device_put(split_table, NamedSharding(mesh, P("model", None)))
     assert vocab_parallel.split_axes(table_on_mesh, mesh, RULES) == ("model",)
     got = [np.asarray(x) for x in ranker(users, table_on_mesh, targets, history)]

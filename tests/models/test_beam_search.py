@@ -333,22 +333,34 @@ def test_renormalized_exhaustive_beam_equals_brute_force(catalogue):
     valid, next_prefix = catalogue.prefix_tables().stacked()
     search = jax.jit(beam_search, static_argnames=STATIC_ARGNAMES)
     items, scores = search(
-        toy_step_fn(catalogue.codebook_sizes), jnp.asarray(context), valid, next_prefix,
-        catalogue.codebook_sizes, jnp.asarray(history), n_items=catalogue.n_items, beam=beam,
-        k=k, renormalize=True,
-    )  # fmt: skip
+        toy_step_fn(catalogue.codebook_sizes),
+        jnp.asarray(context),
+        valid,
+        next_prefix,
+        catalogue.codebook_sizes,
+        jnp.asarray(history),
+        n_items=catalogue.n_items,
+        beam=beam,
+        k=k,
+        renormalize=True,
+    )
     for b in range(3):
         seen = set(history[b].tolist())
         ranked = sorted(
-            ((ref_item_score_renormalized(context[b], catalogue, i), i)
-             for i in range(1, catalogue.n_items + 1) if i not in seen),
+            (
+                (ref_item_score_renormalized(context[b], catalogue, i), i)
+                for i in range(1, catalogue.n_items + 1)
+                if i not in seen
+            ),
             key=lambda t: -t[0],
-        )[:k]  # fmt: skip
+        )[:k]
         np.testing.assert_array_equal(np.asarray(items[b]), [i for _, i in ranked])
         np.testing.assert_allclose(np.asarray(scores[b]), [s for s, _ in ranked], atol=1e-5)
     # a proper distribution over valid items: probabilities of all items sum to 1
-    every = sum(np.exp(ref_item_score_renormalized(context[0], catalogue, i))
-                for i in range(1, catalogue.n_items + 1))  # fmt: skip
+    every = sum(
+        np.exp(ref_item_score_renormalized(context[0], catalogue, i))
+        for i in range(1, catalogue.n_items + 1)
+    )
     assert every == pytest.approx(1.0)
 
 

@@ -158,7 +158,11 @@ def test_item_table_has_v_rows_and_mask_is_never_ranked(model_and_params):
 def test_variant_and_bad_config():
     c = apply_variant(base_config(), "bert4rec")
     assert (c.model.name, c.model.num_heads, c.model.mask_prob, c.loss.name) == (
-        "bert4rec", 2, 0.2, "full_softmax")  # fmt: skip
+        "bert4rec",
+        2,
+        0.2,
+        "full_softmax",
+    )
     with pytest.raises(ConfigError, match="mask_prob"):
         _model(mask_prob=0.0)
 
@@ -170,8 +174,14 @@ def test_end_to_end_writes_results(tmp_path, tmp_path_factory):
     c.data.max_len = 20
     c.data.progress = False
     c.model.update(dim=16, num_layers=1, mlp_dim=32)
-    c.train.update(batch_size=16, num_steps=8, eval_every_steps=4, log_every_steps=4,
-                   progress=False, patience=100)  # fmt: skip
+    c.train.update(
+        batch_size=16,
+        num_steps=8,
+        eval_every_steps=4,
+        log_every_steps=4,
+        progress=False,
+        patience=100,
+    )
     c.optim.warmup_steps = 2
     c.eval.update(batch_size=512, chunk_size=256)
     c.mesh.num_devices = 1

@@ -31,8 +31,9 @@ def _params(model, seed=0):
     shapes = jax.eval_shape(model.init, jax.random.key(0), {"user": jnp.zeros((2,), jnp.int32)})
     leaves, tree = jax.tree.flatten(train._unbox(shapes))
     rng = np.random.default_rng(seed)
-    return jax.tree.unflatten(tree, [jnp.asarray(0.5 * rng.standard_normal(x.shape), jnp.float32)
-                                     for x in leaves])  # fmt: skip
+    return jax.tree.unflatten(
+        tree, [jnp.asarray(0.5 * rng.standard_normal(x.shape), jnp.float32) for x in leaves]
+    )
 
 
 def _batch():

@@ -35,22 +35,36 @@ def planted(seed: int = 0, n_users: int = 96):
 def tiny(variant: str, **model):
     c = apply_variant(base_config(), variant)
     c.data.max_len = 5
-    c.model.update(dim=32, num_heads=2, num_layers=1, decoder_layers=1, mlp_dim=64, dropout=0.0,
-                   side_features=(), **model)  # fmt: skip
+    c.model.update(
+        dim=32,
+        num_heads=2,
+        num_layers=1,
+        decoder_layers=1,
+        mlp_dim=64,
+        dropout=0.0,
+        side_features=(),
+        **model,
+    )
     c.eval.update(beam=8, k=10)
     return c
 
 
 def info_for(data, sem, max_len) -> DataInfo:
     return DataInfo(
-        n_items=data.n_items, max_len=max_len, item_counts=np.ones(data.n_items + 1),
-        n_users=data.n_users, semantic_ids=sem,
-    )  # fmt: skip
+        n_items=data.n_items,
+        max_len=max_len,
+        item_counts=np.ones(data.n_items + 1),
+        n_users=data.n_users,
+        semantic_ids=sem,
+    )
 
 
 def unboxed(params):
-    return jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
-                        is_leaf=lambda x: hasattr(x, "unbox"))  # fmt: skip
+    return jax.tree.map(
+        lambda x: x.unbox() if hasattr(x, "unbox") else x,
+        params,
+        is_leaf=lambda x: hasattr(x, "unbox"),
+    )
 
 
 @pytest.mark.parametrize("per_target,valid_only", [(False, True), (True, False)])
@@ -60,8 +74,9 @@ def test_loss_is_the_level_restricted_cross_entropy(per_target, valid_only):
     c = tiny("tiger", session_items=2, encoder_causal=not per_target)
     c.loss.update(label_smoothing=0.1, valid_codes_only=valid_only)
     model = build_model(c, info_for(data, sem, 5))
-    ds = generative_train_dataset(data, sem.codes, max_len=5, batch_size=8, seed=0,
-                                  session_items=2, per_target=per_target)  # fmt: skip
+    ds = generative_train_dataset(
+        data, sem.codes, max_len=5, batch_size=8, seed=0, session_items=2, per_target=per_target
+    )
     batch = next(iter(ds))
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     params = unboxed(model.init(jax.random.key(0), batch))
@@ -76,8 +91,9 @@ def test_loss_is_the_level_restricted_cross_entropy(per_target, valid_only):
     cols = (codes + offsets).reshape(b_, p_, -1)
     real = np.repeat(mask, depth, axis=-1)
     dec = np.concatenate([np.ones((b_, p_, 1), int), np.where(real, cols + 2, 0)[..., :-1]], -1)
-    logits, _ = model.module.apply({"params": params}, batch["inputs"], batch["user"],
-                                   jnp.asarray(dec), train=False)  # fmt: skip
+    logits, _ = model.module.apply(
+        {"params": params}, batch["inputs"], batch["user"], jnp.asarray(dec), train=False
+    )
     logits = np.asarray(logits, np.float64)
     allowed = level_columns(sizes, dec.shape[-1])
     total, count = 0.0, 0
@@ -132,8 +148,11 @@ def fit_planted(variant: str, steps: int, **model) -> float:
     sem = random_codes(N_ITEMS, 2, 4, 1)
     c = tiny(variant, **model)
     model_ = build_model(c, info_for(data, sem, 5))
-    ds = iter(generative_train_dataset(data, sem.codes, max_len=5, batch_size=64, seed=0,
-                                       session_items=c.model.session_items))  # fmt: skip
+    ds = iter(
+        generative_train_dataset(
+            data, sem.codes, max_len=5, batch_size=64, seed=0, session_items=c.model.session_items
+        )
+    )
     first = {k: jnp.asarray(v) for k, v in next(ds).items()}
     params = unboxed(model_.init(jax.random.key(0), first))
     tx = optax.adam(3e-3)
@@ -152,15 +171,17 @@ def fit_planted(variant: str, steps: int, **model) -> float:
     hist = np.stack([data.sequence(u)[:-1] for u in range(data.n_users)])
     if model_.session_items > 1:  # session-wise: the next M items of the cycle, one by one
         session, _ = jax.jit(model_.generate_session)(
-            params, {"inputs": jnp.asarray(hist[:, -5:]), "user": jnp.zeros(len(hist), int)},
+            params,
+            {"inputs": jnp.asarray(hist[:, -5:]), "user": jnp.zeros(len(hist), int)},
             jnp.asarray(hist),
-        )  # fmt: skip
+        )
         want = (hist[:, -1:] + np.arange(model_.session_items)) % N_ITEMS + 1
         metrics = {**metrics, "session_accuracy": float((np.asarray(session) == want).mean())}
     inputs = jnp.asarray(hist[:, -5:], jnp.int32)
     user = jnp.arange(data.n_users, dtype=jnp.int32)
-    items, scores = jax.jit(model_.generate)(params, {"inputs": inputs, "user": user},
-                                             jnp.asarray(hist, jnp.int32))  # fmt: skip
+    items, scores = jax.jit(model_.generate)(
+        params, {"inputs": inputs, "user": user}, jnp.asarray(hist, jnp.int32)
+    )
     items = np.asarray(items)
     target = np.array([data.sequence(u)[-1] for u in range(data.n_users)])
     assert not (items[:, :, None] == hist[:, None, :]).any()  # nothing the user has seen
@@ -193,8 +214,14 @@ def test_end_to_end_tokenizes_trains_and_reports_beam_ranking(variant, tmp_path,
     c.model.update(dim=16, mlp_dim=32, num_layers=1, decoder_layers=1)
     c.tokenize.update(method="rqkmeans", codebook_size=8, kmeans_iters=5)
     c.features.blocks = ("genres", "year")
-    c.train.update(batch_size=64, num_steps=6, eval_every_steps=3, log_every_steps=3,
-                   progress=False, patience=100)  # fmt: skip
+    c.train.update(
+        batch_size=64,
+        num_steps=6,
+        eval_every_steps=3,
+        log_every_steps=3,
+        progress=False,
+        patience=100,
+    )
     c.optim.warmup_steps = 2
     c.eval.update(batch_size=2048, beam=5, k=10, valid_users=300)  # one batch: few compilations
     c.mesh.num_devices = 1

@@ -125,8 +125,14 @@ def test_end_to_end_writes_results(tmp_path, tmp_path_factory):
     c.data.max_len = 20
     c.data.progress = False
     c.model.update(dim=16, dropout=0.1)
-    c.train.update(batch_size=16, num_steps=8, eval_every_steps=4, log_every_steps=4,
-                   progress=False, patience=100)  # fmt: skip
+    c.train.update(
+        batch_size=16,
+        num_steps=8,
+        eval_every_steps=4,
+        log_every_steps=4,
+        progress=False,
+        patience=100,
+    )
     c.optim.warmup_steps = 2
     c.eval.update(batch_size=512, chunk_size=256)
     c.mesh.num_devices = 1

@@ -256,9 +256,13 @@ def test_groups_route_with_their_own_capacity():
     kept_total = 0
     for g in range(3):
         ref_y, _, _, ref_kept, _, _ = _reference(
-            params, x[g : g + 1], mask[g : g + 1], top_k=2, capacity_factor=0.5,
+            params,
+            x[g : g + 1],
+            mask[g : g + 1],
+            top_k=2,
+            capacity_factor=0.5,
             activation="swiglu",
-        )  # fmt: skip
+        )
         np.testing.assert_allclose(y[g], ref_y[0], atol=1e-5)
         np.testing.assert_array_equal(kept[8 * g : 8 * (g + 1)], ref_kept)
         kept_total += ref_kept.sum()

@@ -30,8 +30,9 @@ def _params(model, seed=0):
     # Larger random values than the initialisation, so every term of the logit matters.
     leaves, tree = jax.tree.flatten(train._unbox(shapes))
     rng = np.random.default_rng(seed)
-    return jax.tree.unflatten(tree, [jnp.asarray(0.5 * rng.standard_normal(x.shape), jnp.float32)
-                                     for x in leaves])  # fmt: skip
+    return jax.tree.unflatten(
+        tree, [jnp.asarray(0.5 * rng.standard_normal(x.shape), jnp.float32) for x in leaves]
+    )
 
 
 def _numpy_logits(params, users, items, towers="both"):
@@ -58,10 +59,12 @@ def _numpy_logits(params, users, items, towers="both"):
 def test_loss_matches_numpy():
     model = _model(negatives_per_pair=2, l2=0.03)
     params = _params(model)
-    batch = {"user": jnp.array([5, 2], jnp.int32),
-             "inputs": jnp.array([[0, 4, 2], [7, 8, 9]], jnp.int32),
-             "targets": jnp.array([[0, 2, 6], [8, 9, 22]], jnp.int32),
-             "mask": jnp.array([[False, True, True], [True, True, True]])}  # fmt: skip
+    batch = {
+        "user": jnp.array([5, 2], jnp.int32),
+        "inputs": jnp.array([[0, 4, 2], [7, 8, 9]], jnp.int32),
+        "targets": jnp.array([[0, 2, 6], [8, 9, 22]], jnp.int32),
+        "mask": jnp.array([[False, True, True], [True, True, True]]),
+    }
     rng = jax.random.key(3)
     loss, metrics = jax.jit(model.loss)(params, batch, rng)
     negatives = np.asarray(
@@ -83,8 +86,13 @@ def test_loss_matches_numpy():
             s_pos = _numpy_logits(params, u, i)
             s_neg = _numpy_logits(params, u, js)
             bce = -np.log(1 / (1 + np.exp(-s_pos))) - np.sum(np.log(1 - 1 / (1 + np.exp(-s_neg))))
-            reg = (sq("user_gmf", u) + sq("user_mlp", u) + sq("item_gmf", i) + sq("item_mlp", i)
-                   + np.mean(sq("item_gmf", js) + sq("item_mlp", js)))  # fmt: skip
+            reg = (
+                sq("user_gmf", u)
+                + sq("user_mlp", u)
+                + sq("item_gmf", i)
+                + sq("item_mlp", i)
+                + np.mean(sq("item_gmf", js) + sq("item_mlp", js))
+            )
             rows.append(bce + 0.03 * reg)
     np.testing.assert_allclose(float(loss), np.mean(rows), rtol=1e-5)
     assert float(metrics["tokens"]) == 5

@@ -35,12 +35,17 @@ def test_warmup_then_cosine_and_linear():
 
 
 def test_decay_mask_skips_norms_biases_and_embeddings():
-    params = {"item_embedding": {"embedding": 1}, "block_0": {"ffn": {"up": {"kernel": 1,
-              "bias": 1}}, "norm_attn": {"scale": 1}}, "position_embedding": 1}  # fmt: skip
+    params = {
+        "item_embedding": {"embedding": 1},
+        "block_0": {"ffn": {"up": {"kernel": 1, "bias": 1}}, "norm_attn": {"scale": 1}},
+        "position_embedding": 1,
+    }
     off = optim.decay_mask(params, decay_embeddings=False)
-    assert off == {"item_embedding": {"embedding": False}, "block_0": {"ffn": {"up": {
-        "kernel": True, "bias": False}}, "norm_attn": {"scale": False}},
-        "position_embedding": False}  # fmt: skip
+    assert off == {
+        "item_embedding": {"embedding": False},
+        "block_0": {"ffn": {"up": {"kernel": True, "bias": False}}, "norm_attn": {"scale": False}},
+        "position_embedding": False,
+    }
     on = optim.decay_mask(params, decay_embeddings=True)
     assert on["item_embedding"]["embedding"] and on["position_embedding"]
     assert not on["block_0"]["ffn"]["up"]["bias"]
@@ -48,8 +53,9 @@ def test_decay_mask_skips_norms_biases_and_embeddings():
 
 def test_weight_decay_is_applied_only_where_masked():
     params = {"dense": {"kernel": jnp.ones(2), "bias": jnp.ones(2)}}
-    tx, _ = optim.make_optimizer(_optim(learning_rate=0.1, warmup_steps=0, weight_decay=0.5,
-                                        clip_norm=0.0), 10)  # fmt: skip
+    tx, _ = optim.make_optimizer(
+        _optim(learning_rate=0.1, warmup_steps=0, weight_decay=0.5, clip_norm=0.0), 10
+    )
     zero = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zero, tx.init(params), params)
     # Zero gradients: Adam's step is 0, so the update is -lr * wd * param where decayed.

@@ -65,8 +65,11 @@ def test_ranking_is_training_counts_with_history_masked():
 
 def test_loss_is_zero():
     model = _model()
-    batch = {"inputs": jnp.zeros((2, 4), jnp.int32), "targets": jnp.ones((2, 4), jnp.int32),
-             "mask": jnp.array([[0, 1, 1, 1], [1, 1, 1, 1]], bool)}  # fmt: skip
+    batch = {
+        "inputs": jnp.zeros((2, 4), jnp.int32),
+        "targets": jnp.ones((2, 4), jnp.int32),
+        "mask": jnp.array([[0, 1, 1, 1], [1, 1, 1, 1]], bool),
+    }
     loss, metrics = model.loss(_params(model), batch, jax.random.key(0))
     assert float(loss) == 0.0 and float(metrics["tokens"]) == 7
 
@@ -76,8 +79,14 @@ def tiny_config(root, variant):
     c = apply_variant(base_config(), variant)
     c.data.update(synthetic="demo", root=str(root), max_len=20, progress=False)
     c.model.dim = 8
-    c.train.update(batch_size=16, num_steps=4, eval_every_steps=4, log_every_steps=1,
-                   progress=False, patience=100)  # fmt: skip
+    c.train.update(
+        batch_size=16,
+        num_steps=4,
+        eval_every_steps=4,
+        log_every_steps=1,
+        progress=False,
+        patience=100,
+    )
     c.optim.warmup_steps = 1
     c.eval.update(batch_size=2048, chunk_size=256)  # one eval batch: few compilations
     return c

@@ -19,9 +19,13 @@ def _info(with_features=True):
     genres[0] = 0
     years = rng.integers(1, 6, V).astype(np.int32)
     years[0] = 0
-    return DataInfo(n_items=V - 1, max_len=12, item_counts=np.arange(V),
-                    item_genres=genres if with_features else None,
-                    item_year_bucket=years if with_features else None)  # fmt: skip
+    return DataInfo(
+        n_items=V - 1,
+        max_len=12,
+        item_counts=np.arange(V),
+        item_genres=genres if with_features else None,
+        item_year_bucket=years if with_features else None,
+    )
 
 
 def _model(name, **model):
@@ -36,10 +40,14 @@ def _inputs():
     return jnp.array([[0, 0, 0, 5, 7, 2, 9, 11], [0, 0, 0, 0, 0, 0, 3, 4]], jnp.int32)
 
 
-MODELS = [("sasrec", {}), ("sasrec", {"block": "", "position_origin": "end", "init_std": 0.0}),
-          ("sasrec", {"block": "", "prenorm": False}), ("onerec", {}),
-          ("onerec", {"positions": "learned", "fusion": "concat"}),
-          ("onerec", {"positions": "none"})]  # fmt: skip
+MODELS = [
+    ("sasrec", {}),
+    ("sasrec", {"block": "", "position_origin": "end", "init_std": 0.0}),
+    ("sasrec", {"block": "", "prenorm": False}),
+    ("onerec", {}),
+    ("onerec", {"positions": "learned", "fusion": "concat"}),
+    ("onerec", {"positions": "none"}),
+]
 
 
 @pytest.mark.parametrize("name, extra", MODELS)
@@ -81,8 +89,11 @@ def test_onerec_side_features_enter_the_item_table():
 
 
 def test_onerec_aux_loss_adds_to_next_item_loss():
-    batch = {"inputs": _inputs(), "targets": jnp.roll(_inputs(), -1, axis=1),
-             "mask": jnp.roll(_inputs(), -1, axis=1) > 0}  # fmt: skip
+    batch = {
+        "inputs": _inputs(),
+        "targets": jnp.roll(_inputs(), -1, axis=1),
+        "mask": jnp.roll(_inputs(), -1, axis=1) > 0,
+    }
     plain, aux = _model("onerec"), _model("onerec", aux_weight=0.5, aux_mask_prob=0.5)
     params = plain.init(jax.random.key(0), batch)
     loss0, m0 = plain.loss(params, batch, jax.random.key(1))
@@ -107,8 +118,9 @@ def test_onerec_semantic_ids_enter_the_item_table():
     codes = rng.integers(0, 4, (V, 2)).astype(np.int32)
     codes[:, 1] = rng.integers(0, 3, V)
     codes[0] = 0  # the padding row (masked)
-    info = DataInfo(n_items=V - 1, max_len=12, item_counts=np.arange(V), item_codes=codes,
-                    code_sizes=(4, 3))  # fmt: skip
+    info = DataInfo(
+        n_items=V - 1, max_len=12, item_counts=np.arange(V), item_codes=codes, code_sizes=(4, 3)
+    )
     c = apply_variant(base_config(), "onerec")
     c.model.update(dim=16, num_layers=1, num_heads=2, mlp_dim=32, dropout=0.0)
     c.model.side_features = ("semantic_ids",)

@@ -33,8 +33,11 @@ def batch():
     inputs = rng.integers(1, N_ITEMS + 1, (B, L)).astype(np.int32)
     inputs[:, :3] = 0  # left padding
     targets = rng.integers(1, N_ITEMS + 1, (B, L)).astype(np.int32)
-    return {"inputs": jnp.asarray(inputs), "targets": jnp.asarray(targets),
-            "mask": jnp.asarray(inputs > 0)}  # fmt: skip
+    return {
+        "inputs": jnp.asarray(inputs),
+        "targets": jnp.asarray(targets),
+        "mask": jnp.asarray(inputs > 0),
+    }
 
 
 def unbox(tree):

@@ -11,8 +11,12 @@ from onerec_jax.parallel import sharding
 def test_mesh_shape_fills_minus_one_and_rejects_bad_shapes():
     assert sharding.mesh_shape((-1, 1, 1), 8) == (8, 1, 1)
     assert sharding.mesh_shape((2, -1, 2), 8) == (2, 2, 2)
-    for bad, msg in [((3, -1, 1), "does not divide"), ((2, 2, 1), "uses 4 devices"),
-                     ((-1, -1, 1), "at most one -1"), ((8, 1), "one size per axis")]:  # fmt: skip
+    for bad, msg in [
+        ((3, -1, 1), "does not divide"),
+        ((2, 2, 1), "uses 4 devices"),
+        ((-1, -1, 1), "at most one -1"),
+        ((8, 1), "one size per axis"),
+    ]:
         with pytest.raises(ConfigError, match=msg):
             sharding.mesh_shape(bad, 8)
 

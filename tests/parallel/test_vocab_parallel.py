@@ -89,8 +89,9 @@ def test_sampled_softmax_and_bce_on_a_split_table_equal_the_plain_ones(on_mesh, 
     negatives = jnp.asarray(np.random.default_rng(2).integers(1, V, 64), jnp.int32)
     pool = jnp.asarray(np.random.default_rng(3).integers(1, V, 40), jnp.int32)
     rng = jax.random.key(4)
-    sampled = dict(rng=rng, negatives=negatives, in_batch_negatives=16, hard_negatives=3,
-                   hard_pool=pool)  # fmt: skip
+    sampled = dict(
+        rng=rng, negatives=negatives, in_batch_negatives=16, hard_negatives=3, hard_pool=pool
+    )
     plain = [
         loss_and_grads(losses.sampled_softmax_xent, hidden, table, targets, mask, **sampled),
         loss_and_grads(losses.bce_one_negative, hidden, table, targets, mask, rng=rng),
@@ -138,7 +139,7 @@ def test_compiled_loss_step_never_holds_the_whole_table(on_mesh, loss):
                 else fn(h, t, args[2], args[3], **kw)[0]
             )
         )(t)
-        return t - 0.1 * grads  # fmt: skip
+        return t - 0.1 * grads
 
     compiled = jax.jit(step, out_shardings=args[1].sharding).lower(args[0], args[1]).compile()
     assert vocab_parallel.whole_table_collectives(compiled.as_text(), rows // 4 + 1) == []

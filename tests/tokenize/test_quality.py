@@ -46,8 +46,13 @@ def test_quality_report_levels_and_collisions():
     assert all(isinstance(v, int | float) for v in r.values())
     text = quality.format_report(r)
     assert text.splitlines()[0].split() == [
-        "level", "codebook_size", "used_codes", "usage", "perplexity", "branching",
-    ]  # fmt: skip
+        "level",
+        "codebook_size",
+        "used_codes",
+        "usage",
+        "perplexity",
+        "branching",
+    ]
     assert text.splitlines()[1].split()[:4] == ["0", "4", "3", "0.7500"]
     assert "collision_fraction" in text and "0.8333" in text
 
@@ -102,8 +107,13 @@ def test_dominant_genre_and_agreement_by_hand():
     ]
     labels, names = quality.dominant_genres(genres)
     assert [names[k] if k >= 0 else None for k in labels] == [
-        "Drama", "Comedy", "Comedy", "Comedy", None, "Western",
-    ]  # fmt: skip
+        "Drama",
+        "Comedy",
+        "Comedy",
+        "Comedy",
+        None,
+        "Western",
+    ]
     # Level-0 codes: item 1,2 -> 0 (Drama, Comedy); items 3,4,5 -> 1 (Comedy x2, none); 6 -> 2.
     ids = from_codes(np.array([[0, 0], [0, 1], [1, 0], [1, 1], [1, 2], [2, 0]]), 3)
     r = quality.quality_report(ids, genres=[(), *genres])  # padding row first is accepted

@@ -25,9 +25,17 @@ def clustered(n_per: int = 50, n_clusters: int = 8, dim: int = 16, seed: int = 0
 def small_config(**overrides):
     cfg = base_config().tokenize
     cfg.update(
-        dict(levels=3, codebook_size=8, latent_dim=8, hidden_dims=(32,), steps=600,
-             batch_size=128, kmeans_iters=10, dead_code_steps=50)
-    )  # fmt: skip
+        dict(
+            levels=3,
+            codebook_size=8,
+            latent_dim=8,
+            hidden_dims=(32,),
+            steps=600,
+            batch_size=128,
+            kmeans_iters=10,
+            dead_code_steps=50,
+        )
+    )
     cfg.update(overrides)
     return cfg
 
@@ -112,9 +120,8 @@ def test_dead_codes_restart_at_batch_residuals(data):
     far = state.params["codebooks"].at[:, :2].set(1e3)  # codes 0 and 1 of every level: unused
     state = state._replace(params={**state.params, "codebooks": far})
     step = jax.jit(
-        partial(rqvae.train_step, model=model, tx=tx, beta=0.25, batch_size=64,
-                dead_steps=window)
-    )  # fmt: skip
+        partial(rqvae.train_step, model=model, tx=tx, beta=0.25, batch_size=64, dead_steps=window)
+    )
     perm = jnp.arange(400)
     for i in range(window - 1):
         state, _ = step(state, xs, perm, i * 64)

@@ -19,8 +19,14 @@ def _config(root, variant):
         c.model.update(dim=32, num_layers=1, num_heads=1, mlp_dim=32)
         if variant == "onerec":
             c.model.update(num_heads=2, mlp_dim=64)
-    c.train.update(batch_size=64, num_steps=240, eval_every_steps=80, log_every_steps=80,
-                   progress=False, patience=100)  # fmt: skip
+    c.train.update(
+        batch_size=64,
+        num_steps=240,
+        eval_every_steps=80,
+        log_every_steps=80,
+        progress=False,
+        patience=100,
+    )
     c.eval.batch_size = 1024
     return c
 

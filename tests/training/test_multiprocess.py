@@ -29,11 +29,20 @@ REPO = Path(__file__).resolve().parents[2]
 STEPS = 6
 # The tiniest SASRec that trains: global batch 16 (8 rows per process, 2 per device).
 OVERRIDES = {
-    "data.max_len": 20, "data.progress": False, "model.dim": 16, "model.mlp_dim": 16,
-    "model.num_layers": 1, "model.num_heads": 1, "train.batch_size": 16,
-    "train.num_steps": STEPS, "train.eval_every_steps": 3, "train.log_every_steps": 1,
-    "train.progress": False, "eval.batch_size": 256, "eval.chunk_size": 256,
-}  # fmt: skip
+    "data.max_len": 20,
+    "data.progress": False,
+    "model.dim": 16,
+    "model.mlp_dim": 16,
+    "model.num_layers": 1,
+    "model.num_heads": 1,
+    "train.batch_size": 16,
+    "train.num_steps": STEPS,
+    "train.eval_every_steps": 3,
+    "train.log_every_steps": 1,
+    "train.progress": False,
+    "eval.batch_size": 256,
+    "eval.chunk_size": 256,
+}
 
 
 def _free_port() -> int:
@@ -44,8 +53,11 @@ def _free_port() -> int:
 
 def _env(root: Path, devices: int | None, **extra) -> dict:
     """This environment without launcher or JAX settings, CPU only, `devices` fake devices."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "TPU_", "JAX_")) and k != "XLA_FLAGS"}  # fmt: skip
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "TPU_", "JAX_")) and k != "XLA_FLAGS"
+    }
     env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **extra)
     env["JAX_COMPILATION_CACHE_DIR"] = str(root / "jit")  # shared by the runs of this module
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
@@ -56,9 +68,18 @@ def _env(root: Path, devices: int | None, **extra) -> dict:
 
 def _main(root: Path, workdir: Path, mode: str, *extra, **overrides) -> list[str]:
     config = {**OVERRIDES, **overrides}
-    return [sys.executable, "-m", "onerec_jax.main", "--config", "configs/demo.py",
-            f"--config.data.root={root}", *(f"--config.{k}={v}" for k, v in config.items()),
-            f"--workdir={workdir}", f"--mode={mode}", *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "onerec_jax.main",
+        "--config",
+        "configs/demo.py",
+        f"--config.data.root={root}",
+        *(f"--config.{k}={v}" for k, v in config.items()),
+        f"--workdir={workdir}",
+        f"--mode={mode}",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -78,11 +99,23 @@ _STARTED: list[subprocess.Popen] = []
 
 def _run_all(root: Path) -> dict:
     _finish(_start(_main(root, root / "prep", "prepare"), _env(root, None), root / "prep.log"))
-    launcher = ["bash", str(REPO / "launch" / "local_multiprocess.sh"),
-                *_main(root, root / "two", "train")[3:]]  # fmt: skip
-    two = _start(launcher, _env(root, None, NUM_PROCESSES="2", DEVICES_PER_PROCESS="4",
-                                PYTHON=sys.executable, LOG_DIR=str(root / "logs")),
-                 root / "two.log")  # fmt: skip
+    launcher = [
+        "bash",
+        str(REPO / "launch" / "local_multiprocess.sh"),
+        *_main(root, root / "two", "train")[3:],
+    ]
+    two = _start(
+        launcher,
+        _env(
+            root,
+            None,
+            NUM_PROCESSES="2",
+            DEVICES_PER_PROCESS="4",
+            PYTHON=sys.executable,
+            LOG_DIR=str(root / "logs"),
+        ),
+        root / "two.log",
+    )
     one = _start(_main(root, root / "one", "train"), _env(root, 8), root / "one.log")
     out = {"root": root, "two_out": _finish(two)}
     killed = _start_killed_run(root)  # its compiles hit the cache of the 2-process run
@@ -123,7 +156,7 @@ def _start_killed_run(root: Path) -> list[subprocess.Popen]:
                 JAX_PROCESS_ID=str(i),
             ),
             root / f"killed_{i}.log",
-        )  # fmt: skip
+        )
         for i in range(2)
     ]
 
@@ -138,8 +171,11 @@ def _kill_process_1(procs: list[subprocess.Popen], root: Path) -> dict:
     procs[1].send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
     procs[0].wait(timeout=120)
-    return {"seconds": time.monotonic() - killed_at, "returncode": procs[0].returncode,
-            "output": procs[0].log.read_text()}  # fmt: skip
+    return {
+        "seconds": time.monotonic() - killed_at,
+        "returncode": procs[0].returncode,
+        "output": procs[0].log.read_text(),
+    }
 
 
 def _losses(workdir: Path) -> dict[int, float]:
@@ -194,8 +230,9 @@ def test_validation_and_test_metrics_match_one_process(runs):
     one, two = _results(runs["root"] / "one"), _results(runs["root"] / "two")
     assert one["best_step"] == two["best_step"] and one["steps"] == two["steps"] == STEPS
     assert [h[0] for h in two["history"]] == [3, 6]
-    np.testing.assert_allclose([h[2] for h in two["history"]], [h[2] for h in one["history"]],
-                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        [h[2] for h in two["history"]], [h[2] for h in one["history"]], rtol=1e-5, atol=1e-5
+    )
     assert two["test"]["n_users"] == one["test"]["n_users"] == 2000
     for key in one["test"]:
         if "@" in key or key.startswith("mrr"):
@@ -221,14 +258,25 @@ def test_a_killed_process_stops_the_other(runs):
 def test_a_missing_peer_fails_after_the_init_timeout(runs):
     start = time.monotonic()
     out = subprocess.run(
-        _main(runs["root"], runs["root"] / "alone", "train", "--num_processes=2",
-              "--process_id=1", f"--coordinator_address=127.0.0.1:{_free_port()}",
-              "--distributed_init_timeout=3"),
-        cwd=REPO, env=_env(runs["root"], 4), capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        _main(
+            runs["root"],
+            runs["root"] / "alone",
+            "train",
+            "--num_processes=2",
+            "--process_id=1",
+            f"--coordinator_address=127.0.0.1:{_free_port()}",
+            "--distributed_init_timeout=3",
+        ),
+        cwd=REPO,
+        env=_env(runs["root"], 4),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 1 and time.monotonic() - start < 60
-    assert out.stderr.startswith("error: process 1 could not join 2 processes (flags) at "
-                                 "127.0.0.1:")  # fmt: skip
+    assert out.stderr.startswith(
+        "error: process 1 could not join 2 processes (flags) at 127.0.0.1:"
+    )
     assert "within 3s" in out.stderr
 
 

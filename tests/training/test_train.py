@@ -30,8 +30,14 @@ def tiny_config(root, model="sasrec", **train_overrides):
     c.model.update(dim=16, num_layers=1, num_heads=1, mlp_dim=16, dropout=0.1)
     if model == "onerec":
         c.model.update(num_heads=2, mlp_dim=32, aux_weight=0.5)
-    c.train.update(batch_size=16, num_steps=12, eval_every_steps=4, log_every_steps=1,
-                   progress=False, patience=100)  # fmt: skip
+    c.train.update(
+        batch_size=16,
+        num_steps=12,
+        eval_every_steps=4,
+        log_every_steps=1,
+        progress=False,
+        patience=100,
+    )
     c.train.update(**train_overrides)
     c.optim.warmup_steps = 2
     c.eval.batch_size = 512
@@ -83,37 +89,66 @@ def _losses(workdir):
 
 
 def _cli(config_overrides, workdir):
-    return [sys.executable, "-m", "onerec_jax.main", "--config", "configs/demo.py",
-            "--mode", "train", f"--workdir={workdir}", *config_overrides]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "onerec_jax.main",
+        "--config",
+        "configs/demo.py",
+        "--mode",
+        "train",
+        f"--workdir={workdir}",
+        *config_overrides,
+    ]
 
 
 def test_kill_and_resume_continues_exactly(root, tmp_path):
-    overrides = [f"--config.data.root={root}", "--config.data.max_len=20",
-                 "--config.model.dim=16", "--config.model.mlp_dim=16",
-                 "--config.train.batch_size=16", "--config.train.num_steps=24",
-                 "--config.train.eval_every_steps=4", "--config.train.log_every_steps=1",
-                 "--config.train.progress=False", "--config.eval.chunk_size=256"]  # fmt: skip
+    overrides = [
+        f"--config.data.root={root}",
+        "--config.data.max_len=20",
+        "--config.model.dim=16",
+        "--config.model.mlp_dim=16",
+        "--config.train.batch_size=16",
+        "--config.train.num_steps=24",
+        "--config.train.eval_every_steps=4",
+        "--config.train.log_every_steps=1",
+        "--config.train.progress=False",
+        "--config.eval.chunk_size=256",
+    ]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    whole = subprocess.run(_cli(overrides, tmp_path / "whole"), cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    whole = subprocess.run(
+        _cli(overrides, tmp_path / "whole"),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert whole.returncode == 0, whole.stderr[-2000:]
     # The same command, killed (SIGKILL: no clean-up) once step 8 is checkpointed, then rerun.
     killed_dir = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(overrides, killed_dir), cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        _cli(overrides, killed_dir),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while not (killed_dir / "checkpoints" / "8").exists() and time.time() < deadline:
         assert proc.poll() is None, "the run ended before it could be killed"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    resumed = subprocess.run(_cli(overrides, killed_dir), cwd=REPO, env=env,
-                             capture_output=True, text=True, timeout=600)  # fmt: skip
+    resumed = subprocess.run(
+        _cli(overrides, killed_dir), cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     want, got = _losses(tmp_path / "whole"), _losses(killed_dir)
     assert sorted(got) == sorted(want) == list(range(1, 25))
-    np.testing.assert_allclose([got[s] for s in range(9, 25)], [want[s] for s in range(9, 25)],
-                               rtol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        [got[s] for s in range(9, 25)], [want[s] for s in range(9, 25)], rtol=1e-6
+    )
     a = json.loads((tmp_path / "whole" / "results.json").read_text())
     b = json.loads((killed_dir / "results.json").read_text())
     assert a["test"]["ndcg@10"] == b["test"]["ndcg@10"] and a["best_step"] == b["best_step"]
