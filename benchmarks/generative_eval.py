@@ -39,7 +39,7 @@ def run_variant(args, variant: str, ids_path: str) -> dict:
     from absl import flags, logging
 
     from onerec_jax.defaults import apply_variant, base_config
-    from onerec_jax.evaluation.evaluator import Evaluator
+    from onerec_jax.evaluation.evaluator import make_evaluator
 
     flags.FLAGS(sys.argv[:1])  # Grain reads absl flags
     logging.set_verbosity(logging.WARNING)
@@ -70,7 +70,7 @@ def run_variant(args, variant: str, ids_path: str) -> dict:
     print("TRAIN " + json.dumps(row), flush=True)
     if args.users > 0:
         eval_data = synthetic_sequences(args.users, args.n_items, args.seed + 1)
-        evaluator = Evaluator(setup.model, eval_data, c, setup.mesh, setup.rules)
+        evaluator = make_evaluator(setup.model, eval_data, c, setup.mesh, setup.rules)
         params = state.params
         first, _ = evaluator.evaluate(params, "test")
         steady, _ = evaluator.evaluate(params, "test") if args.twice else (first, None)

@@ -18,7 +18,7 @@ from ml_collections import config_flags
 
 from onerec_jax.data import dataset
 from onerec_jax.defaults import apply_variant
-from onerec_jax.evaluation.evaluator import Evaluator
+from onerec_jax.evaluation.evaluator import make_evaluator
 from onerec_jax.parallel import sharding
 from onerec_jax.training import train
 
@@ -31,7 +31,7 @@ def popularity_metrics(config: ml_collections.ConfigDict) -> dict[str, dict[str,
     with sharding.use_mesh(mesh, rules):
         setup = train.make_setup(config, data, None, mesh, rules)
         params = train.initial_state(setup, config.seed).params  # the counts: nothing is trained
-        evaluator = Evaluator(setup.model, data, config, mesh, rules)
+        evaluator = make_evaluator(setup.model, data, config, mesh, rules)
         return {split: evaluator.evaluate(params, split)[0] for split in ("valid", "test")}
 
 

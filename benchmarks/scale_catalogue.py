@@ -105,7 +105,7 @@ def run(config, *, steps: int, warmup: int, eval_users: int, seed: int = 0) -> d
     from absl import flags, logging
 
     from onerec_jax.evaluation import ranking
-    from onerec_jax.evaluation.evaluator import Evaluator
+    from onerec_jax.evaluation.evaluator import make_evaluator
     from onerec_jax.parallel import sharding, vocab_parallel
     from onerec_jax.training import train
 
@@ -144,9 +144,9 @@ def run(config, *, steps: int, warmup: int, eval_users: int, seed: int = 0) -> d
 
     if eval_users > 0:
         eval_data = synthetic_sequences(eval_users, config.scale.n_items, seed + 1)
-        evaluator = Evaluator(setup.model, eval_data, config, mesh, rules)
+        evaluator = make_evaluator(setup.model, eval_data, config, mesh, rules)
         params = state.params
-        table = evaluator._scorer_params(params)
+        table = jax.jit(setup.model.item_table)(params)
         e = config.eval
         b = e.batch_size
         users = jax.numpy.zeros((b, config.model.dim), table.dtype)

@@ -191,7 +191,7 @@ def run_one(args, model: str, dim: int, loss: str, dtype: str, with_eval: bool) 
     import jax
     from absl import flags, logging
 
-    from onerec_jax.evaluation.evaluator import Evaluator
+    from onerec_jax.evaluation.evaluator import make_evaluator
 
     flags.FLAGS(sys.argv[:1])  # Grain reads absl flags
     logging.set_verbosity(logging.WARNING)
@@ -241,7 +241,7 @@ def run_one(args, model: str, dim: int, loss: str, dtype: str, with_eval: bool) 
     print("RESULT " + json.dumps(row), flush=True)
     if with_eval and args.eval_users > 0:
         eval_data = synthetic_sequences(args.eval_users, args.n_items, args.seed + 1)
-        evaluator = Evaluator(setup.model, eval_data, c, setup.mesh, setup.rules)
+        evaluator = make_evaluator(setup.model, eval_data, c, setup.mesh, setup.rules)
         first, _ = evaluator.evaluate(params, "test")  # compiles once per history width
         steady, _ = evaluator.evaluate(params, "test")
         result = {

@@ -130,6 +130,10 @@ def base_config() -> ml_collections.ConfigDict:
     e.k = 50  # length of the top-K lists kept (metrics use K in 1, 5, 10, 20, 50)
     e.chunk_size = 8192  # items scored at a time
     e.beam = 20  # generative models: beam width of the constrained beam search
+    # how targets are ranked (evaluation/evaluator.py EVALUATORS): "" the model's own
+    # (full_ranking for scoring models, topk_list for generative ones), or "topk_list" to
+    # rank any model's targets within its top-k list
+    e.evaluator = ""
     e.valid_users = 0  # validate on this many users (a fixed random sample; 0: all); test: all
 
     c.features = f = ml_collections.ConfigDict()

@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 from onerec_jax import defaults, runs
 from onerec_jax.data import dataset
 from onerec_jax.errors import UserError
-from onerec_jax.evaluation.evaluator import Evaluator
+from onerec_jax.evaluation.evaluator import make_evaluator
 from onerec_jax.tokenize import semantic_ids
 from onerec_jax.training import train as training
 
@@ -76,6 +76,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     run = runs.restore_best(config, data, items, workdir)
     if run.best_step is None:
         raise UserError(f"{workdir / 'checkpoints'}: no checkpoint. Train first (--mode train).")
-    evaluator = Evaluator(run.model, data, config, run.mesh, run.rules)
+    evaluator = make_evaluator(run.model, data, config, run.mesh, run.rules)
     test, _ = evaluator.evaluate(run.params, "test")
     return {"best_step": run.best_step, "test": test}

@@ -5,24 +5,20 @@ run's own config and data. A user is served with their whole history (train, val
 items: they are being served now), the last `max_len` items as the model's input; everything
 the input user has seen is excluded from the list. `recommendations_text` is `--mode recommend`.
 
-What the model declares in its file (models/registry.py `ModelSpec`), so that new models need
-no change here:
-- its kind: a generative model's list comes from `generate` (constrained beam search); a scoring
-  model's from `user_state`, scored by `score_chunk(params, user_state, item_ids [C]) -> [B, C]`
-  when its `dot_product_scores` is False (NCF), otherwise as `user_state @ item_table(params).T`;
-- `reads_user_ids` (BPR, NCF: a per-user embedding): the user state needs the dense user id
-  (`batch["user"]`, [B] int32), so such a model cannot serve a new user given as a list of
-  movies, and says so.
+What the model declares in its file, so that new models need no change here:
+- `topk(params, batch, history, k)` (models/base.py): the list itself (a scoring model's by its
+  scores over the catalogue, a generative model's by constrained beam search);
+- `reads_user_ids` (models/registry.py `ModelSpec`; BPR, NCF: a per-user embedding): the model
+  needs the dense user id (`batch["user"]`, [B] int32), so it cannot serve a new user given as
+  a list of movies, and says so.
 """
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -51,13 +47,7 @@ class Recommender:
         self.catalogue = Catalogue(data, items)
         self.max_len = int(config.data.max_len)
         self.spec = registry.model_spec(config)
-        self.generative = self.spec.kind == registry.GENERATIVE
-        if self.generative:
-            self._generate = jax.jit(model.generate, static_argnames=("k", "beam"))
-        else:
-            self._user_state = jax.jit(model.user_state)
-            top_k = _top_k_fn(model, data.n_items)
-            self._top_k = jax.jit(top_k, static_argnames=("k", "chunk_size"))
+        self._topk = jax.jit(model.topk, static_argnames="k")
 
     @classmethod
     def from_run(cls, workdir: str | Path) -> Recommender:
@@ -110,14 +100,7 @@ class Recommender:
         masked = np.zeros((1, width), np.int32)
         masked[0, : len(seen)] = seen
         k = min(k, self.data.n_items)
-        if self.generative:  # constrained beam search over codes
-            batch.setdefault("user", np.zeros((1,), np.int32))  # a new user: hashed as user 0
-            beam = max(k, int(self.config.eval.beam))  # a beam of k prefixes can yield k items
-            items, scores = self._generate(self.params, batch, masked, k=k, beam=beam)
-        else:
-            state = self._user_state(self.params, batch)
-            chunk = int(self.config.eval.chunk_size)
-            items, scores = self._top_k(self.params, state, masked, k=k, chunk_size=chunk)
+        items, scores = self._topk(self.params, batch, masked, k=k)
         out = []
         for dense, score in zip(np.asarray(items)[0], np.asarray(scores)[0], strict=True):
             if dense > 0:  # 0: fewer than k unseen items
@@ -143,25 +126,6 @@ class Recommender:
                 "sequence model (e.g. sasrec, onerec)."
             )
         return self.recommend(self.resolve_items(queries), k)
-
-
-def _top_k_fn(model, n_items: int):
-    """`(params, user_state, history [B, H], k, chunk_size) -> (items, scores) [B, k]`."""
-    own_scorer = not model.dot_product_scores  # ScoringModel: False when score_chunk is its own
-
-    def top_k(params, state, history, k: int, chunk_size: int):
-        targets = jnp.zeros(history.shape[:1], jnp.int32)  # no target: only the top-k is used
-        if own_scorer:
-            score_chunk = functools.partial(model.score_chunk, params)
-            out = ranking.rank_and_topk_with(
-                score_chunk, state, n_items, targets, history, k=k, chunk_size=chunk_size
-            )
-        else:
-            table = model.item_table(params)  # [V, D]
-            out = ranking.rank_and_topk(state, table, targets, history, k=k, chunk_size=chunk_size)
-        return out[1], out[2]
-
-    return top_k
 
 
 def _clip(text: str, width: int) -> str:

@@ -139,18 +139,13 @@ def test_unknown_user_and_user_id_models(run, monkeypatch):
     with pytest.raises(UserError, match="cannot serve a new user .* sequence model"):
         rec.recommend_for_items(["Toy Story"], k=5)
 
-    class ById:  # its user state reads batch["user"] (as BPR's does)
-        dot_product_scores = True
-
-        def __init__(self, inner):
-            self.inner = inner
-            self.item_table = inner.item_table
-
+    class ById(type(rec.model)):  # its user state reads batch["user"] (as BPR's does)
         def user_state(self, params, batch):
-            table = self.inner.item_table(params)  # [V, D]: the user's "embedding" is a row
+            table = self.item_table(params)  # [V, D]: the user's "embedding" is a row
             return table[batch["user"] + 1]
 
-    by_id = Recommender(ById(rec.model), rec.params, rec.data, None, rec.config)
+    model = ById(rec.model.module, rec.config, rec.model.info)
+    by_id = Recommender(model, rec.params, rec.data, None, rec.config)
     by_id.spec = dataclasses.replace(by_id.spec, reads_user_ids=True)  # as it would declare
     assert by_id.needs_user_ids()
     with pytest.raises(UserError, match="cannot serve a new user"):
@@ -164,22 +159,13 @@ def test_unknown_user_and_user_id_models(run, monkeypatch):
 def test_model_score_chunk_hook_is_used(run):
     _, rec = run
 
-    class Doubled:  # a model whose own scorer doubles the dot product
-        dot_product_scores = False
-
-        def __init__(self, inner):
-            self.inner = inner
-
-        def user_state(self, params, batch):
-            return self.inner.user_state(params, batch)
-
-        def item_table(self, params):
-            return self.inner.item_table(params)
-
+    class Doubled(type(rec.model)):  # a model whose own scorer doubles the dot product
         def score_chunk(self, params, state, ids):
-            return 2.0 * state @ self.inner.item_table(params)[ids].T
+            return 2.0 * state @ self.item_table(params)[ids].T
 
-    doubled = Recommender(Doubled(rec.model), rec.params, rec.data, None, rec.config)
+    model = Doubled(rec.model.module, rec.config, rec.model.info)
+    assert not model.dot_product_scores
+    doubled = Recommender(model, rec.params, rec.data, None, rec.config)
     want = rec.recommend_for_user(3, k=5)
     got = doubled.recommend_for_user(3, k=5)
     assert [r.movie_id for r in got] == [r.movie_id for r in want]

@@ -1,4 +1,20 @@
-"""Full-ranking evaluation of a model on the validation or test split (PROTOCOL.md scoring)."""
+"""Evaluation of a model on the validation or test split (PROTOCOL.md scoring), built from config.
+
+An evaluator ranks each user's target and keeps the top `eval.k` list; `evaluate(params, split)`
+returns the metrics of those ranks and the per-user arrays. The batch loop (users sharded over the
+mesh, the seen-item history of each user masked) is `Evaluator`'s; a subclass says only how a
+batch is ranked (`_prepare`, `_rank`), and `EVALUATORS` names them for `make_evaluator`:
+
+- "full_ranking": the exact rank of the target among every item (scoring models: `user_state`
+  against the item table or `score_chunk`; evaluation/ranking.py, the table may stay split).
+- "topk_list": the rank of the target within the model's own `topk` list (any model; what
+  generative models use, their beam search scoring no item outside it): listed ties count half
+  as everywhere (`ranking.rank_in_list`); a target outside the list ranks n_items + 1, so
+  HR/NDCG/MRR@K are exact for K <= eval.k and full MRR is a lower bound.
+
+The model names its evaluator (`Model.evaluator`); `eval.evaluator` overrides it, e.g.
+"topk_list" to score a SASRec by its list as a generative model is scored.
+"""
 
 from __future__ import annotations
 
@@ -11,46 +27,42 @@ from jax.experimental import multihost_utils
 
 from onerec_jax.data import pipeline
 from onerec_jax.data.sequences import SequenceData
+from onerec_jax.errors import ConfigError
 from onerec_jax.evaluation import metrics, ranking
-from onerec_jax.models import beam_search, registry
 from onerec_jax.parallel import sharding
 
 
 class Evaluator:
-    """Scores every user of a split against the whole catalogue, users sharded over the mesh."""
+    """The loop: every user of a split (validation: the eval.valid_users sample) in batches of
+    eval.batch_size, split over the mesh; `_rank` gives each batch's ranks and top-k items."""
+
+    name = ""
+    protocol = ""  # results.json protocol.ranking
 
     def __init__(self, model, data: SequenceData, config: ml_collections.ConfigDict, mesh, rules):
         self.model, self.data, self.config, self.mesh, self.rules = model, data, config, mesh, rules
-        e = config.eval
-        options = dict(k=e.k, chunk_size=e.chunk_size, mask_history=e.mask_history)
-        # Generative models return their top-K by beam search; a target is ranked by its score
-        # within it (ranking.rank_in_list, ties as everywhere) and outside it gets rank
-        # n_items + 1 (so HR/NDCG/MRR@K are exact for K <= eval.k and full MRR is a lower bound).
-        self.generative = registry.model_spec(config).kind == registry.GENERATIVE
-        self._valid_users = pipeline.sample_users(data.n_users, e.valid_users, config.seed)
-        if self.generative:
-            self._generate = jax.jit(model.generate)
-            # histories of any width -> one [B, n_items + 1] mask: generate compiles once
-            self._seen = jax.jit(beam_search.seen_mask, static_argnums=1)
-            self._scorer_params = lambda params: params
-        elif model.dot_product_scores:  # states [B, D] against the item table, computed once
-            # The table may carry padding rows (split over the mesh): rank the real items only.
-            self._ranker = ranking.make_ranker(mesh, n_items=data.n_items, rules=rules, **options)
-            self._scorer_params = jax.jit(model.item_table)
-        else:  # the model scores item chunks itself (e.g. NCF's MLP)
-            self._ranker = ranking.make_ranker_with(
-                model.score_chunk, data.n_items, mesh, **options
-            )
-            self._scorer_params = lambda params: params
-        if not self.generative:
-            self._user_state = jax.jit(model.user_state)
+        self._valid_users = pipeline.sample_users(
+            data.n_users, config.eval.valid_users, config.seed
+        )
+
+    def _prepare(self, params):
+        """What `_rank` needs from the params, computed once per evaluation."""
+        return params
+
+    def _history_width(self, split: str, longest: int) -> int:
+        """The width of a batch's seen-item histories ([B, H]) given its longest history."""
+        return ranking.history_width(longest)
+
+    def _rank(self, prepared, inputs, targets, history) -> tuple[jax.Array, jax.Array]:
+        """(ranks [B] float32, top_items [B, eval.k] int32) of one global batch."""
+        raise NotImplementedError
 
     def evaluate(self, params, split: str) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         """(metrics, per-user arrays: users, ranks (float32: ties count half, PROTOCOL.md),
         top_items) for `split` ("valid" or "test")."""
         start = time.perf_counter()
         e = self.config.eval
-        scorer_params = self._scorer_params(params)
+        prepared = self._prepare(params)
         sample = self._valid_users if split == "valid" else None
         ds = pipeline.eval_dataset(
             self.data,
@@ -66,7 +78,7 @@ class Evaluator:
         for g, batch in enumerate(ds):
             # One history width per GLOBAL batch, so every process pads its rows alike.
             longest = int(lengths[order[g * e.batch_size : (g + 1) * e.batch_size]].max())
-            width = ranking.history_width(longest)
+            width = self._history_width(split, longest)
             history = ranking.history_batch(self.data, split, batch["user"], width=width)
             local = {
                 "inputs": batch["inputs"],
@@ -76,15 +88,7 @@ class Evaluator:
             }
             glob = sharding.global_batch(local, self.mesh, self.rules)
             inputs = {"inputs": glob["inputs"], "user": glob["user"]}
-            if self.generative:
-                seen = self._seen(glob["history"], self.data.n_items)
-                top_items, top_scores = self._generate(params, inputs, seen)
-                r = _rank_in_list(top_items, top_scores, glob["target"], self.data.n_items)
-            else:
-                states = self._user_state(params, inputs)
-                r, top_items, _ = self._ranker(
-                    states, scorer_params, glob["target"], glob["history"]
-                )
+            r, top_items = self._rank(prepared, inputs, glob["target"], glob["history"])
             ranks.append(_to_host(r))
             tops.append(_to_host(top_items))
             users.append(_to_host(glob["user"]))
@@ -102,6 +106,83 @@ class Evaluator:
         result = metrics.metrics_from_ranks(per_user["ranks"])
         result["seconds"] = time.perf_counter() - start
         return result, per_user
+
+
+class FullRanking(Evaluator):
+    """The exact rank of each target among all items, by the model's `user_state` scored
+    against its item table (split over the mesh where the table is) or by its `score_chunk`."""
+
+    name = "full_ranking"
+    protocol = "full"
+
+    def __init__(self, model, data, config, mesh, rules):
+        super().__init__(model, data, config, mesh, rules)
+        if not hasattr(model, "user_state"):
+            raise ConfigError(
+                f"eval.evaluator='full_ranking' scores every item through a user state, which "
+                f"model {config.model.name!r} does not have: use eval.evaluator='topk_list'."
+            )
+        e = config.eval
+        options = dict(k=e.k, chunk_size=e.chunk_size, mask_history=e.mask_history)
+        if model.dot_product_scores:  # states [B, D] against the item table, computed once
+            # The table may carry padding rows (split over the mesh): rank the real items only.
+            self._ranker = ranking.make_ranker(mesh, n_items=data.n_items, rules=rules, **options)
+            self._scorer_params = jax.jit(model.item_table)
+        else:  # the model scores item chunks itself (e.g. NCF's MLP)
+            self._ranker = ranking.make_ranker_with(
+                model.score_chunk, data.n_items, mesh, **options
+            )
+            self._scorer_params = lambda params: params
+        self._user_state = jax.jit(model.user_state)
+
+    def _prepare(self, params):
+        return params, self._scorer_params(params)
+
+    def _rank(self, prepared, inputs, targets, history):
+        params, scorer_params = prepared
+        states = self._user_state(params, inputs)
+        r, top_items, _ = self._ranker(states, scorer_params, targets, history)
+        return r, top_items
+
+
+class TopKList(Evaluator):
+    """The rank of each target within the model's `topk` list of eval.k items (beam search for
+    generative models). Histories are padded to one width per split, so `topk` compiles once."""
+
+    name = "topk_list"
+
+    def __init__(self, model, data, config, mesh, rules):
+        super().__init__(model, data, config, mesh, rules)
+        if not config.eval.mask_history:
+            raise ConfigError(
+                "eval.evaluator='topk_list' ranks within lists that never hold a seen item: "
+                "keep eval.mask_history=True or use eval.evaluator='full_ranking'."
+            )
+        self._topk = jax.jit(model.topk)  # k=None: the model's evaluation list (eval.k)
+        self._widths = {}
+        self.protocol = (
+            model.ranking if model.evaluator == self.name else f"top-{config.eval.k} list"
+        )
+
+    def _history_width(self, split, longest):
+        if split not in self._widths:
+            self._widths[split] = ranking.history_width(int(self.data.split(split).lengths.max()))
+        return self._widths[split]
+
+    def _rank(self, params, inputs, targets, history):
+        top_items, top_scores = self._topk(params, inputs, history)
+        return _rank_in_list(top_items, top_scores, targets, self.data.n_items), top_items
+
+
+EVALUATORS = {cls.name: cls for cls in (FullRanking, TopKList)}
+
+
+def make_evaluator(model, data: SequenceData, config: ml_collections.ConfigDict, mesh, rules):
+    """The evaluator eval.evaluator names, by default the model's own (`Model.evaluator`)."""
+    name = config.eval.get("evaluator", "") or model.evaluator
+    if name not in EVALUATORS:
+        raise ConfigError(f"eval.evaluator={name!r}: use one of {sorted(EVALUATORS)} or ''.")
+    return EVALUATORS[name](model, data, config, mesh, rules)
 
 
 _rank_in_list = jax.jit(ranking.rank_in_list)  # [B] float32 ranks of targets in a top-K list

@@ -1,9 +1,12 @@
 """The model objects the trainer and evaluator call: `Model`, and `ScoringModel` for models
 that score every item.
 
-A model object wraps a Flax module into pure functions: `init(rng, batch)` and
-`loss(params, batch, rng) -> (scalar, metrics)` for every model (`Model`); how it recommends
-depends on its kind (models/registry.py). A scoring model's module has
+A model object wraps a Flax module into pure functions, for every model (`Model`): `init(rng,
+batch)`, `loss(params, batch, rng) -> (scalar, metrics)` and `topk(params, batch, history, k)
+-> (items, scores)`, its best `k` items outside `history` (what `recommend.py` serves and the
+"topk_list" evaluator ranks targets in). `evaluator` names how its targets are ranked
+(evaluation/evaluator.py): "full_ranking" scores the whole catalogue through `user_state`, so
+only scoring models have it. A scoring model's module has
 `__call__(inputs, train) -> hidden [B, L, D]` and `item_table() -> [V, D]` (row 0 = padding);
 `ScoringModel` adds `user_state(params, batch) -> [B, D]`, scored against `item_table(params)` by
 the shared ranker. Generative models (models/generative.py) recommend by `generate` instead.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -27,7 +31,7 @@ import ml_collections
 import numpy as np
 
 from onerec_jax.errors import ConfigError
-from onerec_jax.models import losses
+from onerec_jax.models import full_ranking, losses
 from onerec_jax.parallel import vocab_parallel
 
 
@@ -57,6 +61,7 @@ class Model(abc.ABC):
     # leaves the params unchanged, validates and tests, so its run looks like any other.
     trainable: bool = True
     ranking: str = "full"  # how evaluation ranks (results.json protocol.ranking)
+    evaluator: str = "topk_list"  # evaluation/evaluator.py EVALUATORS; eval.evaluator overrides
 
     def __init__(self, module: nn.Module, config: ml_collections.ConfigDict, info: DataInfo):
         self.module, self.config, self.info = module, config, info
@@ -69,9 +74,18 @@ class Model(abc.ABC):
     def loss(self, params, batch, rng) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(scalar loss, metrics incl. "loss" and "tokens") of a training batch."""
 
+    @abc.abstractmethod
+    def topk(self, params, batch, history, k: int | None = None) -> tuple[jax.Array, jax.Array]:
+        """(items [B, k] int32, scores [B, k] float32): the best `k` (default eval.k) items for
+        the users of `batch` (its "inputs" and, if the model reads them, "user"), best first,
+        none of them in `history` [B, H] (item ids, 0 = padding) or item 0; 0 (score -inf)
+        fills the slots of a list that runs short. Jit with `static_argnames="k"`."""
+
 
 class ScoringModel(Model):
     """A model whose users are scored against every item; subclasses may add auxiliary losses."""
+
+    evaluator = "full_ranking"  # the exact rank of every target over the whole catalogue
 
     def __init__(self, module: nn.Module, config: ml_collections.ConfigDict, info: DataInfo):
         super().__init__(module, config, info)
@@ -116,6 +130,30 @@ class ScoringModel(Model):
             preferred_element_type=jnp.float32,
             precision=jax.lax.Precision.HIGHEST,
         )
+
+    def topk(self, params, batch, history, k: int | None = None) -> tuple[jax.Array, jax.Array]:
+        """The top `k` (default eval.k) by `score_chunk`, the catalogue scored in chunks of
+        eval.chunk_size (models/full_ranking.py; ties go to the lower id)."""
+        k = int(k or self.config.eval.k)
+        chunk = int(self.config.eval.chunk_size)
+        state = self.user_state(params, batch)
+        targets = jnp.zeros(history.shape[:1], jnp.int32)  # no target: only the list is used
+        if self.dot_product_scores:
+            table = self.item_table(params)
+            out = full_ranking.rank_and_topk(
+                state, table, targets, history, k=k, chunk_size=chunk, n_items=self.info.n_items
+            )
+        else:
+            out = full_ranking.rank_and_topk_with(
+                functools.partial(self.score_chunk, params),
+                state,
+                self.info.n_items,
+                targets,
+                history,
+                k=k,
+                chunk_size=chunk,
+            )
+        return out[1], out[2]
 
     @property
     def dot_product_scores(self) -> bool:

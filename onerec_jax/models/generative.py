@@ -169,6 +169,16 @@ class GenerativeModel(Model):
             variables, context, chosen, history, beam=beam or self.beam, k=k or self.k
         )
 
+    def topk(self, params, batch, history, k: int | None = None):
+        """`generate`: k=None gives the evaluation list (eval.k items from a beam of eval.beam);
+        an explicit k searches with a beam of max(k, eval.beam) prefixes, enough to fill k.
+        A batch without "user" (a new user) is hashed as user 0."""
+        if "user" not in batch:
+            batch = {**batch, "user": jnp.zeros(batch["inputs"].shape[:1], jnp.int32)}
+        if k is None:
+            return self.generate(params, batch, history)
+        return self.generate(params, batch, history, k=k, beam=max(k, self.beam))
+
     def generate_session(self, params, batch, history, m: int | None = None):
         """(items [B, M], scores [B, M]): the next M (default model.session_items) items, one
         after another: item j is the best of a constrained beam search whose decoder prefix holds

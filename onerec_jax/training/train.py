@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 
 from onerec_jax.data import dataset, item_arrays, pipeline
 from onerec_jax.errors import ConfigError, UserError
-from onerec_jax.evaluation.evaluator import Evaluator
+from onerec_jax.evaluation.evaluator import make_evaluator
 from onerec_jax.models import optim, registry
 from onerec_jax.models.base import DataInfo
 from onerec_jax.parallel import sharding
@@ -242,7 +242,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     mesh, rules = make_mesh(config)
     with sharding.use_mesh(mesh, rules):
         setup = make_setup(config, data, items, mesh, rules)
-        evaluator = Evaluator(setup.model, data, config, mesh, rules)
+        evaluator = make_evaluator(setup.model, data, config, mesh, rules)
         ckpt = checkpointing.Checkpointer(workdir / "checkpoints", metric=SELECT_METRIC)
         logger = MetricLogger(workdir, enabled=is_main)
         data_iter = iter(train_batches(setup, config.seed))
@@ -356,7 +356,7 @@ def _finish(
             "mask_history": bool(c.eval.mask_history),
             "max_len": c.data.max_len,
             **data.options,
-            "ranking": setup.model.ranking,
+            "ranking": evaluator.protocol,
         },
         "best_step": best_step,
         "steps": steps,

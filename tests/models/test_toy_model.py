@@ -10,8 +10,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from onerec_jax import modes
+from onerec_jax import modes, runs
 from onerec_jax.defaults import apply_variant, base_config
+from onerec_jax.errors import ConfigError
+from onerec_jax.evaluation.evaluator import FullRanking, TopKList, make_evaluator
 from onerec_jax.models import registry
 from onerec_jax.models.base import DataInfo, ScoringModel
 from onerec_jax.recommend import Recommender
@@ -104,3 +106,31 @@ def test_toy_model_recommends_from_its_run(run):
     want = np.argsort(-scores, kind="stable")[:5]
     assert [rec.catalogue.resolve(str(r.movie_id)) for r in rows] == want.tolist()
     np.testing.assert_allclose([r.score for r in rows], scores[want], rtol=1e-5, atol=1e-6)
+
+
+def test_topk_list_evaluator_agrees_with_full_ranking(run):
+    """eval.evaluator="topk_list" ranks a scoring model's targets within its own `topk` list (as
+    generative models are ranked): inside the top eval.k the rank is the full ranking's; outside
+    it is n_items + 1, so HR/NDCG@K agree for K <= eval.k and MRR can only fall."""
+    _, workdir, _ = run
+    trained = runs.load_run(workdir)
+    full = make_evaluator(trained.model, trained.data, trained.config, trained.mesh, trained.rules)
+    config = trained.config.copy_and_resolve_references()
+    config.eval.evaluator = "topk_list"
+    listed = make_evaluator(trained.model, trained.data, config, trained.mesh, trained.rules)
+    assert isinstance(full, FullRanking) and isinstance(listed, TopKList)
+    assert (full.protocol, listed.protocol) == ("full", "top-50 list")
+    m_full, u_full = full.evaluate(trained.params, "test")
+    m_list, u_list = listed.evaluate(trained.params, "test")
+    np.testing.assert_array_equal(u_list["users"], u_full["users"])
+    np.testing.assert_array_equal(u_list["top_items"], u_full["top_items"])
+    inside = u_full["ranks"] <= config.eval.k
+    assert 0 < inside.sum() < len(inside)
+    np.testing.assert_array_equal(u_list["ranks"][inside], u_full["ranks"][inside])
+    assert np.all(u_list["ranks"][~inside] == trained.data.n_items + 1)
+    for key in ("hr@10", "ndcg@10", "hr@50", "ndcg@50"):
+        assert m_list[key] == m_full[key]
+    assert m_list["mrr"] < m_full["mrr"]
+    config.eval.evaluator = "nope"
+    with pytest.raises(ConfigError, match="eval.evaluator='nope'"):
+        make_evaluator(trained.model, trained.data, config, trained.mesh, trained.rules)
