@@ -98,6 +98,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss = lo = ml_collections.ConfigDict()
     lo.name = "full_softmax"  # full_softmax (chunked), sampled_softmax or bce (one negative)
     lo.chunk_size = 16384  # most items per chunk of the full softmax (one chunk: dense, faster)
+    # full softmax: rows (positions) per rematerialised block, all-padding blocks skipped
+    # (losses.full_softmax_xent); 0: every row at once. CPU-measured (BENCHMARKS.md).
+    lo.row_block = 512
     lo.label_smoothing = 0.0  # full softmax and generative models
     # Generative models: each level's softmax over the codes that continue the prefix to some item
     # (as constrained beam search decodes); False: over the level's whole codebook.
@@ -276,6 +279,7 @@ def large_catalogue(c: ml_collections.ConfigDict, arg: str | None) -> ml_collect
     c.train.batch_size, c.optim.warmup_steps = 512, 2000
     c.train.compute_dtype = "bfloat16"
     c.loss.chunk_size = 65_536  # the whole catalogue in one chunk: fastest on an accelerator
+    c.loss.row_block = 0  # every row at once: row blocks were measured on a CPU only
     if arg in (None, "", "onerec"):
         m = c.model
         m.dim, m.num_layers, m.num_heads, m.mlp_dim = 256, 4, 8, 512

@@ -80,6 +80,7 @@ def full_softmax_xent(
     chunk_size: int = 8192,
     label_smoothing: float = 0.0,
     vocab_size: int | None = None,
+    row_block: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
     """Cross-entropy over all real items 1..V-1, without materialising [N, V] logits.
 
@@ -95,6 +96,11 @@ def full_softmax_xent(
         sum_j h . t_j = h . (sum_j t_j), one [D] vector instead of a running sum.
       vocab_size: V, the rows that are items (padding row 0 included); default: all rows.
         On a vocab-split table each shard scans its own rows (vocab_parallel.py).
+      row_block: > 0: when the catalogue fits one chunk, the logsumexp is computed in blocks
+        of this many rows, the rows ordered valid first, and a block of padding rows only is
+        skipped (`_valid_blocks_lse`): left-padded windows are often half padding, and their
+        softmax is most of a CPU step. 0: all rows at once. One device only (no mesh, or a
+        mesh of one): on more, all rows at once.
     """
     vocab_size = table.shape[0] if vocab_size is None else vocab_size
     _check_vocab(vocab_size, 2, "full_softmax_xent")
@@ -111,18 +117,102 @@ def full_softmax_xent(
         return _finish(lse, h, table, targets, mask, label_smoothing, vocab_size, axes)
     if table.shape[0] != vocab_size:
         table = table[:vocab_size]
-    if vocab_size <= max(1, chunk_size):
+
+    if 0 < row_block < h.shape[0] and vocab_size <= max(1, chunk_size) and _one_device():
+        lse = _valid_blocks_lse(h, table, mask, row_block)  # [N]
+    elif vocab_size <= max(1, chunk_size):
         # The catalogue fits one chunk: plain logsumexp, no scan and no rematerialisation
         # (measured 2.8x faster than a one-chunk scan on CPU for 25,600 x 9,067 logits).
         logits = jnp.einsum("nd,vd->nv", h.astype(dtype), table, preferred_element_type=jnp.float32)
         logits = jnp.where(jnp.arange(vocab_size) >= 1, logits, -jnp.inf)  # [N, V]
         lse = jax.nn.logsumexp(logits, axis=-1)
-        return _finish(lse, h, table, targets, mask, label_smoothing, vocab_size)
-    run_max, run_sum = vocab_parallel.online_max_sum(
-        h, table, lambda ids: (ids >= 1) & (ids < vocab_size), chunk_size
-    )
-    lse = run_max + jnp.log(run_sum)  # [N]
+    else:
+        run_max, run_sum = vocab_parallel.online_max_sum(
+            h, table, lambda ids: (ids >= 1) & (ids < vocab_size), chunk_size
+        )
+        lse = run_max + jnp.log(run_sum)  # [N]
     return _finish(lse, h, table, targets, mask, label_smoothing, vocab_size)
+
+
+def _one_device() -> bool:
+    """No mesh, or a mesh of one device: the only case for row blocks, whose valid-first order
+    is global (on a split batch it would gather every row onto every device)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.empty or math.prod(mesh.shape.values()) == 1
+
+
+def _valid_blocks_lse(rows: jax.Array, table: jax.Array, mask: jax.Array, block: int):
+    """[N] logsumexp of `rows` [N, D] (float32) against `table` [V, D] over items 1..V-1,
+    computed in blocks of `block` rows, skipping blocks that hold padding only.
+
+    The rows are put valid first (a stable order) and cut into blocks; a block whose first row
+    is padding is all padding, and `lax.cond` skips it forward and backward (its rows get 0,
+    masked by the caller). `_blocked_lse` has its own backward pass, which recomputes a block's
+    logits and accumulates the table's gradient in the loop, so forward and backward hold one
+    [block, V] block of logits at a time. Results come back in the rows' own order.
+    """
+    n = rows.shape[0]
+    n_blocks = -(-n // block)
+    order = jnp.argsort(jnp.logical_not(mask), stable=True)  # [N]: valid rows first
+    pad = n_blocks * block - n
+    blocks = jnp.pad(rows[order], ((0, pad), (0, 0))).reshape(n_blocks, block, -1)
+    live = jnp.pad(mask[order], (0, pad)).reshape(n_blocks, block)[:, 0]  # [n_blocks]
+    lse = _blocked_lse(blocks, table, live).reshape(-1)[:n]
+    return jnp.zeros((n,), jnp.float32).at[order].set(lse)
+
+
+def _block_logits(x: jax.Array, table: jax.Array) -> jax.Array:
+    """[b, V] float32 logits of rows `x` (cast to the table's dtype); column 0 is -inf."""
+    logits = jnp.einsum(
+        "nd,vd->nv", x.astype(table.dtype), table, preferred_element_type=jnp.float32
+    )
+    return jnp.where(jnp.arange(table.shape[0]) >= 1, logits, -jnp.inf)
+
+
+@jax.custom_vjp
+def _blocked_lse(blocks: jax.Array, table: jax.Array, live: jax.Array) -> jax.Array:
+    """[n_blocks, b] logsumexp of each live block's rows; 0 for the rest."""
+    return _blocked_lse_fwd(blocks, table, live)[0]
+
+
+def _blocked_lse_fwd(blocks, table, live):
+    def body(_, xs):
+        x, on = xs
+        skip = lambda x: jnp.zeros(x.shape[:1], jnp.float32)  # noqa: E731
+        lse = jax.lax.cond(on, lambda x: jax.nn.logsumexp(_block_logits(x, table), -1), skip, x)
+        return None, lse
+
+    _, lse = jax.lax.scan(body, None, (blocks, live))
+    return lse, (blocks, table, live, lse)
+
+
+def _blocked_lse_bwd(residuals, g):
+    """d lse_i / d x_i = softmax_i . table and d lse_i / d table = softmax_i^T x_i, block by
+    block (softmax recomputed from the saved lse); the table's gradient is the loop's carry."""
+    blocks, table, live, lse = residuals
+
+    def grads(args):
+        d_table, x, row_lse, row_g = args
+        p = jnp.exp(_block_logits(x, table) - row_lse[:, None]) * row_g[:, None]  # [b, V]
+        p = p.astype(table.dtype)
+        dx = jnp.einsum("nv,vd->nd", p, table, preferred_element_type=jnp.float32)
+        dt = jnp.einsum("nv,nd->vd", p, x.astype(table.dtype), preferred_element_type=jnp.float32)
+        return d_table + dt, dx
+
+    def skip(args):
+        d_table, x = args[:2]
+        return d_table, jnp.zeros(x.shape, jnp.float32)
+
+    def body(d_table, xs):
+        x, on, row_lse, row_g = xs
+        return jax.lax.cond(on, grads, skip, (d_table, x, row_lse, row_g))
+
+    d_table0 = jnp.zeros(table.shape, jnp.float32)
+    d_table, d_blocks = jax.lax.scan(body, d_table0, (blocks, live, lse, g))
+    return d_blocks.astype(blocks.dtype), d_table.astype(table.dtype), None
+
+
+_blocked_lse.defvjp(_blocked_lse_fwd, _blocked_lse_bwd)
 
 
 def _finish(lse, h, table, targets, mask, label_smoothing: float, vocab_size: int, axes=()):
@@ -425,6 +515,7 @@ def _full_softmax(cfg, hidden, table, targets, mask, rng, item_log_probs, vocab_
         chunk_size=cfg.chunk_size,
         label_smoothing=cfg.label_smoothing,
         vocab_size=vocab_size,
+        row_block=cfg.get("row_block", 0),
     )
 
 

@@ -66,6 +66,12 @@ def _vg(loss_fn):
 FULL = {c: functools.partial(full_softmax_xent, chunk_size=c) for c in (1, 7, 12, 8192)}
 FULL_SMOOTHED = functools.partial(full_softmax_xent, chunk_size=7, label_smoothing=0.2)
 DENSE_SMOOTHED = functools.partial(dense_xent, label_smoothing=0.2)
+# Row blocks (loss.row_block): 9 valid rows of 12 -> blocks of 2 leave one all-padding block.
+BLOCKED = {
+    (b, c): functools.partial(full_softmax_xent, chunk_size=c, row_block=b)
+    for b in (2, 5)
+    for c in (7, 8192)
+}
 SAMPLED = functools.partial(sampled_softmax_xent, n_negatives=6)
 
 
@@ -84,6 +90,36 @@ def test_full_softmax_matches_dense_values_and_grads(chunk_size):
     np.testing.assert_allclose(gt, rt, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(gh[~mask], 0.0)  # padding rows get no gradient
     np.testing.assert_array_equal(gt[0], 0.0)  # the padding item is never a logit
+
+
+@pytest.mark.parametrize(("row_block", "chunk_size"), sorted(BLOCKED))
+def test_full_softmax_in_row_blocks_matches_dense(row_block, chunk_size):
+    """Rows reordered valid first, in rematerialised blocks, all-padding blocks skipped: the
+    same loss and gradients as the dense softmax, in the rows' own order."""
+    hidden, table, targets, mask = _problem()
+    (loss_sum, count), (gh, gt) = _vg(BLOCKED[row_block, chunk_size])(hidden, table, targets, mask)
+    (ref_sum, ref_count), (rh, rt) = _vg(dense_xent)(hidden, table, targets, mask)
+    assert count == ref_count == 9
+    np.testing.assert_allclose(loss_sum, ref_sum, rtol=1e-5)
+    np.testing.assert_allclose(gh, rh, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gt, rt, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(gh[~mask], 0.0)
+    # Everything padding: every block is skipped, the loss and gradients are zero.
+    none = jnp.zeros_like(mask)
+    (loss_sum, count), (gh, gt) = _vg(BLOCKED[row_block, chunk_size])(hidden, table, targets, none)
+    assert loss_sum == 0.0 and count == 0.0
+    np.testing.assert_array_equal(gh, 0.0)
+    np.testing.assert_array_equal(gt, 0.0)
+
+
+def test_full_softmax_in_row_blocks_label_smoothing_matches_dense():
+    hidden, table, targets, mask = _problem(seed=3)
+    fn = functools.partial(full_softmax_xent, chunk_size=7, label_smoothing=0.2, row_block=4)
+    (loss_sum, _), (gh, gt) = _vg(fn)(hidden, table, targets, mask)
+    (ref_sum, _), (rh, rt) = _vg(DENSE_SMOOTHED)(hidden, table, targets, mask)
+    np.testing.assert_allclose(loss_sum, ref_sum, rtol=1e-5)
+    np.testing.assert_allclose(gh, rh, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gt, rt, rtol=1e-5, atol=1e-6)
 
 
 def _shapes(jaxpr):
@@ -108,6 +144,9 @@ def test_full_softmax_never_holds_positions_by_items_in_forward_or_backward():
     # remat, the backward would stack every chunk's logits ([6, 12, 7] >= N * (V - 1)).
     assert largest(FULL[7]) < N * (V - 1)
     assert largest(dense_xent) >= N * (V - 1)  # the probe sees a dense [N, V - 1]
+    # One chunk of items but blocks of 5 rows: [5, V] logits at a time, forward and backward.
+    assert largest(BLOCKED[5, 8192]) < N * (V - 1)
+    assert largest(FULL[8192]) >= N * (V - 1)
 
 
 def test_full_softmax_bf16_inputs_compute_in_float32():
