@@ -22,6 +22,7 @@ from onerec_jax.models import seq2seq
 from onerec_jax.models.base import DataInfo, Model
 from onerec_jax.models.beam_search import beam_search
 from onerec_jax.models.precision import compute_dtype
+from onerec_jax.models.registry import CODE_WINDOWS, GENERATIVE, ModelSpec
 
 
 class GenerativeModel(Model):
@@ -273,3 +274,17 @@ def build(config: ml_collections.ConfigDict, info: DataInfo, **module_fields) ->
         **module_fields,
     )
     return GenerativeModel(module, config, info)
+
+
+def spec(name: str, build, variants: dict, **fields) -> ModelSpec:
+    """The `ModelSpec` of a generative model: kind GENERATIVE, CODE_WINDOWS batches, and the
+    semantic ids it reads; `fields` adds the rest (e.g. `legacy`)."""
+    return ModelSpec(
+        name=name,
+        build=build,
+        kind=GENERATIVE,
+        batches=CODE_WINDOWS,
+        variants=variants,
+        reads_semantic_ids=True,
+        **fields,
+    )

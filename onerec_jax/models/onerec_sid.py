@@ -16,7 +16,7 @@ import ml_collections
 
 from onerec_jax.models import generative
 from onerec_jax.models.base import DataInfo
-from onerec_jax.models.registry import CODE_WINDOWS, GENERATIVE, ModelSpec, register
+from onerec_jax.models.registry import register
 
 
 def build(config: ml_collections.ConfigDict, info: DataInfo) -> generative.GenerativeModel:
@@ -43,13 +43,5 @@ def legacy_config(model: ml_collections.ConfigDict) -> bool:
 
 
 register(
-    ModelSpec(
-        name="onerec_sid",
-        build=build,
-        kind=GENERATIVE,
-        batches=CODE_WINDOWS,
-        variants={"onerec_sid": config_defaults},
-        reads_semantic_ids=True,
-        legacy=legacy_config,
-    )
+    generative.spec("onerec_sid", build, {"onerec_sid": config_defaults}, legacy=legacy_config)
 )

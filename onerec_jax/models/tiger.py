@@ -13,7 +13,7 @@ import ml_collections
 
 from onerec_jax.models import generative
 from onerec_jax.models.base import DataInfo
-from onerec_jax.models.registry import CODE_WINDOWS, GENERATIVE, ModelSpec, register
+from onerec_jax.models.registry import register
 
 
 def build(config: ml_collections.ConfigDict, info: DataInfo) -> generative.GenerativeModel:
@@ -32,13 +32,4 @@ def config_defaults(c: ml_collections.ConfigDict) -> None:
     c.model.mlp_dim, c.model.num_experts = 256, 0
 
 
-register(
-    ModelSpec(
-        name="tiger",
-        build=build,
-        kind=GENERATIVE,
-        batches=CODE_WINDOWS,
-        variants={"tiger": config_defaults},
-        reads_semantic_ids=True,
-    )
-)
+register(generative.spec("tiger", build, {"tiger": config_defaults}))
