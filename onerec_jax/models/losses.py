@@ -21,16 +21,23 @@ tables so that they split evenly over the mesh's vocab axes, and then every row 
 full softmax go through parallel/vocab_parallel.py, which never gathers the table on one device.
 """
 
-import math
-
 import jax
 import jax.numpy as jnp
 
 from onerec_jax.errors import ConfigError
+from onerec_jax.models.row_blocks import one_device, valid_blocks_lse
+from onerec_jax.models.sampling import (  # noqa: F401  re-exported: models and tests use losses.*
+    SAMPLERS,
+    check_vocab,
+    negatives_avoiding,
+    normalised_log_probs,
+    pick_in_batch,
+    sample_negatives,
+    sampler_log_probs,
+    select_hard_negatives,
+)
 from onerec_jax.parallel import vocab_parallel
 from onerec_jax.parallel.vocab_parallel import take_rows
-
-SAMPLERS = ("uniform", "popularity")
 
 
 def _valid_rows(hidden: jax.Array, mask: jax.Array) -> jax.Array:
@@ -58,14 +65,6 @@ def _operand_dtype(hidden: jax.Array, table: jax.Array):
     if jnp.finfo(hidden.dtype).bits < 32:
         return hidden.dtype
     return jnp.promote_types(hidden.dtype, table.dtype)
-
-
-def _check_vocab(vocab_size: int, minimum: int, loss: str) -> None:
-    if vocab_size < minimum:
-        raise ConfigError(
-            f"{loss} needs a table of at least {minimum} rows (padding + {minimum - 1} items), "
-            f"got {vocab_size}"
-        )
 
 
 # ----------------------------------------------------------------------------- full softmax
@@ -98,12 +97,12 @@ def full_softmax_xent(
         On a vocab-split table each shard scans its own rows (vocab_parallel.py).
       row_block: > 0: when the catalogue fits one chunk, the logsumexp is computed in blocks
         of this many rows, the rows ordered valid first, and a block of padding rows only is
-        skipped (`_valid_blocks_lse`): left-padded windows are often half padding, and their
+        skipped (models/row_blocks.py): left-padded windows are often half padding, and their
         softmax is most of a CPU step. 0: all rows at once. One device only (no mesh, or a
         mesh of one): on more, all rows at once.
     """
     vocab_size = table.shape[0] if vocab_size is None else vocab_size
-    _check_vocab(vocab_size, 2, "full_softmax_xent")
+    check_vocab(vocab_size, 2, "full_softmax_xent")
     dtype = _operand_dtype(hidden, table)
     # hidden is closed over by the scan in float32, so its gradient is summed over the chunks in
     # float32; each chunk's matmul still runs in the operand dtype (bf16 on tensor cores). The
@@ -118,8 +117,8 @@ def full_softmax_xent(
     if table.shape[0] != vocab_size:
         table = table[:vocab_size]
 
-    if 0 < row_block < h.shape[0] and vocab_size <= max(1, chunk_size) and _one_device():
-        lse = _valid_blocks_lse(h, table, mask, row_block)  # [N]
+    if 0 < row_block < h.shape[0] and vocab_size <= max(1, chunk_size) and one_device():
+        lse = valid_blocks_lse(h, table, mask, row_block)  # [N]
     elif vocab_size <= max(1, chunk_size):
         # The catalogue fits one chunk: plain logsumexp, no scan and no rematerialisation
         # (measured 2.8x faster than a one-chunk scan on CPU for 25,600 x 9,067 logits).
@@ -134,87 +133,6 @@ def full_softmax_xent(
     return _finish(lse, h, table, targets, mask, label_smoothing, vocab_size)
 
 
-def _one_device() -> bool:
-    """No mesh, or a mesh of one device: the only case for row blocks, whose valid-first order
-    is global (on a split batch it would gather every row onto every device)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return mesh.empty or math.prod(mesh.shape.values()) == 1
-
-
-def _valid_blocks_lse(rows: jax.Array, table: jax.Array, mask: jax.Array, block: int):
-    """[N] logsumexp of `rows` [N, D] (float32) against `table` [V, D] over items 1..V-1,
-    computed in blocks of `block` rows, skipping blocks that hold padding only.
-
-    The rows are put valid first (a stable order) and cut into blocks; a block whose first row
-    is padding is all padding, and `lax.cond` skips it forward and backward (its rows get 0,
-    masked by the caller). `_blocked_lse` has its own backward pass, which recomputes a block's
-    logits and accumulates the table's gradient in the loop, so forward and backward hold one
-    [block, V] block of logits at a time. Results come back in the rows' own order.
-    """
-    n = rows.shape[0]
-    n_blocks = -(-n // block)
-    order = jnp.argsort(jnp.logical_not(mask), stable=True)  # [N]: valid rows first
-    pad = n_blocks * block - n
-    blocks = jnp.pad(rows[order], ((0, pad), (0, 0))).reshape(n_blocks, block, -1)
-    live = jnp.pad(mask[order], (0, pad)).reshape(n_blocks, block)[:, 0]  # [n_blocks]
-    lse = _blocked_lse(blocks, table, live).reshape(-1)[:n]
-    return jnp.zeros((n,), jnp.float32).at[order].set(lse)
-
-
-def _block_logits(x: jax.Array, table: jax.Array) -> jax.Array:
-    """[b, V] float32 logits of rows `x` (cast to the table's dtype); column 0 is -inf."""
-    logits = jnp.einsum(
-        "nd,vd->nv", x.astype(table.dtype), table, preferred_element_type=jnp.float32
-    )
-    return jnp.where(jnp.arange(table.shape[0]) >= 1, logits, -jnp.inf)
-
-
-@jax.custom_vjp
-def _blocked_lse(blocks: jax.Array, table: jax.Array, live: jax.Array) -> jax.Array:
-    """[n_blocks, b] logsumexp of each live block's rows; 0 for the rest."""
-    return _blocked_lse_fwd(blocks, table, live)[0]
-
-
-def _blocked_lse_fwd(blocks, table, live):
-    def body(_, xs):
-        x, on = xs
-        skip = lambda x: jnp.zeros(x.shape[:1], jnp.float32)  # noqa: E731
-        lse = jax.lax.cond(on, lambda x: jax.nn.logsumexp(_block_logits(x, table), -1), skip, x)
-        return None, lse
-
-    _, lse = jax.lax.scan(body, None, (blocks, live))
-    return lse, (blocks, table, live, lse)
-
-
-def _blocked_lse_bwd(residuals, g):
-    """d lse_i / d x_i = softmax_i . table and d lse_i / d table = softmax_i^T x_i, block by
-    block (softmax recomputed from the saved lse); the table's gradient is the loop's carry."""
-    blocks, table, live, lse = residuals
-
-    def grads(args):
-        d_table, x, row_lse, row_g = args
-        p = jnp.exp(_block_logits(x, table) - row_lse[:, None]) * row_g[:, None]  # [b, V]
-        p = p.astype(table.dtype)
-        dx = jnp.einsum("nv,vd->nd", p, table, preferred_element_type=jnp.float32)
-        dt = jnp.einsum("nv,nd->vd", p, x.astype(table.dtype), preferred_element_type=jnp.float32)
-        return d_table + dt, dx
-
-    def skip(args):
-        d_table, x = args[:2]
-        return d_table, jnp.zeros(x.shape, jnp.float32)
-
-    def body(d_table, xs):
-        x, on, row_lse, row_g = xs
-        return jax.lax.cond(on, grads, skip, (d_table, x, row_lse, row_g))
-
-    d_table0 = jnp.zeros(table.shape, jnp.float32)
-    d_table, d_blocks = jax.lax.scan(body, d_table0, (blocks, live, lse, g))
-    return d_blocks.astype(blocks.dtype), d_table.astype(table.dtype), None
-
-
-_blocked_lse.defvjp(_blocked_lse_fwd, _blocked_lse_bwd)
-
-
 def _finish(lse, h, table, targets, mask, label_smoothing: float, vocab_size: int, axes=()):
     """(loss_sum, count) from each row's logsumexp: minus the (smoothed) target logit."""
     target_logit = _row_dot(h, take_rows(table, targets))
@@ -227,97 +145,6 @@ def _finish(lse, h, table, targets, mask, label_smoothing: float, vocab_size: in
         mean_logit = (h @ item_sum) / (vocab_size - 1)
         row_loss = row_loss - label_smoothing * mean_logit
     return _sum_and_count(row_loss, mask)
-
-
-# ----------------------------------------------------------------------------- sampling
-
-
-def sampler_log_probs(
-    vocab_size: int, sampler: str = "uniform", item_log_probs: jax.Array | None = None
-) -> jax.Array:
-    """[V] normalised log-probabilities of one draw of `sampler`; -inf for item 0."""
-    if sampler not in SAMPLERS:
-        raise ConfigError(f"unknown negative sampler {sampler!r}; valid samplers: {SAMPLERS}")
-    if sampler == "uniform":
-        logq = jnp.full((vocab_size,), -math.log(vocab_size - 1), jnp.float32)
-        return logq.at[0].set(-jnp.inf)
-    if item_log_probs is None:
-        raise ConfigError("sampler='popularity' needs item_log_probs [V] (log item frequencies)")
-    return _normalised(item_log_probs, vocab_size)
-
-
-def _normalised(item_log_probs: jax.Array, vocab_size: int) -> jax.Array:
-    if item_log_probs.shape != (vocab_size,):
-        raise ConfigError(
-            f"item_log_probs must have shape ({vocab_size},) like the table, "
-            f"got {item_log_probs.shape}"
-        )
-    # Item 0 is never drawn, whatever the caller put there; counts need not be normalised.
-    logits = item_log_probs.astype(jnp.float32).at[0].set(-jnp.inf)
-    return jax.nn.log_softmax(logits)
-
-
-def sample_negatives(
-    rng: jax.Array,
-    n: int,
-    vocab_size: int,
-    *,
-    sampler: str = "uniform",
-    item_log_probs: jax.Array | None = None,
-) -> jax.Array:
-    """[n] int32 item ids drawn with replacement from 1..V-1, uniformly or by popularity."""
-    logq = sampler_log_probs(vocab_size, sampler, item_log_probs)
-    if sampler == "uniform":
-        return jax.random.randint(rng, (n,), 1, vocab_size, dtype=jnp.int32)
-    return jax.random.categorical(rng, logq, shape=(n,)).astype(jnp.int32)
-
-
-def negatives_avoiding(rng: jax.Array, positives: jax.Array, n: int, vocab_size: int) -> jax.Array:
-    """[*positives.shape, n] int32 ids, uniform over the items 1..V-1 other than the positive.
-
-    Each draw r is uniform over 1..V-2 and shifted past its positive (r >= positive -> r + 1),
-    as in `bce_one_negative`, so every other real item has probability 1 / (V - 2). A padding
-    positive (0) gets ids 2..V-1: still real items, and its position is masked anyway.
-    """
-    _check_vocab(vocab_size, 3, "negatives_avoiding")
-    r = jax.random.randint(rng, (*positives.shape, n), 1, vocab_size - 1, dtype=jnp.int32)
-    return r + (r >= positives[..., None]).astype(jnp.int32)
-
-
-def select_hard_negatives(
-    hidden: jax.Array, table: jax.Array, targets: jax.Array, pool: jax.Array, k: int
-) -> jax.Array:
-    """Per row, the k highest-scoring pool items other than the row's target: [N, k] ids.
-
-    Pool entries equal to 0 or to the target are skipped; where fewer than k remain, the
-    slot holds 0 (the padding id), which the loss scores as -inf.
-    """
-    if k > pool.shape[0]:
-        raise ConfigError(f"hard_negatives={k} exceeds the hard_pool size {pool.shape[0]}")
-    pool_rows = take_rows(table, pool)  # [P, D]
-    scores = jnp.einsum("nd,pd->np", hidden, pool_rows, preferred_element_type=jnp.float32)
-    excluded = (pool[None, :] == targets[:, None]) | (pool[None, :] == 0)
-    scores = jax.lax.stop_gradient(jnp.where(excluded, -jnp.inf, scores))
-    top, idx = jax.lax.top_k(scores, k)  # [N, k]
-    return jnp.where(jnp.isfinite(top), pool[idx], 0).astype(jnp.int32)
-
-
-def pick_in_batch(rng: jax.Array, mask: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """k positions drawn uniformly without replacement among the valid ones (Gumbel top-k).
-
-    Every valid position gets an iid Gumbel score and padding -inf; the k highest scores are
-    a uniformly random k-subset of the valid positions. Where fewer than k positions are
-    valid, the remaining picks are padding positions, flagged invalid.
-
-    Returns:
-      positions [k] int32 indices into mask, and valid [k] bool (= mask[positions]).
-    """
-    n = mask.shape[0]
-    if not 1 <= k <= n:
-        raise ConfigError(f"in-batch negatives: need 1 <= k <= {n} positions, got k={k}")
-    gumbel = jax.random.gumbel(rng, (n,), jnp.float32)
-    _, positions = jax.lax.top_k(jnp.where(mask, gumbel, -jnp.inf), k)
-    return positions.astype(jnp.int32), mask[positions]
 
 
 # ----------------------------------------------------------------------------- sampled softmax
@@ -396,7 +223,7 @@ def sampled_softmax_xent(
       vocab_size: V, the rows that are items (default: all rows); negatives come from 1..V-1.
     """
     vocab_size = table.shape[0] if vocab_size is None else vocab_size
-    _check_vocab(vocab_size, 2, "sampled_softmax_xent")
+    check_vocab(vocab_size, 2, "sampled_softmax_xent")
     if negatives is None:
         if n_negatives is None:
             raise ConfigError("sampled_softmax_xent needs n_negatives (or explicit negatives)")
@@ -449,7 +276,7 @@ def sampled_softmax_xent(
             if item_log_probs is None:
                 freq = jnp.full((vocab_size,), 1.0 / (vocab_size - 1), jnp.float32)
             else:
-                freq = jnp.exp(_normalised(item_log_probs, vocab_size))
+                freq = jnp.exp(normalised_log_probs(item_log_probs, vocab_size))
             # B = K_eff (n - 1) / n; uncapped, n (n - 1) / n is n - 1 exactly in float32.
             n_in_batch = k_eff * jnp.maximum(n_valid - 1, 0) / jnp.maximum(n_valid, 1)
             expected = expected + n_in_batch * freq
@@ -491,7 +318,7 @@ def bce_one_negative(
     V, the rows that are items (default: all rows).
     """
     vocab_size = table.shape[0] if vocab_size is None else vocab_size
-    _check_vocab(vocab_size, 3, "bce_one_negative")
+    check_vocab(vocab_size, 3, "bce_one_negative")
     h = _valid_rows(hidden, mask)
     r = jax.random.randint(rng, targets.shape, 1, vocab_size - 1, dtype=jnp.int32)
     neg = r + (r >= targets).astype(jnp.int32)
