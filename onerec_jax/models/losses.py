@@ -95,11 +95,11 @@ def full_softmax_xent(
         sum_j h . t_j = h . (sum_j t_j), one [D] vector instead of a running sum.
       vocab_size: V, the rows that are items (padding row 0 included); default: all rows.
         On a vocab-split table each shard scans its own rows (vocab_parallel.py).
-      row_block: > 0: when the catalogue fits one chunk, the logsumexp is computed in blocks
-        of this many rows, the rows ordered valid first, and a block of padding rows only is
-        skipped (models/row_blocks.py): left-padded windows are often half padding, and their
-        softmax is most of a CPU step. 0: all rows at once. One device only (no mesh, or a
-        mesh of one): on more, all rows at once.
+      row_block: > 0: the logsumexp is computed in blocks of this many rows, the rows ordered
+        valid first, and a block of padding rows only is skipped (models/row_blocks.py):
+        left-padded windows are often half padding, and their softmax is most of a CPU step.
+        Used when a block's [row_block, V] logits fit 2**26 entries (or one chunk) and on one
+        device (no mesh, or a mesh of one); otherwise, and with 0, the paths above.
     """
     vocab_size = table.shape[0] if vocab_size is None else vocab_size
     check_vocab(vocab_size, 2, "full_softmax_xent")
@@ -117,7 +117,9 @@ def full_softmax_xent(
     if table.shape[0] != vocab_size:
         table = table[:vocab_size]
 
-    if 0 < row_block < h.shape[0] and vocab_size <= max(1, chunk_size) and one_device():
+    # Row blocks hold [row_block, V] logits at a time: up to 2**26 of them (256 MB), or a chunk.
+    fits = row_block * vocab_size <= max(2**26, row_block * chunk_size)
+    if 0 < row_block < h.shape[0] and fits and one_device():
         lse = valid_blocks_lse(h, table, mask, row_block)  # [N]
     elif vocab_size <= max(1, chunk_size):
         # The catalogue fits one chunk: plain logsumexp, no scan and no rematerialisation
