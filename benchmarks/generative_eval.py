@@ -24,10 +24,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
-# benchmarks/ is not a package: its scripts import each other from their own folder.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import train_throughput as _train_throughput  # noqa: E402
+import train_throughput as _train_throughput
 
 ML25M_ITEMS, ML25M_USERS = _train_throughput.ML25M_ITEMS, _train_throughput.ML25M_USERS
 synthetic_sequences = _train_throughput.synthetic_sequences

@@ -38,10 +38,7 @@ if __name__ == "__main__" and "--xla_force_host_platform_device_count" not in os
     ).strip()
 
 import numpy as np
-
-# benchmarks/ is not a package: its scripts import each other from their own folder.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import train_throughput as _train_throughput  # noqa: E402
+import train_throughput as _train_throughput
 
 _table, peak_memory = _train_throughput._table, _train_throughput.peak_memory
 run_timed_steps = _train_throughput.run_timed_steps

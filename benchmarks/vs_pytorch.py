@@ -28,16 +28,12 @@ import argparse
 import datetime
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-
-# benchmarks/ is not a package: its scripts import each other from their own folder.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import reference_sasrec  # noqa: E402
-import train_throughput  # noqa: E402
+import reference_sasrec
+import train_throughput
 
 torch = reference_sasrec.torch
 
