@@ -150,6 +150,7 @@ class ScoringModel(Model):
                 self.info.n_items,
                 targets,
                 history,
+                target_scores=jnp.zeros(targets.shape, jnp.float32),  # skips [B, B] scoring
                 k=k,
                 chunk_size=chunk,
             )
