@@ -251,7 +251,12 @@ def test_a_killed_process_stops_the_other(runs):
     killed = runs["killed"]
     assert killed["returncode"] != 0
     assert killed["seconds"] < 60, f"the surviving process took {killed['seconds']:.0f}s to stop"
-    assert "JAX distributed service detected fatal errors" in killed["output"]
+    # Either the coordination service notices the missing heartbeat, or a collective in flight
+    # reads the dead peer's socket first and Gloo aborts the process (seen once in CI).
+    assert (
+        "JAX distributed service detected fatal errors" in killed["output"]
+        or "gloo::" in killed["output"]
+    ), killed["output"][-3000:]
     assert not (runs["root"] / "killed" / "results.json").exists()
 
 
