@@ -132,7 +132,9 @@ def base_config() -> ml_collections.ConfigDict:
     e.mask_history = True  # mask every item of the user's prefix before ranking (PROTOCOL.md)
     e.k = 50  # length of the top-K lists kept (metrics use K in 1, 5, 10, 20, 50)
     e.chunk_size = 8192  # items scored at a time
-    e.beam = 20  # generative models: beam width of the constrained beam search
+    # generative models: beam width of the constrained beam search; 0: eval.k, the width that
+    # fills every top-k list (a narrower beam can return fewer than eval.k items)
+    e.beam = 0
     # how targets are ranked (evaluation/evaluator.py EVALUATORS): "" the model's own
     # (full_ranking for scoring models, topk_list for generative ones), or "topk_list" to
     # rank any model's targets within its top-k list

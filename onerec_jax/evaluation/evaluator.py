@@ -23,6 +23,7 @@ import time
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 
 from onerec_jax.data import pipeline
@@ -173,6 +174,26 @@ class TopKList(Evaluator):
         top_items, top_scores = self._topk(params, inputs, history)
         return _rank_in_list(top_items, top_scores, targets, self.data.n_items), top_items
 
+    def evaluate(self, params, split):
+        """`Evaluator.evaluate`, plus the lists' own counts (`list_checks`) in the metrics:
+        lists_invalid and lists_duplicate must be 0; lists_short counts lists with fewer than
+        eval.k items although the user has that many unseen items."""
+        result, per_user = super().evaluate(params, split)
+        checks = list_checks(per_user["top_items"], self.data, split, per_user["users"])
+        result |= checks
+        if checks["lists_invalid"] or checks["lists_duplicate"]:
+            logging.error("%s lists hold items they must not: %s", split, checks)
+        elif checks["lists_short"]:
+            logging.warning(
+                "%s: %d of %d lists hold fewer than eval.k=%d items (eval.beam too narrow?); "
+                "HR/NDCG/MRR@K near K undercount.",
+                split,
+                checks["lists_short"],
+                len(per_user["users"]),
+                self.config.eval.k,
+            )
+        return result, per_user
+
 
 EVALUATORS = {cls.name: cls for cls in (FullRanking, TopKList)}
 
@@ -183,6 +204,37 @@ def make_evaluator(model, data: SequenceData, config: ml_collections.ConfigDict,
     if name not in EVALUATORS:
         raise ConfigError(f"eval.evaluator={name!r}: use one of {sorted(EVALUATORS)} or ''.")
     return EVALUATORS[name](model, data, config, mesh, rules)
+
+
+def list_checks(
+    top_items: np.ndarray, data: SequenceData, split: str, users: np.ndarray
+) -> dict[str, int]:
+    """Counts over the users' top-K lists `top_items [U, K]` (item 0: an empty slot):
+    lists_invalid, slots holding an item outside 1..n_items or one in the user's `split`
+    prefix; lists_duplicate, repeats of an item within a list; lists_short, lists with empty
+    slots although the user has K or more unseen items."""
+    top_items = np.asarray(top_items, np.int64)
+    users = np.asarray(users, np.int64)
+    n, k = data.n_items, top_items.shape[1]
+    filled = top_items != 0
+    invalid = filled & ((top_items < 0) | (top_items > n))
+    part = data.split(split)
+    lengths = part.ends[users] - part.starts[users]
+    # (user, item) keys of every prefix item, against those of the listed items
+    rows = np.repeat(np.arange(len(users)), lengths)
+    offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    seen_keys = rows * (n + 1) + data.items[np.repeat(part.starts[users], lengths) + offsets]
+    listed_keys = np.arange(len(users))[:, None] * (n + 1) + np.clip(top_items, 0, n)
+    invalid |= filled & np.isin(listed_keys, seen_keys)
+    ordered = np.sort(np.where(filled, top_items, -np.arange(1, k + 1)), axis=1)
+    duplicate = int((ordered[:, 1:] == ordered[:, :-1]).sum())
+    distinct_seen = np.bincount(np.unique(seen_keys) // (n + 1), minlength=len(users))
+    short = (filled.sum(1) < k) & (n - distinct_seen >= k)
+    return {
+        "lists_invalid": int(invalid.sum()),
+        "lists_duplicate": duplicate,
+        "lists_short": int(short.sum()),
+    }
 
 
 _rank_in_list = jax.jit(ranking.rank_in_list)  # [B] float32 ranks of targets in a top-K list

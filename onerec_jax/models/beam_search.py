@@ -6,6 +6,10 @@ tables (`PrefixTables.stacked()`), so every returned path is a real item:
 
 - at every level a code whose prefix + code starts no item's id scores -inf;
 - at the last level the user's history items (and item 0, the padding) score -inf too;
+- with `item_prefixes` (`SemanticIds.item_prefixes()`), a prefix under which the user has seen
+  every item scores -inf at every level too, so it never takes a beam slot that a prefix still
+  leading to unseen items could use. Every live beam then ends in at least one unseen item, and
+  a search with `beam >= k` returns k items whenever the user has k unseen ones;
 - intermediate levels keep the `beam` best prefixes over `beam x C_l` expansions; the last level
   takes the top `k` over all `beam x C_L` expansions, so `k` may exceed `beam`. Full paths map to
   distinct items, so the result never repeats an item.
@@ -35,7 +39,9 @@ StepFn = Callable[[Any, jax.Array, int], jax.Array]
 STATIC_ARGNAMES = ("step_fn", "code_sizes", "n_items", "beam", "k", "renormalize")  # for jax.jit
 
 
-def _check_static(valid, next_prefix, code_sizes: Sequence[int], n_items, beam, k) -> None:
+def _check_static(
+    valid, next_prefix, code_sizes: Sequence[int], n_items, beam, k, item_prefixes
+) -> None:
     depth = len(code_sizes)
     if depth < 1 or min(code_sizes) < 1:
         raise ValueError(f"code_sizes={tuple(code_sizes)} needs >= 1 level, each size >= 1")
@@ -53,6 +59,11 @@ def _check_static(valid, next_prefix, code_sizes: Sequence[int], n_items, beam, 
         raise ValueError(f"the catalogue has no item (n_items={n_items})")
     if beam < 1 or k < 1:
         raise ValueError(f"beam={beam} and k={k} must be >= 1")
+    if item_prefixes is not None and item_prefixes.shape != (depth - 1, n_items + 1):
+        raise ValueError(
+            f"item_prefixes {item_prefixes.shape} must be [L, n_items + 1] = "
+            f"{(depth - 1, n_items + 1)}, as SemanticIds.item_prefixes() returns it"
+        )
 
 
 def _level_logprobs(
@@ -84,6 +95,17 @@ def seen_mask(history: jax.Array, n_items: int) -> jax.Array:
     return seen.at[:, 0].set(True)
 
 
+def unseen_counts(seen: jax.Array, item_prefixes: jax.Array, n_prefixes: int) -> jax.Array:
+    """[L, B, n_prefixes] int32: per level 1..L, how many unseen items each prefix leads to,
+    from the [B, n_items + 1] seen mask and `SemanticIds.item_prefixes()` [L, n_items + 1]."""
+    unseen = (~seen).astype(jnp.int32)  # item 0 is always seen
+
+    def count(ids):  # [n_items + 1] prefix ids -> [B, n_prefixes]
+        return jax.vmap(lambda u: jax.ops.segment_sum(u, ids, num_segments=n_prefixes))(unseen)
+
+    return jax.vmap(count)(item_prefixes)
+
+
 def beam_search(
     step_fn: StepFn,
     context: Any,
@@ -96,6 +118,7 @@ def beam_search(
     beam: int,
     k: int,
     renormalize: bool = False,
+    item_prefixes: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Constrained beam search over the L + 1 code levels; the top-k distinct unseen items.
 
@@ -120,6 +143,9 @@ def beam_search(
       k: static, items returned; may exceed `beam`.
       renormalize: static; True: each level's log-probabilities are normalised over the codes
         valid after the beam's prefix (for models trained that way, `loss.valid_codes_only`).
+      item_prefixes: [L, n_items + 1] int32, `SemanticIds.item_prefixes()`, or None. Given, a
+        prefix whose items the user has all seen is pruned at every level (it frees its slot);
+        None: seen items are masked at the last level only.
 
     Returns:
       items [B, k] int32 and scores [B, k] float32 (summed log-probabilities), best first,
@@ -127,7 +153,9 @@ def beam_search(
     """
     code_sizes = tuple(int(c) for c in code_sizes)
     valid, next_prefix = jnp.asarray(valid), jnp.asarray(next_prefix, jnp.int32)
-    _check_static(valid, next_prefix, code_sizes, n_items, beam, k)
+    if item_prefixes is not None:
+        item_prefixes = jnp.asarray(item_prefixes, jnp.int32)
+    _check_static(valid, next_prefix, code_sizes, n_items, beam, k, item_prefixes)
     history = jnp.asarray(history)
     if history.dtype == jnp.bool_:
         if history.shape[1] != n_items + 1:
@@ -139,6 +167,9 @@ def beam_search(
         seen_all = seen_mask(history.astype(jnp.int32), n_items)
     batch, depth = history.shape[0], len(code_sizes)
     neg_inf = jnp.float32(-jnp.inf)
+    live = None  # [L, B, P] unseen items under each prefix of levels 1..L
+    if item_prefixes is not None and depth > 1:
+        live = unseen_counts(seen_all, item_prefixes, valid.shape[1])
 
     # Only the empty prefix (id 0) is live at the start: one live beam, the others -inf.
     scores = jnp.full((batch, beam), neg_inf).at[:, 0].set(0.0)  # [B, W]
@@ -153,6 +184,11 @@ def beam_search(
             step_fn, context, tokens, level, size, allowed if renormalize else None
         )
         children = next_prefix[level, :, :size][prefix]  # [B, W, C]
+        if live is not None and level < depth - 1:  # children that still lead to unseen items
+            # (after the log-probabilities: a user's history never renormalises the model)
+            flat = jnp.maximum(children, 0).reshape(batch, -1)  # [B, W * C]
+            alive = jnp.take_along_axis(live[level], flat, axis=1).reshape(children.shape) > 0
+            allowed = allowed & alive
         cand = jnp.where(allowed, scores[..., None] + logp, neg_inf)  # [B, W, C]
         return cand.reshape(batch, beam * size), children.reshape(batch, beam * size)
 
@@ -182,7 +218,8 @@ def beam_search(
 def make_beam_search(
     step_fn: StepFn, code_sizes: Sequence[int], *, n_items: int, beam: int, k: int
 ) -> Callable[..., tuple[jax.Array, jax.Array]]:
-    """Jitted `search(context, valid, next_prefix, history) -> (items [B, k], scores [B, k])`.
+    """Jitted `search(context, valid, next_prefix, history, item_prefixes=None) -> (items
+    [B, k], scores [B, k])`.
 
     The static options are bound here; the arrays are traced, so one compilation serves every
     batch of the same shapes. To run sharded, pass `context` and `history` split over the
@@ -190,9 +227,18 @@ def make_beam_search(
     """
     sizes = tuple(int(c) for c in code_sizes)
 
-    def search(context, valid, next_prefix, history):
+    def search(context, valid, next_prefix, history, item_prefixes=None):
         return beam_search(
-            step_fn, context, valid, next_prefix, sizes, history, n_items=n_items, beam=beam, k=k
+            step_fn,
+            context,
+            valid,
+            next_prefix,
+            sizes,
+            history,
+            n_items=n_items,
+            beam=beam,
+            k=k,
+            item_prefixes=item_prefixes,
         )
 
     return jax.jit(search)

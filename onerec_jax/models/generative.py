@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from onerec_jax.errors import ConfigError
 from onerec_jax.models import seq2seq
@@ -38,10 +39,25 @@ class GenerativeModel(Model):
         self.offsets = seq2seq.code_offsets(self.code_sizes)
         valid, next_prefix = sem.prefix_tables().stacked()
         self.valid, self.next_prefix = jnp.asarray(valid), jnp.asarray(next_prefix)
+        # Each item's prefix ids: beam search prunes prefixes whose items the user has all seen.
+        self.item_prefixes = jnp.asarray(sem.item_prefixes())
         self.session_items = int(config.model.session_items)
-        self.beam, self.k = int(config.eval.beam), int(config.eval.k)
-        if self.beam < 1:
-            raise ConfigError(f"eval.beam={self.beam}: use a beam width >= 1 (e.g. 20).")
+        self.k = int(config.eval.k)
+        self.beam = int(config.eval.beam) or self.k  # 0: as wide as the list
+        if self.beam < 1 or self.k < 1:
+            raise ConfigError(
+                f"eval.beam={config.eval.beam}, eval.k={self.k}: use eval.k >= 1 and eval.beam "
+                ">= 1 (0: eval.k, which fills every list)."
+            )
+        if self.beam < self.k:
+            logging.warning(
+                "eval.beam=%d < eval.k=%d: a user's list can hold fewer than %d items, and then "
+                "HR/NDCG/MRR@K for K > %d undercount; set eval.beam >= eval.k (or 0) to fill it.",
+                self.beam,
+                self.k,
+                self.k,
+                self.beam,
+            )
         self.ranking = f"beam search, width {self.beam}"
         # Train as we decode: each level's softmax over the codes valid after the prefix, and
         # beam search normalised the same way (loss.valid_codes_only).
@@ -156,13 +172,15 @@ class GenerativeModel(Model):
             beam=beam,
             k=k,
             renormalize=self.valid_only,
+            item_prefixes=self.item_prefixes,
         )
 
     def generate(self, params, batch, history, k: int | None = None, beam: int | None = None):
         """(items [B, K], scores [B, K]): the top K (default eval.k) valid items outside
         `history` ([B, H] item ids or a [B, n_items + 1] seen mask) by the sum of code
-        log-probabilities, from a beam of `beam` (default eval.beam) prefixes per level; fewer
-        than K (item 0, score -inf) when the last level offers fewer. Jit with
+        log-probabilities, from a beam of `beam` (default eval.beam) prefixes per level. Prefixes
+        whose items the user has all seen take no beam slot, so `beam >= K` fills the K slots
+        whenever the user has K unseen items; otherwise the rest is item 0, score -inf. Jit with
         `static_argnames=("k", "beam")`."""
         variables, context = self._encoded(params, batch)
         chosen = jnp.zeros((batch["inputs"].shape[0], 0), jnp.int32)

@@ -106,6 +106,21 @@ class SemanticIds:
             self._tables = _build_prefix_tables(self.item_codes, self.codebook_sizes)
         return self._tables
 
+    def item_prefixes(self) -> np.ndarray:
+        """[L, n_items + 1] int32: row `l - 1` holds each item's prefix id after `l` tokens
+        (l = 1..L, the ids of `prefix_tables()`); column 0 (the padding item) is 0. Beam search
+        counts each prefix's unseen items with it."""
+        tables = self.prefix_tables()
+        node = np.zeros(self.n_items, np.int64)
+        rows = []
+        for level in range(self.levels):
+            node = tables.next_prefix[level][node, self.item_codes[:, level]]
+            rows.append(node)
+        out = np.zeros((self.levels, self.n_items + 1), np.int32)
+        if rows:
+            out[:, 1:] = np.stack(rows)
+        return out
+
     def code_to_item(self, codes: np.ndarray) -> np.ndarray:
         """Dense item id of each full id in `codes [..., L + 1]`; 0 where no item has it."""
         codes = np.asarray(codes)

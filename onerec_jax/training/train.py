@@ -311,7 +311,14 @@ def _train_loop(
             val, _ = evaluator.evaluate(state.params, "valid")
             record.record_validation(step, val["ndcg@10"], val, time.process_time(), cpu_mark)
             cpu_mark = time.process_time()
-            logger.write(step, {f"val/{k}": v for k, v in val.items() if "@" in k or k == "mrr"})
+            logger.write(
+                step,
+                {
+                    f"val/{k}": v
+                    for k, v in val.items()
+                    if "@" in k or k == "mrr" or k.startswith("lists_")
+                },
+            )
             ckpt.save(
                 step,
                 params=state.params,

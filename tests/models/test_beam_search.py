@@ -103,17 +103,20 @@ def brute_force(context, sem: SemanticIds, history, k):
     return items, scores
 
 
-def ref_beam(context, sem: SemanticIds, history, beam, k):
+def ref_beam(context, sem: SemanticIds, history, beam, k, prune=False):
     """The same algorithm in loops: keep `beam` prefixes per level, then the top-k items.
 
     Candidates are listed beam by beam, code by code, and sorted stably, which is the tie order
-    of `lax.top_k` over the flat [beam * C] candidates.
+    of `lax.top_k` over the flat [beam * C] candidates. `prune`: a prefix none of whose items
+    is unseen (found by scanning the catalogue's codes) is no candidate.
     """
     tables = sem.prefix_tables()
     sizes, depth = sem.codebook_sizes, sem.id_length
     items = np.zeros((len(context), k), np.int32)
     scores = np.full((len(context), k), NEG_INF)
     for b, table in enumerate(context):
+        seen = set(history[b].tolist())
+        unseen_codes = [tuple(sem.codes[i]) for i in range(1, sem.n_items + 1) if i not in seen]
         beams = [(0.0, (), 0)]  # (score, tokens, prefix id); only the empty prefix is live
         for level in range(depth):
             cands = []
@@ -123,7 +126,10 @@ def ref_beam(context, sem: SemanticIds, history, beam, k):
                     child = int(tables.next_prefix[level][prefix, code])
                     if not tables.valid[level][prefix, code]:
                         continue
-                    if level == depth - 1 and (child in history[b].tolist()):
+                    if level == depth - 1 and (child in seen):
+                        continue
+                    path = (*tokens, code)
+                    if prune and not any(c[: level + 1] == path for c in unseen_codes):
                         continue
                     cands.append((score + logp[code], (*tokens, code), child))
             cands.sort(key=lambda c: -c[0])
@@ -136,11 +142,13 @@ def ref_beam(context, sem: SemanticIds, history, beam, k):
 # ---------------------------------------------------------------- helpers
 
 
-def run_search(context, sem: SemanticIds, history, beam, k):
-    """Jitted beam search through `make_beam_search`, as numpy arrays."""
+def run_search(context, sem: SemanticIds, history, beam, k, prune=False):
+    """Jitted beam search through `make_beam_search`, as numpy arrays; `prune` passes the
+    catalogue's item prefixes."""
     valid, next_prefix = sem.prefix_tables().stacked()
     search = _searcher(sem.codebook_sizes, sem.n_items, beam, k)
-    items, scores = search(jnp.asarray(context), valid, next_prefix, jnp.asarray(history))
+    prefixes = sem.item_prefixes() if prune else None
+    items, scores = search(jnp.asarray(context), valid, next_prefix, jnp.asarray(history), prefixes)
     return np.asarray(items), np.asarray(scores)
 
 
@@ -373,3 +381,71 @@ def test_a_seen_mask_gives_the_same_result_as_the_history(catalogue):
     by_mask = run_search(context, catalogue, np.asarray(mask), 3, 6)
     np.testing.assert_array_equal(by_ids[0], by_mask[0])
     np.testing.assert_array_equal(by_ids[1], by_mask[1])
+
+
+def test_item_prefixes_walk_the_prefix_tables(catalogue):
+    prefixes, tables = catalogue.item_prefixes(), catalogue.prefix_tables()
+    assert prefixes.shape == (catalogue.levels, catalogue.n_items + 1)
+    assert np.all(prefixes[:, 0] == 0)
+    for item in range(1, catalogue.n_items + 1):
+        node = 0
+        for level in range(catalogue.levels):
+            node = tables.next_prefix[level][node, catalogue.codes[item, level]]
+            assert prefixes[level, item] == node
+    # items sharing their first l codes share their level-l prefix, and only they do
+    for level in range(catalogue.levels):
+        keys = {tuple(c[: level + 1]) for c in catalogue.codes[1:]}
+        assert len(set(prefixes[level, 1:].tolist())) == len(keys)
+
+
+def test_a_fully_seen_prefix_frees_its_beam_slot():
+    """Items 1-2 under code 0, items 3-4 under code 1; the model prefers code 0 strongly, and
+    the user has seen items 1 and 2. Beam 1 without pruning keeps prefix (0,) and returns
+    nothing; with pruning it keeps (1,) and returns item 4, the likelier of 3 and 4."""
+    sem = from_codes(np.array([[0, 0], [0, 1], [1, 0], [1, 1]]), (2, 2))
+    assert sem.codebook_sizes == (2, 2, 1)  # no collisions: the last token is always 0
+    context = np.zeros((1, sem.id_length, _prefix_rows(sem.codebook_sizes), 2), np.float32)
+    context[0, 0, 0] = [5.0, 0.0]  # level 0: code 0 is e^5 times as likely
+    context[0, 1, 1] = [0.0, 1.0]  # level 1 after (1,): code 1 likelier
+    history = np.array([[1, 2]], np.int32)
+    items, scores = run_search(context, sem, history, beam=1, k=1)
+    assert items.tolist() == [[0]] and np.all(np.isneginf(scores))
+    items, scores = run_search(context, sem, history, beam=1, k=1, prune=True)
+    assert items.tolist() == [[4]]
+    # log p(code 1) + log p(code 1 | (1,)) + log p(collision 0 | (1, 1)) = 0
+    expected = -np.log1p(np.exp(5.0)) - np.log1p(np.exp(-1.0))
+    np.testing.assert_allclose(scores[0], [expected], rtol=1e-5)
+    items, scores = run_search(context, sem, history, beam=2, k=2, prune=True)
+    assert items.tolist() == [[4, 3]]
+
+
+@pytest.mark.parametrize(("beam", "k"), [(1, 1), (2, 5), (3, 3)])
+def test_pruned_narrow_beam_equals_numpy_reference_and_fills_k(beam, k):
+    """Heavy histories: pruned search equals the loop reference, and beam >= k fills k slots
+    whenever k unseen items exist (the unpruned search does not always)."""
+    rng = np.random.default_rng(20 + beam)
+    sem = random_codes(40, 3, 4, rng)
+    context = random_context(rng, 8, sem.codebook_sizes, scale=3.0)
+    history = random_history(rng, 8, sem.n_items, 60)  # most items seen
+    items, scores = run_search(context, sem, history, beam, k, prune=True)
+    assert_same_ranking(items, scores, *ref_beam(context, sem, history, beam, k, prune=True))
+    for b in range(len(history)):
+        unseen = sem.n_items - len(set(history[b].tolist()) - {0})
+        filled = int(np.isfinite(scores[b]).sum())
+        if beam >= k:
+            assert filled == min(k, unseen)
+    # scores equal the items' own path log-probabilities (pruning never renormalises)
+    real = np.isfinite(scores)
+    for b, j in zip(*np.nonzero(real), strict=True):
+        np.testing.assert_allclose(
+            scores[b, j], ref_item_score(context[b], sem, items[b, j]), atol=1e-5
+        )
+
+
+def test_pruned_exhaustive_beam_equals_brute_force(catalogue):
+    rng = np.random.default_rng(9)
+    beam, k = max(catalogue.prefix_tables().n_prefixes), 12
+    context = random_context(rng, 4, catalogue.codebook_sizes)
+    history = random_history(rng, 4, catalogue.n_items, 25)
+    items, scores = run_search(context, catalogue, history, beam, k, prune=True)
+    assert_same_ranking(items, scores, *brute_force(context, catalogue, history, k))
