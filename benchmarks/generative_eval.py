@@ -86,7 +86,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--variants", default="onerec_sid,tiger")
     p.add_argument("--users", type=int, default=ML25M_USERS, help="evaluated users (0: none)")
-    p.add_argument("--beam", type=int, default=20)
+    p.add_argument("--beam", type=int, default=0, help="eval.beam (0: eval.k, the default)")
     p.add_argument("--eval_batch", type=int, default=0, help="users per batch (0: the variant's)")
     p.add_argument("--twice", action="store_true", help="evaluate twice; report the second")
     p.add_argument("--steps", type=int, default=5)

@@ -7,4 +7,6 @@ def get_config(arg: str | None = None):
     """`arg`: a model variant of `defaults.apply_variant` (default sasrec)."""
     c = base_config()
     c.data.release = "ml-100k"  # release fetched into <data.root>/ by data/download.py
+    # The item content this release ships (no user tags): the tokenizers' feature blocks.
+    c.features.blocks = ("genres", "year", "title")
     return apply_variant(c, arg)

@@ -143,10 +143,14 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.features = f = ml_collections.ConfigDict()
     # Item feature matrix for the tokenizers (data/features.py): blocks, each standardised and
-    # scaled by its weight, concatenated. Blocks a dataset lacks (no tags, no genome) raise.
-    f.blocks = ("genres", "year", "title", "tags")  # genres|year|title|tags|genome|collab
+    # scaled by its weight, concatenated.
+    # genres|year|title|tags|genome|collab|interactions
+    f.blocks = ("genres", "year", "title", "tags")
+    # A block the dataset lacks (ML-100K/1M: no tags): "skip" it with a warning (no block left:
+    # the "interactions" block), or "error".
+    f.missing = "skip"
     f.weights = ml_collections.ConfigDict(
-        dict(genres=1.0, year=1.0, title=1.0, tags=1.0, genome=1.0, collab=1.0)
+        dict(genres=1.0, year=1.0, title=1.0, tags=1.0, genome=1.0, collab=1.0, interactions=1.0)
     )  # per-block multiplier after standardisation (block norms are otherwise comparable)
     f.year_bucket_years = 5  # width of a release-year bucket (years), one-hot encoded
     f.title_dim = 32  # truncated-SVD components of the title TF-IDF
@@ -154,6 +158,7 @@ def base_config() -> ml_collections.ConfigDict:
     f.genome_dim = 64  # principal components kept of the genome block (0: all 1,128 columns)
     f.genome_missing = "mean"  # items without a genome vector: "mean" or "zero" (+ a flag column)
     f.collab_workdir = ""  # collab block: a trained run whose best checkpoint's item table is read
+    f.interactions_dim = 64  # truncated-SVD components of the items' training-user TF-IDF
 
     c.tokenize = tk = ml_collections.ConfigDict()
     # Semantic ids (tokenize/): items -> `levels` codes of `codebook_size` + a collision token.

@@ -12,6 +12,14 @@ and all zeros):
           column
   collab  the item table of the best checkpoint of a trained run (`collab_workdir`), read by the
           caller's `collab_table` (runs.collab_item_table): data code never loads a model
+  interactions  collaborative embeddings with no model: TF-IDF of each item's training users
+          (the train split only: no validation or test item is read) -> truncated SVD to
+          `interactions_dim` components, plus a "no training user" column
+
+Content a dataset lacks (ML-100K and ML-1M have no tags, only ML-20M/25M a genome, a
+`user item item ...` file nothing at all): with `missing="skip"` (the default) such a block is
+left out with a warning naming it, and when no block is left the matrix is the `interactions`
+block, so every dataset gets semantic ids; `missing="error"` raises instead.
 
 Each block is standardised per column over the real items (constant columns stay 0), divided by
 sqrt(its number of non-constant columns) so that a row's mean squared norm is 1 whatever the
@@ -35,7 +43,7 @@ from onerec_jax.data.records import ItemInfo
 from onerec_jax.data.sequences import SequenceData
 from onerec_jax.errors import ConfigError, DataFormatError
 
-BLOCKS = ("genres", "year", "title", "tags", "genome", "collab")
+BLOCKS = ("genres", "year", "title", "tags", "genome", "collab", "interactions")
 # (features.collab_workdir, data, items) -> [n_items, dim] item table rows of that trained run
 CollabTable = Callable[[str, SequenceData, ItemInfo], np.ndarray]
 _NO_GENRE = "(no genres listed)"
@@ -66,13 +74,31 @@ def build_features(
     """The feature matrix of `cfg` (the config's `features` section) for `data`'s items.
 
     Raises:
-      ConfigError: an unknown block or bad option, or a block the dataset lacks.
+      ConfigError: an unknown block or bad option, or (with `missing="error"`) a block the
+        dataset lacks.
       DataFormatError: a block holds NaN or infinite values.
     """
     names = _block_names(cfg)
-    parts, spans, start = [], [], 0
+    missing = cfg.get("missing", "skip")
+    if missing not in ("skip", "error"):
+        raise ConfigError(f"features.missing={missing!r}: use 'skip' or 'error'.")
+    raws = {}
     for name in names:
-        raw = raw_block(name, cfg, data, items, collab_table)  # [n_items, k]
+        try:
+            raws[name] = raw_block(name, cfg, data, items, collab_table)  # [n_items, k]
+        except MissingContent as e:
+            if missing == "error":
+                raise
+            logging.warning("%s Skipped (features.missing='skip').", e)
+    if not raws:
+        logging.warning(
+            "features.blocks=%s: this dataset has none of them, so the item features are "
+            "collaborative embeddings (block 'interactions': SVD of each item's training users).",
+            names,
+        )
+        raws["interactions"] = raw_block("interactions", cfg, data, items)
+    parts, spans, start = [], [], 0
+    for name, raw in raws.items():
         _check_finite(raw, name, "in its input (e.g. a NaN genome relevance): fix the data files")
         block = (_standardise(raw) * _weight(cfg, name)).astype(np.float32)
         _check_finite(block, name, "after standardisation: its values overflow float32")
@@ -92,7 +118,14 @@ def raw_block(
     collab_table: CollabTable | None = None,
 ) -> np.ndarray:
     """[n_items, k] float64 block `name` before standardisation, row i-1 = dense item i."""
-    builders = {"genres": _genres, "year": _year, "title": _title, "tags": _tags, "genome": _genome}
+    builders = {
+        "genres": _genres,
+        "year": _year,
+        "title": _title,
+        "tags": _tags,
+        "genome": _genome,
+        "interactions": _interactions,
+    }
     if name == "collab":
         return np.asarray(_collab(cfg, data, items, collab_table), np.float64)
     if name not in builders:
@@ -144,8 +177,12 @@ def _check_finite(block: np.ndarray, name: str, where: str) -> None:
         )
 
 
-def _lacks(name: str, what: str) -> ConfigError:
-    return ConfigError(
+class MissingContent(ConfigError):
+    """A features block the dataset has no content for (skipped under features.missing=skip)."""
+
+
+def _lacks(name: str, what: str) -> MissingContent:
+    return MissingContent(
         f"features block {name!r}: {what} in this dataset. Drop {name!r} from features.blocks."
     )
 
@@ -238,7 +275,7 @@ def _tags(cfg, data: SequenceData, items: ItemInfo) -> np.ndarray:
 
 def _genome(cfg, data: SequenceData, items: ItemInfo) -> np.ndarray:
     if items.genome is None or not items.genome.size:
-        raise ConfigError(
+        raise MissingContent(
             "features block 'genome': this dataset has no tag genome (genome-scores.csv, "
             "genome-tags.csv). Drop 'genome' from features.blocks; the genome ships with "
             "ML-20M, ML-25M and ML-32M."
@@ -276,3 +313,21 @@ def _collab(cfg, data: SequenceData, items: ItemInfo, collab_table: CollabTable 
             "collab_table=onerec_jax.runs.collab_item_table (as --mode tokenize does)."
         )
     return collab_table(cfg.collab_workdir, data, items)
+
+
+def _interactions(cfg, data: SequenceData, items: ItemInfo) -> np.ndarray:
+    """[n_items, k + 1]: each item's training users as TF-IDF (a user's count is how often
+    they interacted with it), truncated SVD, then a "no training user" column."""
+    train = data.split("train")
+    lengths = train.ends - train.starts  # [n_users]
+    users = np.repeat(np.arange(data.n_users), lengths)
+    offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    rows = data.items[np.repeat(train.starts, lengths) + offsets] - 1  # dense item - 1
+    counts = sparse.csr_matrix(
+        (np.ones(len(rows)), (rows, users)), shape=(data.n_items, data.n_users)
+    )  # duplicates summed
+    if not counts.nnz:
+        raise _lacks("interactions", "no training interaction")
+    tfidf = TfidfTransformer().fit_transform(counts)
+    cold = (counts.getnnz(axis=1) == 0).astype(np.float64)
+    return np.concatenate([_svd(tfidf, cfg.interactions_dim, "interactions"), cold[:, None]], 1)

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from onerec_jax.errors import ConfigError
 from onerec_jax.models import full_ranking, losses
@@ -190,3 +191,27 @@ def check_user_item(config: ml_collections.ConfigDict, info: DataInfo) -> None:
         raise ConfigError(
             f"model.negatives_per_pair={config.model.negatives_per_pair}: use at least 1."
         )
+
+
+def side_arrays(config: ml_collections.ConfigDict, info: DataInfo) -> dict:
+    """The encoder's genre / year inputs named in model.side_features (module fields). A feature
+    the dataset lacks (a `user item item ...` file has neither) is left out with a warning."""
+    features = set(config.model.side_features) - {"semantic_ids"}
+    unknown = features - {"genres", "year"}
+    if unknown:
+        raise ConfigError(
+            f"model.side_features has unknown {sorted(unknown)}: use genres, year, semantic_ids."
+        )
+    genres = info.item_genres if "genres" in features else None
+    years = info.item_year_bucket if "year" in features else None
+    lacking = [f for f, a in (("genres", genres), ("year", years)) if f in features and a is None]
+    if lacking:
+        logging.warning(
+            "model.side_features: this dataset has no item %s; the model reads without them.",
+            " or ".join(lacking),
+        )
+    return dict(
+        item_genres=None if genres is None else np.asarray(genres, np.float32),
+        item_year_bucket=None if years is None else np.asarray(years, np.int32),
+        n_year_buckets=1 if years is None else int(np.max(years)) + 1,
+    )

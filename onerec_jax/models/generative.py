@@ -249,23 +249,6 @@ def check_semantic_ids(config: ml_collections.ConfigDict, info: DataInfo) -> Non
         raise ConfigError(f"model.session_items={config.model.session_items}: use >= 1.")
 
 
-def side_arrays(config: ml_collections.ConfigDict, info: DataInfo) -> dict:
-    """The encoder's optional genre / year inputs, from model.side_features."""
-    features = set(config.model.side_features) - {"semantic_ids"}
-    unknown = features - {"genres", "year"}
-    if unknown:
-        raise ConfigError(f"model.side_features has unknown {sorted(unknown)}: use genres, year.")
-    genres = info.item_genres if "genres" in features else None
-    years = info.item_year_bucket if "year" in features else None
-    if ("genres" in features and genres is None) or ("year" in features and years is None):
-        raise ConfigError("model.side_features asks for item features this dataset lacks.")
-    return dict(
-        item_genres=None if genres is None else np.asarray(genres, np.float32),
-        item_year_bucket=None if years is None else np.asarray(years, np.int32),
-        n_year_buckets=1 if years is None else int(np.max(years)) + 1,
-    )
-
-
 def build(config: ml_collections.ConfigDict, info: DataInfo, **module_fields) -> GenerativeModel:
     """A GenerativeModel over `EncoderDecoder(config.model ..., **module_fields)`; the model
     files pass what differs (encoder input, activation, item-id and side-feature inputs)."""

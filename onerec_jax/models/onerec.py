@@ -22,7 +22,7 @@ import numpy as np
 
 from onerec_jax.errors import ConfigError
 from onerec_jax.models import layers
-from onerec_jax.models.base import DataInfo, ScoringModel
+from onerec_jax.models.base import DataInfo, ScoringModel, side_arrays
 from onerec_jax.models.losses import next_item_loss
 from onerec_jax.models.precision import compute_dtype
 from onerec_jax.models.registry import ModelSpec, register
@@ -191,28 +191,17 @@ def build(config: ml_collections.ConfigDict, info: DataInfo) -> ScoringModel:
     m = config.model
     if m.head != "items":
         raise ConfigError(f"model.head={m.head!r}: use 'items' or 'semantic_ids'.")
-    features = set(m.side_features)
-    unknown = features - {"genres", "year", "semantic_ids"}
-    if unknown:
-        raise ConfigError(
-            f"model.side_features has unknown {sorted(unknown)}: use genres, year, semantic_ids."
-        )
-    codes = info.item_codes if "semantic_ids" in features else None
-    if "semantic_ids" in features and codes is None:
+    side = side_arrays(config, info)  # checks the names; skips what the dataset lacks
+    codes = info.item_codes if "semantic_ids" in m.side_features else None
+    if "semantic_ids" in m.side_features and codes is None:
         raise ConfigError(
             "model.side_features has semantic_ids but model.semantic_ids names no ids: run "
             "`--mode tokenize --workdir DIR` and set --config.model.semantic_ids=DIR."
         )
-    genres = info.item_genres if "genres" in features else None
-    years = info.item_year_bucket if "year" in features else None
-    if ("genres" in features and genres is None) or ("year" in features and years is None):
-        raise ConfigError("model.side_features asks for item features this dataset lacks.")
     module = OneRecItemHead(
         vocab_size=info.vocab_size,
         max_len=info.max_len,
-        item_genres=None if genres is None else np.asarray(genres, np.float32),
-        item_year_bucket=None if years is None else np.asarray(years, np.int32),
-        n_year_buckets=1 if years is None else int(np.max(years)) + 1,
+        **side,
         item_codes=None if codes is None else np.asarray(codes, np.int32),
         code_sizes=info.code_sizes if codes is not None else (),
         fusion=m.fusion,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import ml_collections
 
 from onerec_jax.models import generative
-from onerec_jax.models.base import DataInfo
+from onerec_jax.models.base import DataInfo, side_arrays
 from onerec_jax.models.registry import register
 
 
@@ -26,7 +26,7 @@ def build(config: ml_collections.ConfigDict, info: DataInfo) -> generative.Gener
         encoder_input="items",
         activation="swiglu",
         item_ids=config.model.item_id_embedding,
-        **generative.side_arrays(config, info),
+        **side_arrays(config, info),
     )
 
 

@@ -176,9 +176,11 @@ def test_clear_errors():
     with pytest.raises(ConfigError, match=r"unknown block 'colour'.*genres"):
         features.build_features(_cfg(["genres", "colour"]), _data(), _items())
     with pytest.raises(ConfigError, match=r"no tag genome.*Drop 'genome'.*ML-25M"):
-        features.build_features(_cfg(["genome"]), _data(), _items(genome=False))
+        features.build_features(_cfg(["genome"], missing="error"), _data(), _items(genome=False))
     with pytest.raises(ConfigError, match=r"'tags'.*no item has a user tag.*Drop 'tags'"):
-        features.build_features(_cfg(["tags"]), _data(), _items(tags=False))
+        features.build_features(_cfg(["tags"], missing="error"), _data(), _items(tags=False))
+    with pytest.raises(ConfigError, match="features.missing='ignore'"):
+        features.build_features(_cfg(["tags"], missing="ignore"), _data(), _items())
     with pytest.raises(ConfigError, match="genome_missing='median'"):
         features.build_features(_cfg(["genome"], genome_missing="median"), _data(), _items())
     items = _items()
@@ -248,7 +250,7 @@ def test_ml_latest_small_default_blocks():
         assert (out.block(name)[1:] ** 2).sum(axis=1).mean() == pytest.approx(1.0, rel=1e-4)
     assert out.block("title").shape[1] == 32 and out.block("tags").shape[1] == 33
     with pytest.raises(ConfigError, match="no tag genome"):
-        features.build_features(_cfg(["genome"]), data, raw.items)
+        features.build_features(_cfg(["genome"], missing="error"), data, raw.items)
 
 
 def test_genome_principal_components():
@@ -263,3 +265,59 @@ def test_genome_principal_components():
     np.testing.assert_allclose(got, want * signs, atol=1e-6)
     np.testing.assert_allclose(raw[[1, 4], :2], 0.0, atol=1e-9)  # imputed mean -> origin
     np.testing.assert_array_equal(raw[:, 2], [0, 1, 0, 0, 1])  # the "missing genome" flag
+
+
+def _interaction_data():
+    # train split = all but each user's last two items: u0 [1, 2, 3, 1], u1 [2, 3, 4, 4],
+    # u2 [1, 4, 5]; item 6 is only ever a validation/test item.
+    seqs = [[1, 2, 3, 1, 5, 6], [2, 3, 4, 4, 1, 2], [1, 4, 5, 6, 3]]
+    n = sum(map(len, seqs))
+    return SequenceData(
+        offsets=np.concatenate([[0], np.cumsum([len(q) for q in seqs])]),
+        items=np.concatenate(seqs).astype(np.int32),
+        timestamps=np.arange(n),
+        ratings=np.ones(n, np.float32),
+        user_ids=np.array([10, 20, 30]),
+        item_ids=np.arange(7) * 10,
+        options={},
+    )
+
+
+def test_interactions_block_matches_a_numpy_tfidf_and_svd_of_training_users_only():
+    data = _interaction_data()
+    counts = np.array(  # [item, user] training interactions
+        [[2, 0, 1], [1, 1, 0], [1, 1, 0], [0, 2, 1], [0, 0, 1], [0, 0, 0]], np.float64
+    )
+    df = (counts > 0).sum(axis=0)
+    tfidf = counts * (np.log(7 / (1 + df)) + 1)  # smooth idf over the 6 items
+    norms = np.linalg.norm(tfidf, axis=1, keepdims=True)
+    tfidf = np.divide(tfidf, norms, out=np.zeros_like(tfidf), where=norms > 0)
+    u, s, _ = np.linalg.svd(tfidf)
+    assert s[0] > 1.01 * s[1] > 1.01 * s[2]  # distinct: the top-2 components are unique
+    reference = np.concatenate([u[:, :2] * s[:2], [[0], [0], [0], [0], [0], [1]]], axis=1)
+    raw = features.raw_block("interactions", _cfg(["interactions"], interactions_dim=2), data, None)
+    signs = np.sign((raw * reference).sum(axis=0))
+    np.testing.assert_allclose(raw * signs, reference, atol=1e-9)
+
+
+def test_missing_blocks_are_skipped_and_no_content_falls_back_to_interactions(caplog):
+    out = features.build_features(_cfg(["genres", "tags", "genome"]), _data(), _items(tags=False))
+    assert [b for b, _, _ in out.blocks] == ["genres", "genome"]
+    assert "'tags': no item has a user tag" in caplog.text and "Skipped" in caplog.text
+    empty = ItemInfo(
+        item_ids=np.arange(1, 7) * 10,
+        titles=[""] * 6,
+        years=np.zeros(6, np.int32),
+        genres=[()] * 6,
+        tags=[{}] * 6,
+    )
+    data = _interaction_data()
+    caplog.clear()
+    out = features.build_features(_cfg(["genres", "year", "title", "tags"]), data, empty)
+    assert [b for b, _, _ in out.blocks] == ["interactions"]
+    assert "has none of them" in caplog.text and "collaborative embeddings" in caplog.text
+    assert out.matrix.shape == (7, 3 + 1)  # 3 users bound the SVD: 3 components + the flag
+    raw = features.raw_block("interactions", _cfg(["interactions"]), data, empty)
+    np.testing.assert_allclose(out.matrix[1:], _reference_standardise(raw), atol=1e-6)
+    with pytest.raises(ConfigError, match="no item has a genre"):
+        features.build_features(_cfg(["genres"], missing="error"), data, empty)
