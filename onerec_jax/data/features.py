@@ -89,7 +89,7 @@ def build_features(
         except MissingContent as e:
             if missing == "error":
                 raise
-            logging.warning("%s Skipped (features.missing='skip').", e)
+            logging.warning("%s", e.skipped)
     if not raws:
         logging.warning(
             "features.blocks=%s: this dataset has none of them, so the item features are "
@@ -180,10 +180,16 @@ def _check_finite(block: np.ndarray, name: str, where: str) -> None:
 class MissingContent(ConfigError):
     """A features block the dataset has no content for (skipped under features.missing=skip)."""
 
+    def __init__(self, message: str, skipped: str = ""):
+        super().__init__(message)
+        self.skipped = skipped or message  # the warning when the block is skipped instead
+
 
 def _lacks(name: str, what: str) -> MissingContent:
     return MissingContent(
-        f"features block {name!r}: {what} in this dataset. Drop {name!r} from features.blocks."
+        f"features block {name!r}: {what} in this dataset. Drop {name!r} from features.blocks.",
+        f"features block {name!r} skipped: {what} in this dataset (name only the blocks the "
+        "dataset has in features.blocks to silence this).",
     )
 
 
@@ -278,7 +284,9 @@ def _genome(cfg, data: SequenceData, items: ItemInfo) -> np.ndarray:
         raise MissingContent(
             "features block 'genome': this dataset has no tag genome (genome-scores.csv, "
             "genome-tags.csv). Drop 'genome' from features.blocks; the genome ships with "
-            "ML-20M, ML-25M and ML-32M."
+            "ML-20M, ML-25M and ML-32M.",
+            "features block 'genome' skipped: this dataset has no tag genome (it ships with "
+            "ML-20M, ML-25M and ML-32M).",
         )
     if cfg.genome_missing not in ("mean", "zero"):
         raise ConfigError(f"features.genome_missing={cfg.genome_missing!r}: use 'mean' or 'zero'.")

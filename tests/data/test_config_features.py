@@ -139,7 +139,7 @@ def test_config_features_resolve_on_its_layout(name, variant, tmp_path, caplog):
     if name == "custom":  # no content: collaborative embeddings, said so
         assert built == ["interactions"] and "has none of them" in caplog.text
     else:  # the config names what its release ships: nothing is skipped
-        assert built == list(c.features.blocks) and "Skipped" not in caplog.text
+        assert built == list(c.features.blocks) and "skipped" not in caplog.text
     # the model's side features resolve too (a sequence file has none: read without them)
     ids = tmp_path / "ids.npz"
     random_codes(data.n_items, 2, 4, 0).save(ids)
