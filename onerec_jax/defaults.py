@@ -124,6 +124,7 @@ def base_config() -> ml_collections.ConfigDict:
     # sit near popularity for 10-20 epochs of 5-10 steps before they learn (PROTOCOL.md), so a
     # short patience stops at popularity quality; large-catalogue configs count fewer.
     t.patience = 20
+    t.min_epochs = 0  # early stopping never stops a run before this many epochs
     t.log_every_steps = 50  # metrics.jsonl / TensorBoard / progress bar updates
     t.compute_dtype = "float32"  # activations: float32 or bfloat16 (params stay float32)
     t.progress = True  # tqdm progress bar

@@ -236,6 +236,9 @@ def config_defaults(c: ml_collections.ConfigDict) -> None:
     c.data.max_len = 50  # TIGER reads 20 items; code tokens make the encoder 4x longer
     c.data.bucket_boundaries = (8, 16, 32)
     c.eval.batch_size = 128  # users x beam hypotheses are decoded at once
+    # Their validation is noise for the first epochs (TIGER on ml-latest-small: 0.002-0.005 for
+    # seven epochs, BENCHMARKS.md), so early stopping waits this long whatever the patience.
+    c.train.min_epochs = 10
 
 
 def check_semantic_ids(config: ml_collections.ConfigDict, info: DataInfo) -> None:

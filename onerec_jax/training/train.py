@@ -290,7 +290,14 @@ def _train_loop(
     progress = logger.progress(setup.total_steps, step, enabled=enabled)
     window = _Window()
     cpu_mark = time.process_time()  # process CPU seconds (all threads): the cost BENCHMARKS reports
-    stopped_early = record.bad_evals >= c.train.patience  # a finished run stays finished
+    # Early stopping waits for train.min_epochs: validation is noise for the first epochs of
+    # models that sit at popularity before they learn (the generative ones).
+    min_steps = int(c.train.get("min_epochs", 0)) * setup.steps_per_epoch
+
+    def should_stop(step: int) -> bool:  # (never before a first validation: patience 0 trains)
+        return bool(record.history) and record.bad_evals >= c.train.patience and step >= min_steps
+
+    stopped_early = should_stop(step)  # a finished run stays finished
     while step < setup.total_steps and not stopped_early:
         local = next(data_iter)
         window.tokens += float(local["mask"].sum()) * jax.process_count()  # host-side count
@@ -327,7 +334,7 @@ def _train_loop(
                 meta=record.to_meta(),
                 metrics={SELECT_METRIC: val["ndcg@10"]},
             )
-            stopped_early = record.bad_evals >= c.train.patience
+            stopped_early = should_stop(step)
             window.start = time.perf_counter()
     progress.close()
     return step, stopped_early

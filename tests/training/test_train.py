@@ -208,3 +208,17 @@ def test_non_finite_loss_stops_with_a_clear_error(root, tmp_path):
     with pytest.raises(train.TrainingError, match=r"last good checkpoint \(step 12\) is kept"):
         train.train_and_evaluate(config, state_dir)
     assert (state_dir / "checkpoints" / "12").exists()
+
+
+@pytest.mark.parametrize(("min_epochs", "steps"), [(0, 2), (2, 6)])
+def test_early_stopping_waits_for_min_epochs(root, tmp_path, min_epochs, steps):
+    """Patience 0 stops at the first validation unless train.min_epochs has not passed: at batch
+    512 the demo's 2,000 users make 3 steps an epoch, so 2 epochs are 6 steps."""
+    config = tiny_config(
+        root, batch_size=512, num_steps=12, eval_every_steps=2, patience=0, min_epochs=min_epochs
+    )
+    config.mesh.num_devices = 1
+    jax.clear_caches()
+    results = train.train_and_evaluate(config, tmp_path)
+    assert results["stopped_early"] and results["steps"] == steps
+    assert [h[0] for h in results["history"]] == list(range(2, steps + 1, 2))
