@@ -16,6 +16,7 @@ from onerec_jax.models.beam_search import (
     beam_search,
     make_beam_search,
     seen_mask,
+    unseen_counts,
 )
 from onerec_jax.tokenize.semantic_ids import SemanticIds, from_codes, random_codes
 
@@ -449,3 +450,30 @@ def test_pruned_exhaustive_beam_equals_brute_force(catalogue):
     history = random_history(rng, 4, catalogue.n_items, 25)
     items, scores = run_search(context, catalogue, history, beam, k, prune=True)
     assert_same_ranking(items, scores, *brute_force(context, catalogue, history, k))
+
+
+def test_unseen_counts_equal_a_count_by_hand():
+    rng = np.random.default_rng(4)
+    sem = random_codes(60, 3, 4, rng)
+    history = random_history(rng, 5, sem.n_items, 30)
+    seen = np.asarray(seen_mask(jnp.asarray(history), sem.n_items))
+    prefixes = sem.item_prefixes()
+    n_prefixes = max(sem.prefix_tables().n_prefixes)
+    got = np.asarray(unseen_counts(jnp.asarray(seen), jnp.asarray(prefixes), n_prefixes))
+    assert got.shape == (sem.levels, 5, n_prefixes)
+    history[0, :4] = history[0, 4]  # repeats count once
+    history[1, 0] = sem.n_items + 7  # out of range: ignored (as by seen_mask)
+    seen = np.asarray(seen_mask(jnp.asarray(history), sem.n_items))
+    by_mask = unseen_counts(jnp.asarray(seen), jnp.asarray(prefixes), n_prefixes)
+    by_ids = unseen_counts(
+        jnp.asarray(seen), jnp.asarray(prefixes), n_prefixes, jnp.asarray(history)
+    )
+    np.testing.assert_array_equal(np.asarray(by_ids), np.asarray(by_mask))
+    got = np.asarray(by_ids)
+    for level in range(sem.levels):
+        for b in range(5):
+            want = np.zeros(n_prefixes, int)
+            for item in range(1, sem.n_items + 1):
+                if not seen[b, item]:
+                    want[prefixes[level, item]] += 1
+            np.testing.assert_array_equal(got[level, b], want)
