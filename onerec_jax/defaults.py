@@ -102,6 +102,9 @@ def base_config() -> ml_collections.ConfigDict:
     # (losses.full_softmax_xent); 0: every row at once. CPU-measured (BENCHMARKS.md).
     lo.row_block = 512
     lo.label_smoothing = 0.0  # full softmax and generative models
+    # Generative models: weight of a jointly trained dense item head (next-item softmax over
+    # the encoder's slot states; 0: none), which eval.rerank_weight uses to re-rank the beam
+    lo.dense_weight = 0.0
     # Generative models: each level's softmax over the codes that continue the prefix to some item
     # (as constrained beam search decodes); False: over the level's whole codebook.
     lo.valid_codes_only = True
@@ -136,6 +139,7 @@ def base_config() -> ml_collections.ConfigDict:
     # generative models: beam width of the constrained beam search; 0: eval.k, the width that
     # fills every top-k list (a narrower beam can return fewer than eval.k items)
     e.beam = 0
+    e.rerank_weight = 0.0  # generative: beam items by code log-prob + this x dense log-prob
     # how targets are ranked (evaluation/evaluator.py EVALUATORS): "" the model's own
     # (full_ranking for scoring models, topk_list for generative ones), or "topk_list" to
     # rank any model's targets within its top-k list
@@ -215,6 +219,8 @@ GENERATIVE_ABLATIONS = {
     "session3": {"model.session_items": 3},  # session-wise: the next 3 items
     "bidir": {"model.encoder_causal": False},  # the papers' bidirectional encoder (costly)
     "allcodes": {"loss.valid_codes_only": False},  # softmax over the level's whole codebook
+    # a dense item head on the encoder, trained jointly, re-ranks the beam's items
+    "dense": {"loss.dense_weight": 1.0, "eval.rerank_weight": 1.0},
 }
 
 

@@ -83,6 +83,16 @@ class Model(abc.ABC):
         fills the slots of a list that runs short. Jit with `static_argnames="k"`."""
 
 
+def item_log_probs(info: DataInfo) -> jax.Array:
+    """[V] float32 log training frequencies, add-one: the popularity sampler and logQ need a
+    finite log-frequency for every item that can be a target (models/losses.py); -inf for the
+    padding item."""
+    counts = np.asarray(info.item_counts, np.float64) + 1.0
+    counts[0] = 0.0
+    with np.errstate(divide="ignore"):
+        return jnp.asarray(np.log(counts / counts.sum()), jnp.float32)
+
+
 class ScoringModel(Model):
     """A model whose users are scored against every item; subclasses may add auxiliary losses."""
 
@@ -90,13 +100,7 @@ class ScoringModel(Model):
 
     def __init__(self, module: nn.Module, config: ml_collections.ConfigDict, info: DataInfo):
         super().__init__(module, config, info)
-        # Add-one training counts: the popularity sampler and logQ need a finite log-frequency
-        # for every item that can be a target (models/losses.py).
-        counts = np.asarray(info.item_counts, np.float64) + 1.0
-        counts[0] = 0.0
-        with np.errstate(divide="ignore"):
-            log_probs = np.log(counts / counts.sum())  # -inf for the padding item
-        self.item_log_probs = jnp.asarray(log_probs, jnp.float32)  # [V]
+        self.item_log_probs = item_log_probs(info)  # [V]
 
     def init(self, rng: jax.Array, batch: dict[str, Any]):
         """Boxed (logically partitioned) params for a batch of this shape."""

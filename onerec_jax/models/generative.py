@@ -19,8 +19,8 @@ import numpy as np
 from absl import logging
 
 from onerec_jax.errors import ConfigError
-from onerec_jax.models import seq2seq
-from onerec_jax.models.base import DataInfo, Model
+from onerec_jax.models import losses, seq2seq
+from onerec_jax.models.base import DataInfo, Model, item_log_probs
 from onerec_jax.models.beam_search import beam_search
 from onerec_jax.models.precision import compute_dtype
 from onerec_jax.models.registry import CODE_WINDOWS, GENERATIVE, ModelSpec
@@ -62,6 +62,23 @@ class GenerativeModel(Model):
         # Train as we decode: each level's softmax over the codes valid after the prefix, and
         # beam search normalised the same way (loss.valid_codes_only).
         self.valid_only = bool(config.loss.valid_codes_only)
+        # A dense item head on the encoder's slot states, trained jointly (loss.dense_weight),
+        # re-ranks the beam's items: score = code log-probability + rerank_weight x the dense
+        # head's log-probability of the item (eval.rerank_weight; OneRec and LIGER both join a
+        # generative and a dense signal).
+        self.dense_weight = float(config.loss.get("dense_weight", 0.0))
+        self.rerank_weight = float(config.eval.get("rerank_weight", 0.0))
+        self.item_log_probs = item_log_probs(info)  # a sampled dense loss's logQ
+        if self.dense_weight < 0 or self.rerank_weight < 0:
+            raise ConfigError(
+                f"loss.dense_weight={self.dense_weight}, eval.rerank_weight="
+                f"{self.rerank_weight}: use weights >= 0."
+            )
+        if self.rerank_weight and not self.dense_weight:
+            raise ConfigError(
+                "eval.rerank_weight > 0 re-ranks with a dense head that only loss.dense_weight > "
+                "0 trains: set both (or neither)."
+            )
 
     def _decoder_io(self, target_codes, mask):
         """[B, P, M, L+1] codes, [B, P, M] mask -> decoder tokens, target columns, token mask,
@@ -97,13 +114,15 @@ class GenerativeModel(Model):
 
     def loss(self, params, batch, rng):
         tokens, columns, real = self._decoder_io(batch["target_codes"], batch["mask"])
-        logits, stats = self.module.apply(
+        drop_rng, dense_rng = jax.random.split(rng)
+        logits, stats, states = self.module.apply(
             {"params": params},
             batch["inputs"],
             batch["user"],
             tokens,
             train=True,
-            rngs={"dropout": rng},
+            with_states=True,
+            rngs={"dropout": drop_rng},
         )
         if self.valid_only:  # only the codes that continue the target's prefix to some item
             allowed = self._valid_columns(batch["target_codes"])
@@ -132,6 +151,20 @@ class GenerativeModel(Model):
                 "moe/max_expert_share": share.max(),
                 **{f"moe/expert_{e}_share": share[e] for e in range(share.shape[0])},
             }
+        if self.dense_weight:  # the next item of each target position, over every item
+            table = self.module.apply({"params": params}, method=self.module.item_vectors)
+            total, n = losses.next_item_loss(
+                self.config.loss,
+                states,
+                table,
+                batch["targets"][..., 0],
+                batch["mask"][..., 0],
+                dense_rng,
+                self.item_log_probs,
+            )
+            dense = total / jnp.maximum(n, 1.0)
+            loss = loss + self.dense_weight * dense
+            metrics["dense_xent"] = dense
         metrics["loss"] = loss
         return loss, metrics
 
@@ -184,9 +217,26 @@ class GenerativeModel(Model):
         `static_argnames=("k", "beam")`."""
         variables, context = self._encoded(params, batch)
         chosen = jnp.zeros((batch["inputs"].shape[0], 0), jnp.int32)
-        return self._search(
+        items, scores = self._search(
             variables, context, chosen, history, beam=beam or self.beam, k=k or self.k
         )
+        if self.rerank_weight:
+            items, scores = self._rerank(variables, context[2][:, 0], items, scores)
+        return items, scores
+
+    def _rerank(self, variables, state, items, scores):
+        """The beam's items re-ordered by code log-probability + rerank_weight x the dense
+        head's log-softmax over all items (state [B, D] the last slot's); empty slots last."""
+        table = self.module.apply(variables, method=self.module.item_vectors)  # [V, D]
+        logits = (state @ table.T).astype(jnp.float32).at[:, 0].set(-jnp.inf)  # [B, V]
+        dense = (
+            jnp.take_along_axis(logits, items, axis=1) - jax.nn.logsumexp(logits, axis=1)[:, None]
+        )
+        combined = jnp.where(items > 0, scores + self.rerank_weight * dense, -jnp.inf)
+        combined, order = jax.lax.top_k(combined, items.shape[1])
+        return jnp.where(
+            combined > -jnp.inf, jnp.take_along_axis(items, order, axis=1), 0
+        ), combined
 
     def topk(self, params, batch, history, k: int | None = None):
         """`generate`: k=None gives the evaluation list (eval.k items from a beam of eval.beam);

@@ -305,12 +305,24 @@ class EncoderDecoder(nn.Module):
         logits = self.head(self.decoder_norm(x)).astype(jnp.float32)
         return logits, merge_stats(stats)
 
-    def __call__(self, inputs, user, tokens, *, train: bool):
-        """tokens [B, P, Q]: P = 1 (the whole history) or T (causal: slot p reads slots <= p)."""
+    def __call__(self, inputs, user, tokens, *, train: bool, with_states: bool = False):
+        """tokens [B, P, Q]: P = 1 (the whole history) or T (causal: slot p reads slots <= p).
+        Returns (logits, MoE stats), plus the slot states [B, P, D] with `with_states`."""
         memory, valid = self.encode(inputs, user, train=train)
         p, t = tokens.shape[1], inputs.shape[1]
         mask = self.memory_mask(valid, p, t)
-        return self.decode(memory, mask, self.slot_states(memory, p, t), tokens, train=train)
+        states = self.slot_states(memory, p, t)
+        logits, stats = self.decode(memory, mask, states, tokens, train=train)
+        return (logits, stats, states) if with_states else (logits, stats)
+
+    def item_vectors(self):
+        """[V, D] every item as the encoder reads it (its code embeddings summed, plus its
+        id embedding when `item_ids`); row 0 (padding) zero: the dense head's item table."""
+        items = jnp.arange(self.vocab_size)
+        x = self.token_embedding(self._code_tokens(items)).sum(-2)
+        if self.item_ids:
+            x = x + self.id_embedding(items)
+        return x.at[0].set(0.0)
 
 
 def merge_stats(per_layer: list[dict]) -> dict:

@@ -13,6 +13,7 @@ import pytest
 from onerec_jax import modes
 from onerec_jax.data.pipeline import generative_train_dataset
 from onerec_jax.defaults import apply_variant, base_config
+from onerec_jax.errors import ConfigError
 from onerec_jax.models.base import DataInfo
 from onerec_jax.models.registry import build_model
 from onerec_jax.models.seq2seq import level_columns
@@ -245,3 +246,79 @@ def test_end_to_end_tokenizes_trains_and_reports_beam_ranking(variant, tmp_path,
     assert scores == sorted(scores, reverse=True) and max(scores) <= 0.0  # log-probabilities
     new = rec.recommend_for_items([str(rec.data.item_ids[i]) for i in history[:5]], k=3)
     assert len(new) == 3
+
+
+def test_dense_head_loss_and_rerank_by_hand():
+    """loss.dense_weight adds w x the next-item softmax cross-entropy of the slot states against
+    the items as the encoder reads them; eval.rerank_weight re-orders the beam's items by code
+    log-probability + weight x that head's log-probability."""
+    data = planted()
+    sem = random_codes(N_ITEMS, 2, 4, 0)
+    c = tiny("onerec_sid_dense", num_experts=0)
+    c.loss.dense_weight, c.eval.rerank_weight = 0.5, 2.0
+    model = build_model(c, info_for(data, sem, 5))
+    ds = generative_train_dataset(data, sem.codes, max_len=5, batch_size=8, seed=0)
+    batch = {k: jnp.asarray(v) for k, v in next(iter(ds)).items()}
+    params = unboxed(model.init(jax.random.key(0), batch))
+    loss, metrics = model.loss(params, batch, jax.random.key(1))
+    variables = {"params": params}
+    _, _, states = model.module.apply(
+        variables, batch["inputs"], batch["user"], _bos(batch), train=False, with_states=True
+    )
+    table = np.asarray(model.module.apply(variables, method=model.module.item_vectors), float)
+    # the table by hand: each item's code embeddings summed plus its id embedding
+    emb = np.asarray(params["token_embedding"]["embedding"], float)
+    offsets = np.cumsum((0, *sem.codebook_sizes[:-1]))
+    ids = np.asarray(params["id_embedding"]["embedding"], float)
+    for item in (1, 7, N_ITEMS):
+        want = emb[sem.codes[item] + offsets + 2].sum(0) + ids[item]
+        np.testing.assert_allclose(table[item], want, rtol=1e-5, atol=1e-6)
+    assert not table[0].any()
+    h = np.asarray(states, float).reshape(-1, table.shape[1])
+    targets = np.asarray(batch["targets"])[..., 0].reshape(-1)
+    real = np.asarray(batch["mask"])[..., 0].reshape(-1)
+    logits = h @ table.T
+    logits[:, 0] = -np.inf
+    logz = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
+    xent = (logz - logits[np.arange(len(h)), targets])[real].mean()
+    assert float(metrics["dense_xent"]) == pytest.approx(xent, rel=1e-5)
+    assert float(loss) == pytest.approx(float(metrics["xent"]) + 0.5 * xent, rel=1e-5)
+
+    hist = jnp.zeros((batch["inputs"].shape[0], 1), jnp.int32)
+    items, scores = jax.jit(model.generate)(params, batch, hist)
+    model.rerank_weight = 0.0
+    raw_items, raw_scores = jax.jit(model.generate)(params, batch, hist)
+    last = np.asarray(_last_state(model, params, batch), float)  # [B, D]
+    dense = last @ table.T
+    dense[:, 0] = -np.inf
+    dense = (
+        dense - (np.log(np.exp(dense - dense.max(1, keepdims=True)).sum(1)) + dense.max(1))[:, None]
+    )
+    for b in range(len(last)):
+        ri, rs = np.asarray(raw_items[b]), np.asarray(raw_scores[b], float)
+        combined = rs + 2.0 * dense[b, ri]
+        order = np.argsort(-combined, kind="stable")
+        np.testing.assert_array_equal(np.asarray(items[b]), ri[order])
+        np.testing.assert_allclose(np.asarray(scores[b]), combined[order], rtol=1e-5, atol=1e-5)
+    assert not np.array_equal(np.asarray(items), np.asarray(raw_items))  # the order did change
+
+
+def _bos(batch):
+    """Decoder input of BOS only, one per target position."""
+    b, p = batch["targets"].shape[:2]
+    return jnp.ones((b, p, 1), jnp.int32)
+
+
+def _last_state(model, params, batch):
+    memory, _ = model.module.apply(
+        {"params": params}, batch["inputs"], batch["user"], method=model.module.encode
+    )
+    return memory[:, -1]
+
+
+def test_rerank_needs_a_trained_dense_head():
+    data = planted()
+    c = tiny("onerec_sid")
+    c.eval.rerank_weight = 1.0
+    with pytest.raises(ConfigError, match="loss.dense_weight"):
+        build_model(c, info_for(data, random_codes(N_ITEMS, 2, 4, 0), 5))
