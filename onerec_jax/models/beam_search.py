@@ -67,11 +67,15 @@ def _check_static(
 
 
 def _level_logprobs(
-    step_fn: StepFn, context, tokens, level: int, size: int, allowed=None
-) -> jax.Array:
-    """[B, W, size] float32 log-probabilities of the next code; NaN becomes -inf. With
-    `allowed` [B, W, size], normalised over the allowed codes only."""
-    logits = step_fn(context, tokens, level)
+    step_fn: StepFn, context, tokens, level: int, size: int, allowed=None, cache=None
+) -> tuple[jax.Array, Any]:
+    """([B, W, size] float32 log-probabilities of the next code, NaN as -inf; the step's new
+    cache, or None without one). With `allowed` [B, W, size], normalised over the allowed
+    codes only."""
+    if cache is None:
+        logits = step_fn(context, tokens, level)
+    else:
+        logits, cache = step_fn(context, tokens, level, cache)
     expected = (*tokens.shape[:2], size)
     if logits.shape != expected:
         raise ValueError(
@@ -82,7 +86,7 @@ def _level_logprobs(
     if allowed is not None:  # finite, so a row with no allowed code stays finite (and dead)
         logits = jnp.where(allowed, logits, -1e30)
     logp = jax.nn.log_softmax(logits, axis=-1)
-    return jnp.where(jnp.isnan(logp), -jnp.inf, logp)
+    return jnp.where(jnp.isnan(logp), -jnp.inf, logp), cache
 
 
 def seen_mask(history: jax.Array, n_items: int) -> jax.Array:
@@ -145,6 +149,7 @@ def beam_search(
     k: int,
     renormalize: bool = False,
     item_prefixes: jax.Array | None = None,
+    cache: Any = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Constrained beam search over the L + 1 code levels; the top-k distinct unseen items.
 
@@ -172,6 +177,10 @@ def beam_search(
       item_prefixes: [L, n_items + 1] int32, `SemanticIds.item_prefixes()`, or None. Given, a
         prefix whose items the user has all seen is pruned at every level (it frees its slot);
         None: seen items are masked at the last level only.
+      cache: None, or the initial state of an incremental `step_fn`, a pytree of [B, W, ...]
+        arrays: `step_fn(context, tokens, level, cache)` then returns (logits, new cache) and
+        reads only what the last code adds (e.g. a decoder's key/value cache); the search keeps
+        each surviving beam's cache (reordered by parent beam after every level).
 
     Returns:
       items [B, k] int32 and scores [B, k] float32 (summed log-probabilities), best first,
@@ -208,8 +217,8 @@ def beam_search(
         """Candidate scores and children [B, W * C_level], flat index = beam_index * C + code."""
         size = code_sizes[level]
         allowed = valid[level, :, :size][prefix]  # [B, W, C]
-        logp = _level_logprobs(
-            step_fn, context, tokens, level, size, allowed if renormalize else None
+        logp, new_cache = _level_logprobs(
+            step_fn, context, tokens, level, size, allowed if renormalize else None, cache
         )
         children = next_prefix[level, :, :size][prefix]  # [B, W, C]
         if live is not None and level < depth - 1:  # children that still lead to unseen items
@@ -218,19 +227,24 @@ def beam_search(
             alive = jnp.take_along_axis(live[level], flat, axis=1).reshape(children.shape) > 0
             allowed = allowed & alive
         cand = jnp.where(allowed, scores[..., None] + logp, neg_inf)  # [B, W, C]
-        return cand.reshape(batch, beam * size), children.reshape(batch, beam * size)
+        flat = (cand.reshape(batch, beam * size), children.reshape(batch, beam * size))
+        return *flat, new_cache
+
+    def by_parent(x, parent):  # [B, W, ...] rows of the parent beams
+        return jnp.take_along_axis(x, parent.reshape(*parent.shape, *[1] * (x.ndim - 2)), axis=1)
 
     for level in range(depth - 1):
-        cand, children = expand(level, scores, prefix, tokens)
+        cand, children, cache = expand(level, scores, prefix, tokens)
         scores, pos = jax.lax.top_k(cand, beam)  # [B, W]
         parent, code = pos // code_sizes[level], pos % code_sizes[level]  # [B, W]
+        cache = jax.tree.map(lambda x, p=parent: by_parent(x, p), cache)
         # Dead beams (-inf) restart from prefix 0; their -inf score keeps their children dead.
         prefix = jnp.where(scores > neg_inf, jnp.take_along_axis(children, pos, axis=1), 0)
         tokens = jnp.take_along_axis(tokens, parent[..., None], axis=1)  # [B, W, level]
         tokens = jnp.concatenate([tokens, code[..., None].astype(jnp.int32)], axis=-1)
 
     # Last level: children are item ids (-1 where invalid, read as item 0, always masked).
-    cand, children = expand(depth - 1, scores, prefix, tokens)
+    cand, children, _ = expand(depth - 1, scores, prefix, tokens)
     items = jnp.maximum(children, 0)  # [B, W * C_L]
     seen = jnp.take_along_axis(seen_all, items, axis=1)  # [B, W * C_L]
     cand = jnp.where(seen, neg_inf, cand)

@@ -69,6 +69,9 @@ class GenerativeModel(Model):
         self.dense_weight = float(config.loss.get("dense_weight", 0.0))
         self.rerank_weight = float(config.eval.get("rerank_weight", 0.0))
         self.item_log_probs = item_log_probs(info)  # a sampled dense loss's logQ
+        # Beam search decodes incrementally, keeping each beam's decoder inputs per block (the
+        # same scores as re-reading the whole prefix at every level, at a fraction of the work)
+        self.decoder_cache = True
         if self.dense_weight < 0 or self.rerank_weight < 0:
             raise ConfigError(
                 f"loss.dense_weight={self.dense_weight}, eval.rerank_weight="
@@ -184,15 +187,32 @@ class GenerativeModel(Model):
         items already generated in this session; J = 0 for the next item)."""
         offsets = jnp.asarray(self.offsets)
 
-        def step_fn(context, tokens, level):  # tokens [B, W, level] codes so far
+        def decoder_input(tokens, level):  # tokens [B, W, level] codes so far
             b, w = tokens.shape[:2]
             before = jnp.broadcast_to(chosen[:, None, :], (b, w, chosen.shape[1]))
             current = (tokens + offsets[:level] + seq2seq.FIRST_CODE).astype(jnp.int32)
             bos = jnp.full((b, w, 1), seq2seq.BOS, jnp.int32)
-            dec = jnp.concatenate([bos, before, current], axis=-1)
-            logits, _ = self.module.apply(variables, *context, dec, method=self.module.decode)
+            return jnp.concatenate([bos, before, current], axis=-1)
+
+        def level_slice(logits, level):
             lo = int(self.offsets[level])
-            return logits[:, :, -1, lo : lo + self.code_sizes[level]]
+            return logits[..., lo : lo + self.code_sizes[level]]
+
+        def step_fn(context, tokens, level, cache=None):
+            dec = decoder_input(tokens, level)
+            if cache is None:  # the whole decoder input again
+                logits, _ = self.module.apply(variables, *context, dec, method=self.module.decode)
+                return level_slice(logits[:, :, -1], level)
+            # only the positions the cache lacks (the decoder's inputs per block are kept)
+            logits, cache = self.module.apply(
+                variables, *context, dec, cache, method=self.module.decode_step
+            )
+            return level_slice(logits, level), cache
+
+        cache = None
+        if self.decoder_cache:  # [B, W, 0, D] per decoder block before the first level
+            empty = jnp.zeros((history.shape[0], beam, 0, self.module.dim), self.module.dtype)
+            cache = [empty] * self.module.decoder_layers
 
         return beam_search(
             step_fn,
@@ -206,6 +226,7 @@ class GenerativeModel(Model):
             k=k,
             renormalize=self.valid_only,
             item_prefixes=self.item_prefixes,
+            cache=cache,
         )
 
     def generate(self, params, batch, history, k: int | None = None, beam: int | None = None):

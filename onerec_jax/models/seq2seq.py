@@ -85,14 +85,24 @@ class DecoderBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, tokens, memory, memory_mask, *, train: bool):
-        """x [B, W, Q, D], tokens [B, W, Q] (PAD = masked) -> (x, MoE statistics or {})."""
+    def __call__(self, x, tokens, memory, memory_mask, *, train: bool, prev=None):
+        """x [B, W, Q, D], tokens [B, W, Q] (PAD = masked) -> (x, MoE statistics or {}).
+
+        `prev` [B, W, P, D]: this block's inputs at P earlier positions (a decoding cache): x
+        and tokens are then only the Q new positions, which attend to the earlier ones too."""
         b, w, q, d = x.shape
         drop = nn.Dropout(self.dropout)
         norm = lambda name: nn.RMSNorm(dtype=self.dtype, epsilon=1e-6, name=name)  # noqa: E731
-        causal = jnp.tril(jnp.ones((q, q), bool))[None, None]  # [1, 1, Q, Q]
         attn = layers.SelfAttention(self.num_heads, self.dropout, False, self.dtype, name="attn")
-        h = attn(norm("norm_attn")(x).reshape(b * w, q, d), causal, None, train=train)
+        normed = norm("norm_attn")
+        if prev is None:
+            causal = jnp.tril(jnp.ones((q, q), bool))[None, None]  # [1, 1, Q, Q]
+            h = attn(normed(x).reshape(b * w, q, d), causal, None, train=train)
+        else:  # queries: the new positions; keys: every position so far
+            p = prev.shape[2]
+            kv = normed(jnp.concatenate([prev, x], axis=2)).reshape(b * w, p + q, d)
+            causal = jnp.tril(jnp.ones((q, p + q), bool), k=p)[None, None]  # [1, 1, Q, P+Q]
+            h = attn(kv[:, p:], causal, None, train=train, kv=kv)
         x = x + drop(h.reshape(b, w, q, d), deterministic=not train)
         cross = CrossAttention(self.num_heads, self.dropout, self.dtype, name="cross")
         h = cross(norm("norm_cross")(x), memory, memory_mask, train=train)
@@ -304,6 +314,22 @@ class EncoderDecoder(nn.Module):
             stats.append(s)
         logits = self.head(self.decoder_norm(x)).astype(jnp.float32)
         return logits, merge_stats(stats)
+
+    def decode_step(self, memory, memory_mask, context, tokens, cache):
+        """Incremental `decode` (inference): tokens [B, W, Q] the decoder input so far, of which
+        `cache` (one [B, W, P, D] array per decoder block: its inputs at the first P positions,
+        P < Q) holds the first P -> (logits [B, W, sum(code_sizes)] of the last position, the
+        cache extended to all Q positions)."""
+        p, q = cache[0].shape[2], tokens.shape[-1]
+        new = tokens[..., p:]
+        x = self.token_embedding(new) + self.decoder_positions[p:q].astype(self.dtype)
+        x = x + self.context_projection(context)[:, :, None, :]
+        extended = []
+        for block, prev in zip(self.decoder_blocks, cache, strict=True):
+            extended.append(jnp.concatenate([prev, x], axis=2))
+            x, _ = block(x, new, memory, memory_mask, train=False, prev=prev)
+        logits = self.head(self.decoder_norm(x[:, :, -1])).astype(jnp.float32)
+        return logits, extended
 
     def __call__(self, inputs, user, tokens, *, train: bool, with_states: bool = False):
         """tokens [B, P, Q]: P = 1 (the whole history) or T (causal: slot p reads slots <= p).

@@ -322,3 +322,42 @@ def test_rerank_needs_a_trained_dense_head():
     c.eval.rerank_weight = 1.0
     with pytest.raises(ConfigError, match="loss.dense_weight"):
         build_model(c, info_for(data, random_codes(N_ITEMS, 2, 4, 0), 5))
+
+
+@pytest.mark.parametrize(
+    ("variant", "model_fields"),
+    [("tiger", {"session_items": 2}), ("onerec_sid", {"num_experts": 4})],
+)
+def test_incremental_decoding_equals_rereading_the_prefix(variant, model_fields):
+    """Beam search with the decoder cache returns the items and scores of the search that
+    re-decodes the whole prefix at every level (and so does session generation)."""
+    data = planted()
+    sem = random_codes(N_ITEMS, 2, 4, 0)
+    c = tiny(variant, **model_fields)
+    c.model.decoder_layers = 2  # a cache per block
+    model = build_model(c, info_for(data, sem, 5))
+    ds = generative_train_dataset(
+        data, sem.codes, max_len=5, batch_size=8, seed=0, session_items=model.session_items
+    )
+    batch = {k: jnp.asarray(v) for k, v in next(iter(ds)).items()}
+    params = unboxed(model.init(jax.random.key(3), batch))
+    inputs = {"inputs": batch["inputs"][:, -1] if batch["inputs"].ndim == 3 else batch["inputs"]}
+    inputs["user"] = batch["user"]
+    hist = jnp.asarray(np.stack([data.sequence(u)[:3] for u in range(8)]), jnp.int32)
+    out = {}
+    for cached in (True, False):
+        model.decoder_cache = cached
+        out[cached] = jax.jit(model.generate, static_argnames=("k", "beam"))(
+            params, inputs, hist, k=12, beam=12
+        )
+        if model.session_items > 1:
+            out[cached, "session"] = jax.jit(model.generate_session)(params, inputs, hist)
+    np.testing.assert_array_equal(np.asarray(out[True][0]), np.asarray(out[False][0]))
+    np.testing.assert_allclose(
+        np.asarray(out[True][1]), np.asarray(out[False][1]), rtol=1e-5, atol=1e-5
+    )
+    assert np.isfinite(np.asarray(out[True][1])).all()
+    if model.session_items > 1:
+        np.testing.assert_array_equal(
+            np.asarray(out[True, "session"][0]), np.asarray(out[False, "session"][0])
+        )
