@@ -131,7 +131,7 @@ def run(config, *, steps: int, warmup: int, eval_users: int, seed: int = 0) -> d
 
     rng = jax.random.key(seed)
     start = time.perf_counter()
-    step = setup.train_step.lower(state, batches[0], rng).compile()
+    step = setup.train_step.compile(state, batches[0], rng)
     out["compile_s"] = time.perf_counter() - start
     out["train_step"] = compiled_report(step, table_rows, shards)
     state, times, losses = run_timed_steps(step, state, batches, rng, warmup, steps)

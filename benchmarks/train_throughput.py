@@ -160,7 +160,7 @@ def time_train_steps(setup, seed: int, warmup: int, steps: int):
     state = train.initial_state(setup, seed)
     rng = jax.random.key(seed)
     start = time.perf_counter()
-    step = setup.train_step.lower(state, batches[0], rng).compile()
+    step = setup.train_step.compile(state, batches[0], rng)
     compile_s = time.perf_counter() - start
     state, times, losses = run_timed_steps(step, state, batches, rng, warmup, steps)
     return state, host, compile_s, times, losses[-1] if losses else float("nan")

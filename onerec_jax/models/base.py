@@ -20,6 +20,7 @@ to learn (popularity) sets `trainable = False`.
 from __future__ import annotations
 
 import abc
+import copy
 import dataclasses
 import functools
 from typing import Any
@@ -75,6 +76,21 @@ class Model(abc.ABC):
     def loss(self, params, batch, rng) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(scalar loss, metrics incl. "loss" and "tokens") of a training batch."""
 
+    # Attributes holding catalogue-sized arrays that `loss` reads. The trainer passes them to the
+    # jitted step as arguments (`with_constants`): closed over, XLA folds them at compile time
+    # (40 s for one 10M-entry array on CPU, against 0.4 s as an argument).
+    constant_names: tuple[str, ...] = ()
+
+    def constants(self) -> dict[str, jax.Array]:
+        return {name: getattr(self, name) for name in self.constant_names}
+
+    def with_constants(self, constants: dict[str, jax.Array]) -> Model:
+        """A shallow copy of this model reading `constants` (e.g. traced arguments) instead."""
+        bound = copy.copy(self)
+        for name, value in constants.items():
+            setattr(bound, name, value)
+        return bound
+
     @abc.abstractmethod
     def topk(self, params, batch, history, k: int | None = None) -> tuple[jax.Array, jax.Array]:
         """(items [B, k] int32, scores [B, k] float32): the best `k` (default eval.k) items for
@@ -97,6 +113,7 @@ class ScoringModel(Model):
     """A model whose users are scored against every item; subclasses may add auxiliary losses."""
 
     evaluator = "full_ranking"  # the exact rank of every target over the whole catalogue
+    constant_names = ("item_log_probs",)  # the popularity sampler and logQ
 
     def __init__(self, module: nn.Module, config: ml_collections.ConfigDict, info: DataInfo):
         super().__init__(module, config, info)

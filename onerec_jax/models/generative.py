@@ -31,6 +31,8 @@ class GenerativeModel(Model):
     constrained beam search (`generate`). Registered with kind GENERATIVE and CODE_WINDOWS
     batches (models/registry.py); a new user is served from their items (TIGER hashes user 0)."""
 
+    constant_names = ("valid", "next_prefix", "item_log_probs")  # prefix tables, logQ
+
     def __init__(self, module, config: ml_collections.ConfigDict, info: DataInfo):
         super().__init__(module, config, info)
         sem = info.semantic_ids

@@ -27,6 +27,8 @@ import numpy as np
 import optax
 from absl import logging
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from onerec_jax.data import dataset, item_arrays, pipeline
 from onerec_jax.errors import ConfigError, UserError
@@ -174,13 +176,19 @@ def make_setup(
         total_steps, tx = 1, optax.set_to_zero()
     init_fn = functools.partial(init_state, batch=_init_batch(c), init_fn=model.init, tx=tx)
     abstract_state, state_sharding = _abstract(init_fn, mesh, rules)
-    step_fn = functools.partial(
-        train_step,
-        loss_fn=model.loss,
-        tx=tx,
-        learning_rate_fn=schedule,
-        accumulate_steps=c.optim.accumulate_steps,
-    )
+
+    def step_fn(state, batch, rng, constants):  # the model's big arrays are arguments
+        return train_step(
+            state,
+            batch,
+            rng,
+            loss_fn=model.with_constants(constants).loss,
+            tx=tx,
+            learning_rate_fn=schedule,
+            accumulate_steps=c.optim.accumulate_steps,
+        )
+
+    jitted = jax.jit(step_fn, out_shardings=(state_sharding, None), donate_argnums=0)
     return TrainSetup(
         config=c,
         data=data,
@@ -194,8 +202,39 @@ def make_setup(
         init_fn=init_fn,
         abstract_state=abstract_state,
         state_sharding=state_sharding,
-        train_step=jax.jit(step_fn, out_shardings=(state_sharding, None), donate_argnums=0),
+        # replicated over the mesh (every process passes the same values)
+        train_step=BoundStep(jitted, jax.device_put(model.constants(), NamedSharding(mesh, P()))),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class BoundStep:
+    """The jitted `(state, batch, rng, constants)` step with the model's constants bound:
+    called as `(state, batch, rng)`; `compile` compiles it ahead of time (benchmarks)."""
+
+    jitted: Callable
+    constants: dict
+
+    def __call__(self, state, batch, rng):
+        return self.jitted(state, batch, rng, self.constants)
+
+    def compile(self, state, batch, rng) -> CompiledStep:
+        return CompiledStep(self.jitted.lower(state, batch, rng, self.constants).compile(), self)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledStep:
+    """An ahead-of-time compiled `BoundStep`: called as `(state, batch, rng)`; the compiled
+    executable's own methods (`memory_analysis`, `as_text`, ...) pass through."""
+
+    compiled: Any
+    bound: BoundStep
+
+    def __call__(self, state, batch, rng):
+        return self.compiled(state, batch, rng, self.bound.constants)
+
+    def __getattr__(self, name):
+        return getattr(self.compiled, name)
 
 
 def initial_state(setup: TrainSetup, seed: int) -> TrainState:
