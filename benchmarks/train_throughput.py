@@ -58,23 +58,11 @@ PEAK_FLOPS = {  # device kind substring -> {compute dtype: dense peak FLOP/s}; f
 
 
 def synthetic_sequences(n_users: int, n_items: int, seed: int):
-    """ML-25M-like `SequenceData`: lognormal lengths (median 71, sigma 1.243), uniform items."""
-    from onerec_jax.data.sequences import SequenceData
+    """ML-25M-like `SequenceData`: lognormal lengths (median 71, sigma 1.243), uniform items
+    (`data.synthetic = "uniform"`, data/synthetic_uniform.py)."""
+    from onerec_jax.data.synthetic_uniform import uniform_sequences
 
-    rng = np.random.default_rng(seed)
-    lengths = np.clip(np.rint(rng.lognormal(np.log(71), 1.243, n_users)), 20, 32_202)
-    offsets = np.zeros(n_users + 1, np.int64)
-    np.cumsum(lengths.astype(np.int64), out=offsets[1:])
-    n = int(offsets[-1])
-    return SequenceData(
-        offsets=offsets,
-        items=rng.integers(1, n_items + 1, n, dtype=np.int32),
-        timestamps=np.zeros(n, np.int64),
-        ratings=np.ones(n, np.float32),
-        user_ids=np.arange(n_users, dtype=np.int64),
-        item_ids=np.arange(-1, n_items, dtype=np.int64),  # [0] is the padding placeholder
-        options={},
-    )
+    return uniform_sequences(n_users, n_items, seed)
 
 
 def make_config(args, model: str, dim: int, loss: str, dtype: str):

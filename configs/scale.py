@@ -3,10 +3,16 @@
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/scale_catalogue.py
   python benchmarks/scale_catalogue.py --config configs/scale.py:onerec
 
-The users and items are built in memory by benchmarks/scale_catalogue.py (`scale.*` below):
-data/synthetic.py writes CSV files and keeps a per-user bitmap of the whole catalogue, too costly
-at this size. Training uses the sampled softmax (a full softmax over 10M items per position is
-~2,000x the work); evaluation still ranks every item, each device its shard of the table.
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m onerec_jax.main \
+      --config configs/scale.py --workdir runs/scale --config.train.num_steps=20
+
+The users are built in memory (`scale.*` below; `data.synthetic="uniform"`,
+data/synthetic_uniform.py: ML-25M-like lengths, uniform items): data/synthetic.py writes CSV
+files and keeps a per-user bitmap of the whole catalogue, too costly at this size. Through main,
+validation ranks a sample of `scale.eval_users` users and the test every user (34.8 s per 256
+users on 2 CPU cores at 10M items, BENCHMARKS.md: about 9 minutes for 4,096). Training uses
+the sampled softmax (a full softmax over 10M items per position is ~2,000x the work);
+evaluation still ranks every item, each device its shard of the table.
 """
 
 import ml_collections
@@ -24,6 +30,11 @@ def get_config(arg: str | None = None):
     s.n_items = 10_000_000  # items in the synthetic catalogue (the table has n_items + 1 rows)
     s.n_users = 4_096  # training users; lognormal lengths (median 40), items uniform
     s.eval_users = 512  # users ranked against the whole catalogue
+    # `python -m onerec_jax.main --config configs/scale.py` reads the same users, in memory
+    c.data.synthetic = "uniform"
+    c.data.synthetic_users = s.get_ref("n_users")
+    c.data.synthetic_items = s.get_ref("n_items")
+    c.eval.valid_users = s.get_ref("eval_users")  # validation on a sample; test: every user
     c.model.dim = 32  # 10M x 32 float32 = 1.28 GB per copy of the table (param + 2 Adam moments)
     c.model.mlp_dim = 32
     c.model.dropout = 0.1

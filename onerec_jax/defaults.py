@@ -20,8 +20,11 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = d = ml_collections.ConfigDict()
     d.release = ""  # a MovieLens release of data/download.py's registry, e.g. "ml-25m"
-    d.synthetic = ""  # or a synthetic preset of data/synthetic.py: "demo" or "ml25m"
+    d.synthetic = ""  # or a synthetic preset of data/synthetic.py: "demo" or "ml25m"; "uniform"
     d.synthetic_seed = 0  # seed of the synthetic generator (another seed = another dataset)
+    # data.synthetic="uniform": ML-25M-like lengths over uniform items, in memory (scale tests)
+    d.synthetic_users = 0
+    d.synthetic_items = 0
     d.path = ""  # or a directory/file of your own (then set data.format); overrides the above
     d.format = "auto"  # auto, movielens_csv|_dat|_100k, recbole, user_sequence
     d.encoding = ""  # text encoding override ("" = the layout's default: utf8, latin-1 for .dat)

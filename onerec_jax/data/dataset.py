@@ -30,7 +30,8 @@ def resolve_source(cfg: ml_collections.ConfigDict) -> Path:
         presets = {"demo": synthetic.SyntheticConfig.demo, "ml25m": synthetic.SyntheticConfig.ml25m}
         if cfg.synthetic not in presets:
             raise ConfigError(
-                f"data.synthetic={cfg.synthetic!r} is not a preset: use one of {tuple(presets)}."
+                f"data.synthetic={cfg.synthetic!r} is not a preset: use one of "
+                f"{(*presets, 'uniform')}."
             )
         syn_cfg = dataclasses.replace(presets[cfg.synthetic](), seed=cfg.synthetic_seed)
         out = root / f"synthetic-{cfg.synthetic}-seed{cfg.synthetic_seed}"
@@ -67,6 +68,16 @@ def load_data(
     cfg: ml_collections.ConfigDict, with_items: bool = True
 ) -> tuple[sequences.SequenceData, records.ItemInfo | None]:
     """SequenceData (from the cache when valid) and, if asked, the ItemInfo of `cfg` (data)."""
+    if cfg.synthetic == "uniform" and not cfg.path:  # in memory, any catalogue size, no items
+        from onerec_jax.data.synthetic_uniform import uniform_sequences
+
+        users, n_items = int(cfg.get("synthetic_users", 0)), int(cfg.get("synthetic_items", 0))
+        if users < 1 or n_items < 2:
+            raise ConfigError(
+                f"data.synthetic='uniform' needs data.synthetic_users >= 1 and "
+                f"data.synthetic_items >= 2 (got {users}, {n_items})."
+            )
+        return uniform_sequences(users, n_items, cfg.synthetic_seed), None
     source = resolve_source(cfg)
     fmt = cfg.format
     if fmt == "auto":
