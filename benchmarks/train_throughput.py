@@ -307,7 +307,7 @@ def run_all(args) -> list[dict]:
         elif with_eval and args.eval_users > 0 and "eval" not in row:
             row["eval_error"] = f"evaluation: {failure or 'no result'}"
         rows.append(row)
-        print(f"[{k + 1}/{len(specs)}] {_summary(row)}", file=sys.stderr, flush=True)
+        print(f"[{k + 1}/{len(specs)}] {_summary(row)}", flush=True)  # stdout: as it comes
     return rows
 
 
