@@ -51,7 +51,11 @@ def restore_best(
     ckpt = checkpointing.Checkpointer(Path(workdir) / "checkpoints", metric=train.SELECT_METRIC)
     try:
         best = ckpt.best_step()
-        params = None if best is None else ckpt.restore_params(best, abstract)
+        params = (
+            None
+            if best is None
+            else ckpt.restore_params(best, abstract, vocab_size=data.n_items + 1)
+        )
     finally:
         ckpt.close()
     return TrainedRun(config, data, items, model, params, best, mesh, rules)

@@ -33,6 +33,7 @@ from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
@@ -114,6 +115,32 @@ def _shapes(tree: PyTree) -> dict[str, tuple[int, ...] | None]:
         shape = getattr(leaf, "shape", None)
         out[_leaf_name(path)] = None if shape is None else tuple(shape)
     return out
+
+
+def _on_disk_shape(leaf, shape):
+    """`leaf` (a ShapeDtypeStruct) with the checkpoint's `shape` (None: as it is), replicated
+    over its mesh when that shape does not split like the leaf's (restored, then cut or padded
+    by `_fit_rows`)."""
+    if shape is None:
+        return leaf
+    sharding = getattr(leaf, "sharding", None)
+    if sharding is not None and hasattr(sharding, "mesh"):
+        sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return jax.ShapeDtypeStruct(shape, leaf.dtype, sharding=sharding)
+
+
+def _fit_rows(restored, abstract):
+    """`restored` with `abstract`'s rows (padding rows cut, or added as zeros) and sharding."""
+    rows = abstract.shape[0] if abstract.shape else None
+    if rows is None or restored.shape == abstract.shape:
+        return restored
+    if restored.shape[0] > rows:
+        out = restored[:rows]
+    else:
+        pad = [(0, rows - restored.shape[0])] + [(0, 0)] * (restored.ndim - 1)
+        out = jnp.pad(restored, pad)
+    sharding = getattr(abstract, "sharding", None)
+    return jax.device_put(out, sharding) if sharding is not None else out
 
 
 def _mismatches(stored: dict, wanted: dict, limit: int = 3) -> list[str]:
@@ -258,15 +285,43 @@ class Checkpointer:
         params, opt_state = (out[k] if k in arrays else abstract[k] for k in abstract)
         return params, opt_state, dict(out["meta"])
 
-    def restore_params(self, step: int, abstract_params: PyTree) -> PyTree:
-        """The params of `step` alone, placed on `abstract_params`' shardings (any mesh)."""
-        self._check_matches(step, {"params": abstract_params})
+    def restore_params(
+        self, step: int, abstract_params: PyTree, vocab_size: int | None = None
+    ) -> PyTree:
+        """The params of `step` alone, placed on `abstract_params`' shardings (any mesh).
+
+        `vocab_size` (V = n_items + 1): item tables may then differ from the checkpoint in their
+        padding rows only (a table split n ways has V rounded up to a multiple of n rows,
+        parallel/vocab_parallel.py), so a run trained on 8 vocab shards restores onto 1 device
+        or 4: the padding rows are cut or added as zeros (no item reads them)."""
+        stored = self._stored_shapes(step, "params")
+        resized = {}
+        if vocab_size:
+            for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
+                name, shape = _leaf_name(path), tuple(leaf.shape)
+                old = stored.get(name)
+                if (
+                    old
+                    and old != shape
+                    and old[1:] == shape[1:]
+                    and min(old[0], shape[0]) >= vocab_size
+                ):
+                    resized[name] = old
+        wanted = jax.tree_util.tree_map_with_path(
+            lambda path, leaf: _on_disk_shape(leaf, resized.get(_leaf_name(path))),
+            abstract_params,
+        )
+        self._check_matches(step, {"params": wanted})
         if not jax.tree.leaves(abstract_params):
             return abstract_params
-        out = self._restore(
-            step, ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
-        )
-        return out["params"]
+        out = self._restore(step, ocp.args.Composite(params=ocp.args.StandardRestore(wanted)))
+        return jax.tree.map(_fit_rows, out["params"], abstract_params)
+
+    def _stored_shapes(self, step: int, item: str) -> dict:
+        if step not in self.all_steps():
+            return {}
+        stored = self._manager.item_metadata(step)
+        return {} if stored.get(item) is None else _shapes(stored[item].tree)
 
     def wait(self) -> None:
         """Blocks until every started save is on disk (and old steps are deleted)."""
