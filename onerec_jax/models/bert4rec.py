@@ -27,6 +27,7 @@ from onerec_jax.models.base import DataInfo, ScoringModel
 from onerec_jax.models.losses import next_item_loss
 from onerec_jax.models.precision import compute_dtype
 from onerec_jax.models.registry import ModelSpec, register
+from onerec_jax.parallel import vocab_parallel
 
 
 class BERT4Rec(nn.Module):
@@ -48,7 +49,8 @@ class BERT4Rec(nn.Module):
     def setup(self):
         init = nn.initializers.normal(stddev=self.init_std if self.init_std > 0 else self.dim**-0.5)
         self.item_embedding = nn.Embed(
-            self.vocab_size + 1,  # + the [MASK] row
+            # + the [MASK] row (id V), then rows to split evenly over the mesh
+            vocab_parallel.padded_rows(self.vocab_size + 1),
             self.dim,
             dtype=self.dtype,
             embedding_init=nn.with_logical_partitioning(init, ("vocab", "embed")),
@@ -88,7 +90,7 @@ class BERT4Rec(nn.Module):
         if width > self.max_len + 1:
             raise ValueError(f"BERT4Rec sees at most max_len + 1 = {self.max_len + 1} slots")
         positions = layers.positions_from_end(width)
-        x = self.item_embedding(inputs)  # [B, W, D]
+        x = vocab_parallel.embed(self.item_embedding, inputs)  # [B, W, D]
         if not self.embedding_norm:
             x = x * jnp.sqrt(self.dim).astype(self.dtype)
         x = x + self.position_embedding[positions].astype(self.dtype)
@@ -103,7 +105,9 @@ class BERT4Rec(nn.Module):
         return self.head_norm(nn.gelu(self.head(x))) if self.mlm_head else x
 
     def item_table(self):
-        return self.item_embedding.embedding[: self.vocab_size]  # [V, D]: no [MASK] row
+        # [rows >= V + 1, D]: rows >= V ([MASK], then padding) are no items; the loss and the
+        # ranker read the first V (the whole table stays split over the mesh)
+        return self.item_embedding.embedding
 
 
 def cloze_positions(
@@ -179,6 +183,7 @@ class BERT4RecModel(ScoringModel):
             valid,
             loss_rng,
             self.item_log_probs,
+            vocab_size=self.info.vocab_size,  # never the [MASK] row
         )
         loss = total / jnp.maximum(count, 1.0)
         return loss, {"loss": loss, "tokens": count}

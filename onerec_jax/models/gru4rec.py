@@ -17,6 +17,7 @@ from onerec_jax.models import layers
 from onerec_jax.models.base import DataInfo, ScoringModel
 from onerec_jax.models.precision import compute_dtype
 from onerec_jax.models.registry import ModelSpec, register
+from onerec_jax.parallel import vocab_parallel
 
 # The recurrent weights are tiny next to the item table and are used at every time step, so
 # they stay replicated: sharding them would put collectives inside the sequential scan.
@@ -67,7 +68,7 @@ class GRU4Rec(nn.Module):
     def setup(self):
         init = nn.initializers.normal(stddev=self.dim**-0.5)
         self.item_embedding = nn.Embed(
-            self.vocab_size,
+            vocab_parallel.padded_rows(self.vocab_size),  # splits evenly over the mesh
             self.dim,
             dtype=self.dtype,
             embedding_init=nn.with_logical_partitioning(init, ("vocab", "embed")),
@@ -84,7 +85,7 @@ class GRU4Rec(nn.Module):
     def __call__(self, inputs, *, train: bool):
         """inputs [B, L] left-padded item ids -> hidden [B, L, D]."""
         valid = inputs > 0  # [B, L]
-        x = self.item_embedding(inputs)  # [B, L, D]
+        x = vocab_parallel.embed(self.item_embedding, inputs)  # [B, L, D]
         carry0 = jnp.zeros((inputs.shape[0], self.dim), x.dtype)  # [B, D]
         for gru in self.grus:
             x = self.dropout_layer(x, deterministic=not train)
@@ -94,7 +95,7 @@ class GRU4Rec(nn.Module):
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     def item_table(self):
-        return self.item_embedding.embedding  # [V, D], shared with the input
+        return self.item_embedding.embedding  # [V (padded), D], shared with the input
 
 
 def build(config: ml_collections.ConfigDict, info: DataInfo) -> ScoringModel:

@@ -140,19 +140,28 @@ def test_attention_is_bidirectional(model_and_params):
     assert not np.allclose(later_changed[0, 3], hidden[0, 3])  # an earlier slot sees it
 
 
-def test_item_table_has_v_rows_and_mask_is_never_ranked(model_and_params):
+def test_mask_row_follows_the_items_and_is_never_ranked(model_and_params):
     model, params = model_and_params
     table = model.item_table(params)
-    assert table.shape == (V, D)
+    assert table.shape == (V + 1, D)  # items, then [MASK] (and, split over a mesh, padding)
     # Make [MASK] the best match of every user: the ranking must still ignore it.
     states = jax.jit(model.user_state)(params, {"inputs": _batch()["inputs"]})
     emb = params["item_embedding"]["embedding"]
     boosted = {**params, "item_embedding": {"embedding": emb.at[MASK].set(100 * states[0])}}
-    np.testing.assert_array_equal(model.item_table(boosted), table)
+    np.testing.assert_array_equal(model.item_table(boosted)[:V], table[:V])
     ranks, top, _ = ranking.rank_and_topk(
-        states, model.item_table(boosted), jnp.array([3, 5]), jnp.zeros((2, 1), jnp.int32), k=V - 1
+        states,
+        model.item_table(boosted),
+        jnp.array([3, 5]),
+        jnp.zeros((2, 1), jnp.int32),
+        k=V - 1,
+        n_items=V - 1,
     )
     assert top.min() >= 1 and top.max() <= V - 1 and sorted(np.asarray(top[0])) == list(range(1, V))
+    items, _ = jax.jit(model.topk, static_argnames="k")(
+        boosted, {"inputs": _batch()["inputs"]}, jnp.zeros((2, 1), jnp.int32), k=V - 1
+    )
+    assert np.asarray(items).max() <= V - 1  # the model's own list never holds [MASK]
 
 
 def test_variant_and_bad_config():
