@@ -15,7 +15,7 @@ def test_gpu_check_cpu_path_runs_every_part(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=400,
+        timeout=1000,
     )
     text = out.stdout
     assert out.returncode == 0, (text + out.stderr)[-3000:]
