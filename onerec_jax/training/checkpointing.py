@@ -290,13 +290,15 @@ class Checkpointer:
     ) -> PyTree:
         """The params of `step` alone, placed on `abstract_params`' shardings (any mesh).
 
-        `vocab_size` (V = n_items + 1): item tables may then differ from the checkpoint in their
-        padding rows only (a table split n ways has V rounded up to a multiple of n rows,
+        `vocab_size` (V = n_items + 1 of the data at hand): when the checkpoint was written for
+        that same V (its meta says so), item tables may differ from it in their padding rows
+        only (a table split n ways has V rounded up to a multiple of n rows,
         parallel/vocab_parallel.py), so a run trained on 8 vocab shards restores onto 1 device
-        or 4: the padding rows are cut or added as zeros (no item reads them)."""
+        or 4: the padding rows are cut or added as zeros (no item reads them). Otherwise any
+        shape difference is an error."""
         stored = self._stored_shapes(step, "params")
         resized = {}
-        if vocab_size:
+        if vocab_size and self._saved_vocab_size(step) == vocab_size:
             for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
                 name, shape = _leaf_name(path), tuple(leaf.shape)
                 old = stored.get(name)
@@ -316,6 +318,16 @@ class Checkpointer:
             return abstract_params
         out = self._restore(step, ocp.args.Composite(params=ocp.args.StandardRestore(wanted)))
         return jax.tree.map(_fit_rows, out["params"], abstract_params)
+
+    def _saved_vocab_size(self, step: int) -> int | None:
+        """The vocabulary size the trainer recorded in `step`'s meta (None: not recorded)."""
+        if step not in self.all_steps():
+            return None
+        try:
+            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        except (ValueError, FileNotFoundError, KeyError):
+            return None
+        return dict(meta["meta"] or {}).get("vocab_size")
 
     def _stored_shapes(self, step: int, item: str) -> dict:
         if step not in self.all_steps():

@@ -370,7 +370,8 @@ def _train_loop(
                 params=state.params,
                 opt_state=state.opt_state,
                 data_iter=data_iter,
-                meta=record.to_meta(),
+                # the vocabulary: a restore onto another mesh may then re-pad the item tables
+                meta={**record.to_meta(), "vocab_size": setup.info.vocab_size},
                 metrics={SELECT_METRIC: val["ndcg@10"]},
             )
             stopped_early = should_stop(step)
