@@ -109,8 +109,16 @@ def test_unknown_model_and_features_are_config_errors():
     with pytest.raises(ConfigError, match="model.name='transformer_xl': no such model.*sasrec"):
         build_model(c, _info())
     c = apply_variant(base_config(), "onerec")
-    with pytest.raises(ConfigError, match="lacks"):
-        build_model(c, _info(with_features=False))
+    c.model.side_features = ("genres", "colour")
+    with pytest.raises(ConfigError, match=r"unknown \['colour'\]"):
+        build_model(c, _info())
+
+
+def test_side_features_the_data_lacks_are_left_out_with_a_warning(caplog):
+    c = apply_variant(base_config(), "onerec")  # genres and year
+    model = build_model(c, _info(with_features=False))
+    assert model.module.item_genres is None and model.module.item_year_bucket is None
+    assert "no item genres or year" in caplog.text
 
 
 def test_onerec_semantic_ids_enter_the_item_table():
@@ -133,7 +141,6 @@ def test_onerec_semantic_ids_enter_the_item_table():
     expected[0] = ids[0]
     np.testing.assert_allclose(table, expected, atol=1e-5)
     c.model.side_features = ("semantic_ids", "genres")
-    with pytest.raises(ConfigError, match="lacks"):
-        build_model(c, info)
+    assert build_model(c, info).module.item_genres is None  # none in this info: left out
     with pytest.raises(ConfigError, match="--mode tokenize"):
         build_model(c, _info())
