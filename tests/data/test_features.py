@@ -128,6 +128,18 @@ def test_title_svd_keeps_the_tfidf_geometry_and_clamps_its_width():
     np.testing.assert_array_equal(block[:, 4], 0.0)
 
 
+def _tfidf_svd2(counts):
+    """[rows, 2]: numpy's smooth-idf, l2-normalised TF-IDF of `counts` [rows, terms], projected
+    on its top two singular directions (checked distinct, so unique up to sign)."""
+    df = (counts > 0).sum(axis=0)
+    tfidf = counts * (np.log((len(counts) + 1) / (1 + df)) + 1)  # smooth idf over the rows
+    norms = np.linalg.norm(tfidf, axis=1, keepdims=True)
+    tfidf = np.divide(tfidf, norms, out=np.zeros_like(tfidf), where=norms > 0)
+    u, s, _ = np.linalg.svd(tfidf)
+    assert s[0] > 1.01 * s[1] > 1.01 * s[2]  # distinct: the top-2 components are unique
+    return u[:, :2] * s[:2]
+
+
 def test_tags_block_matches_a_numpy_tfidf_and_svd():
     cfg = _cfg(["tags"], tags_dim=2)
     # Dense order: 100, 200, 300 (no tags), 400, 500 (no item row).
@@ -138,13 +150,7 @@ def test_tags_block_matches_a_numpy_tfidf_and_svd():
     matrix, names = features.tag_counts(_data(), _items())
     order = [names.index(t) for t in vocab]
     np.testing.assert_array_equal(matrix.toarray()[:, order], counts)
-    df = (counts > 0).sum(axis=0)
-    tfidf = counts * (np.log(6 / (1 + df)) + 1)  # smooth idf over the 5 items
-    norms = np.linalg.norm(tfidf, axis=1, keepdims=True)
-    tfidf = np.divide(tfidf, norms, out=np.zeros_like(tfidf), where=norms > 0)
-    u, s, _ = np.linalg.svd(tfidf)
-    assert s[0] > 1.01 * s[1] > 1.01 * s[2]  # distinct: the top-2 components are unique
-    reference = np.concatenate([u[:, :2] * s[:2], [[0], [0], [1], [0], [1]]], axis=1)
+    reference = np.concatenate([_tfidf_svd2(counts), [[0], [0], [1], [0], [1]]], axis=1)
     raw = features.raw_block("tags", cfg, _data(), _items())
     signs = np.sign((raw * reference).sum(axis=0))  # SVD components are defined up to sign
     np.testing.assert_allclose(raw * signs, reference, atol=1e-9)
@@ -288,13 +294,7 @@ def test_interactions_block_matches_a_numpy_tfidf_and_svd_of_training_users_only
     counts = np.array(  # [item, user] training interactions
         [[2, 0, 1], [1, 1, 0], [1, 1, 0], [0, 2, 1], [0, 0, 1], [0, 0, 0]], np.float64
     )
-    df = (counts > 0).sum(axis=0)
-    tfidf = counts * (np.log(7 / (1 + df)) + 1)  # smooth idf over the 6 items
-    norms = np.linalg.norm(tfidf, axis=1, keepdims=True)
-    tfidf = np.divide(tfidf, norms, out=np.zeros_like(tfidf), where=norms > 0)
-    u, s, _ = np.linalg.svd(tfidf)
-    assert s[0] > 1.01 * s[1] > 1.01 * s[2]  # distinct: the top-2 components are unique
-    reference = np.concatenate([u[:, :2] * s[:2], [[0], [0], [0], [0], [0], [1]]], axis=1)
+    reference = np.concatenate([_tfidf_svd2(counts), [[0], [0], [0], [0], [0], [1]]], axis=1)
     raw = features.raw_block("interactions", _cfg(["interactions"], interactions_dim=2), data, None)
     signs = np.sign((raw * reference).sum(axis=0))
     np.testing.assert_allclose(raw * signs, reference, atol=1e-9)
