@@ -326,13 +326,9 @@ def _collab(cfg, data: SequenceData, items: ItemInfo, collab_table: CollabTable 
 def _interactions(cfg, data: SequenceData, items: ItemInfo) -> np.ndarray:
     """[n_items, k + 1]: each item's training users as TF-IDF (a user's count is how often
     they interacted with it), truncated SVD, then a "no training user" column."""
-    train = data.split("train")
-    lengths = train.ends - train.starts  # [n_users]
-    users = np.repeat(np.arange(data.n_users), lengths)
-    offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    rows = data.items[np.repeat(train.starts, lengths) + offsets] - 1  # dense item - 1
+    users, items = data.prefix_items("train")
     counts = sparse.csr_matrix(
-        (np.ones(len(rows)), (rows, users)), shape=(data.n_items, data.n_users)
+        (np.ones(len(items)), (items - 1, users)), shape=(data.n_items, data.n_users)
     )  # duplicates summed
     if not counts.nnz:
         raise _lacks("interactions", "no training interaction")

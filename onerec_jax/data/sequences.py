@@ -86,6 +86,16 @@ class SequenceData:
             return Split(name, starts, ends - 1, self.items[ends - 1])
         raise ValueError(f"unknown split {name!r}: use 'train', 'valid' or 'test'")
 
+    def prefix_items(self, name: str, users: np.ndarray | None = None):
+        """(rows [N], items [N]): every item of the `name` split's prefix of `users` (default:
+        all), flattened in order; rows index into `users`."""
+        part = self.split(name)
+        users = np.arange(self.n_users) if users is None else np.asarray(users, np.int64)
+        starts, lengths = part.starts[users], part.ends[users] - part.starts[users]
+        rows = np.repeat(np.arange(len(users)), lengths)
+        offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        return rows, self.items[np.repeat(starts, lengths) + offsets]
+
     @property
     def train(self) -> Split:
         return self.split("train")

@@ -218,12 +218,9 @@ def list_checks(
     n, k = data.n_items, top_items.shape[1]
     filled = top_items != 0
     invalid = filled & ((top_items < 0) | (top_items > n))
-    part = data.split(split)
-    lengths = part.ends[users] - part.starts[users]
     # (user, item) keys of every prefix item, against those of the listed items
-    rows = np.repeat(np.arange(len(users)), lengths)
-    offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    seen_keys = rows * (n + 1) + data.items[np.repeat(part.starts[users], lengths) + offsets]
+    rows, seen = data.prefix_items(split, users)
+    seen_keys = rows * (n + 1) + seen
     listed_keys = np.arange(len(users))[:, None] * (n + 1) + np.clip(top_items, 0, n)
     invalid |= filled & np.isin(listed_keys, seen_keys)
     ordered = np.sort(np.where(filled, top_items, -np.arange(1, k + 1)), axis=1)

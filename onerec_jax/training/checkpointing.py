@@ -367,9 +367,8 @@ class Checkpointer:
             raise CheckpointError(
                 f"no checkpoint for step {step} in {self.directory} (steps on disk: {steps})"
             )
-        stored = self._manager.item_metadata(step)
         for item, tree in abstract.items():
-            on_disk = {} if stored.get(item) is None else _shapes(stored[item].tree)
+            on_disk = self._stored_shapes(step, item)
             wanted = _shapes(tree)
             if wanted and not on_disk:  # e.g. a directory not written by a finished save
                 raise self._error(step, f"it holds no {item}")
