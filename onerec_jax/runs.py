@@ -54,7 +54,9 @@ def restore_best(
         params = (
             None
             if best is None
-            else ckpt.restore_params(best, abstract, vocab_size=data.n_items + 1)
+            else ckpt.restore_params(
+                best, abstract, vocab_size=data.n_items + 1, n_users=data.n_users
+            )
         )
     finally:
         ckpt.close()

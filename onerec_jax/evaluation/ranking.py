@@ -169,8 +169,9 @@ def make_ranker_with(
     `score_chunk_fn(params, user_state, item_ids [C]) -> [B, C]` (e.g. `ScoringModel.score_chunk`)
     scores item chunks inside `rank_and_topk_with`; the targets' scores come from the same
     function. With a mesh, every leaf of `user_state` and the other user inputs and outputs are
-    split over ("data", "fsdp") along their first (batch) dimension and the params replicated,
-    as `make_ranker` does with the item table.
+    split over ("data", "fsdp") along their first (batch) dimension; the params keep the layout
+    they arrive in (a vocab-split table stays split: the scorer reads its chunk's rows through
+    `vocab_parallel.take_rows`, never gathering the table on one device).
     """
 
     def fn(user_state, params, targets, history):
@@ -190,16 +191,13 @@ def make_ranker_with(
     axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names) or None
     rows = NamedSharding(mesh, P(axes))  # [B]
     rows2d = NamedSharding(mesh, P(axes, None))  # [B, *]
-    replicated = NamedSharding(mesh, P())
 
     def by_rows(x):  # [B, ...] split over the batch axes
         return NamedSharding(mesh, P(axes, *(None,) * (x.ndim - 1)))
 
     def sharded(user_state, params, targets, history):
         user_state = jax.lax.with_sharding_constraint(user_state, jax.tree.map(by_rows, user_state))
-        params, targets, history = jax.lax.with_sharding_constraint(
-            (params, targets, history), (replicated, rows, rows2d)
-        )
+        targets, history = jax.lax.with_sharding_constraint((targets, history), (rows, rows2d))
         return fn(user_state, params, targets, history)
 
     return jax.jit(sharded, out_shardings=(rows, rows2d, rows2d))

@@ -21,6 +21,7 @@ import ml_collections
 from onerec_jax.models import losses
 from onerec_jax.models.base import DataInfo, ScoringModel, check_user_item
 from onerec_jax.models.registry import ModelSpec, register
+from onerec_jax.parallel import vocab_parallel
 
 
 class MatrixFactorization(nn.Module):
@@ -31,14 +32,15 @@ class MatrixFactorization(nn.Module):
 
     def setup(self):
         init = nn.initializers.normal(stddev=self.dim**-0.5)
-        # User ids form a vocabulary too: both tables shard like the item vocabulary.
+        # User ids form a vocabulary too: both tables (and the bias) are split over the mesh's
+        # vocab axes like the item vocabulary, padded to split evenly (vocab_parallel).
         self.user_embedding = nn.Embed(
-            self.n_users,
+            vocab_parallel.padded_rows(self.n_users),
             self.dim,
             embedding_init=nn.with_logical_partitioning(init, ("vocab", "embed")),
         )
         self.item_embedding = nn.Embed(
-            self.vocab_size,
+            vocab_parallel.padded_rows(self.vocab_size),
             self.dim,
             embedding_init=nn.with_logical_partitioning(init, ("vocab", "embed")),
         )
@@ -46,26 +48,27 @@ class MatrixFactorization(nn.Module):
             self.bias = self.param(
                 "item_bias",
                 nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
-                (self.vocab_size,),
+                (vocab_parallel.padded_rows(self.vocab_size),),
             )
 
     def __call__(self, users, items):
         """users [...] and items [...] (broadcastable) -> (scores, |p_u|^2, |q_i|^2)."""
-        p, q = self.user_embedding(users), self.item_embedding(items)  # [..., D]
+        p = vocab_parallel.embed(self.user_embedding, users)  # [..., D]
+        q = vocab_parallel.embed(self.item_embedding, items)  # [..., D]
         scores = jnp.sum(p * q, axis=-1)
         if self.item_bias:
-            scores = scores + self.bias[items]
+            scores = scores + vocab_parallel.take_rows(self.bias[:, None], items)[..., 0]
         return scores, jnp.sum(p * p, axis=-1), jnp.sum(q * q, axis=-1)
 
     def user_vectors(self, users):
         """users [B] -> [B, D (+1)]: p_u, with a trailing 1 that picks up the item bias."""
-        p = self.user_embedding(users)
+        p = vocab_parallel.embed(self.user_embedding, users)
         if self.item_bias:
             p = jnp.concatenate([p, jnp.ones((*p.shape[:-1], 1), p.dtype)], axis=-1)
         return p
 
     def item_table(self):
-        """[V, D (+1)]: q_i, with the item bias as the last column."""
+        """[V, D (+1)]: q_i, with the item bias as the last column (rows >= V: padding)."""
         q = self.item_embedding.embedding
         if self.item_bias:
             q = jnp.concatenate([q, self.bias[:, None]], axis=-1)

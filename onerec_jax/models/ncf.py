@@ -32,6 +32,7 @@ from onerec_jax.errors import ConfigError
 from onerec_jax.models import losses
 from onerec_jax.models.base import DataInfo, ScoringModel, check_user_item
 from onerec_jax.models.registry import ModelSpec, register
+from onerec_jax.parallel import vocab_parallel
 
 
 class NeuMF(nn.Module):
@@ -45,11 +46,14 @@ class NeuMF(nn.Module):
     def setup(self):
         # N(0, 0.1), not the paper's N(0, 0.01): at 0.01 the GMF product starts near zero and
         # learned more slowly on ml-latest-small.
+        # The user and item tables are split over the mesh's vocab axes, padded to split evenly
+        # (parallel/vocab_parallel.py); every lookup goes through `vocab_parallel.embed`.
         init = nn.with_logical_partitioning(nn.initializers.normal(0.1), ("vocab", "embed"))
-        self.user_gmf = nn.Embed(self.n_users, self.gmf_dim, embedding_init=init)
-        self.item_gmf = nn.Embed(self.vocab_size, self.gmf_dim, embedding_init=init)
-        self.user_mlp = nn.Embed(self.n_users, self.mlp_dim, embedding_init=init)
-        self.item_mlp = nn.Embed(self.vocab_size, self.mlp_dim, embedding_init=init)
+        users, items = (vocab_parallel.padded_rows(n) for n in (self.n_users, self.vocab_size))
+        self.user_gmf = nn.Embed(users, self.gmf_dim, embedding_init=init)
+        self.item_gmf = nn.Embed(items, self.gmf_dim, embedding_init=init)
+        self.user_mlp = nn.Embed(users, self.mlp_dim, embedding_init=init)
+        self.item_mlp = nn.Embed(items, self.mlp_dim, embedding_init=init)
         width = self.mlp_layers[0]
         # The first MLP layer on concat(p'_u, q'_i) = p'_u W_user + q'_i W_item + bias.
         self.first_user = nn.Dense(width, name="first_user")
@@ -64,13 +68,17 @@ class NeuMF(nn.Module):
     def user_vectors(self, users):
         """users [...] -> {"gmf": [..., Dg], "mlp": [..., H0]}, the user halves of both towers."""
         return {
-            "gmf": self.user_gmf(users) * self.out_gmf[:, 0],  # w_g folded into the user side
-            "mlp": self.first_user(self.user_mlp(users)),
+            # w_g folded into the user side
+            "gmf": vocab_parallel.embed(self.user_gmf, users) * self.out_gmf[:, 0],
+            "mlp": self.first_user(vocab_parallel.embed(self.user_mlp, users)),
         }
 
     def item_vectors(self, items):
         """items [...] -> {"gmf": [..., Dg], "mlp": [..., H0]}, the item halves of both towers."""
-        return {"gmf": self.item_gmf(items), "mlp": self.first_item(self.item_mlp(items))}
+        return {
+            "gmf": vocab_parallel.embed(self.item_gmf, items),
+            "mlp": self.first_item(vocab_parallel.embed(self.item_mlp, items)),
+        }
 
     def combine(self, user, item):
         """Logits of user and item halves with broadcastable leading shapes."""
@@ -94,8 +102,11 @@ class NeuMF(nn.Module):
         def sq(x):
             return jnp.sum(x * x, axis=-1)
 
-        user_sq = sq(self.user_gmf(users)) + sq(self.user_mlp(users))
-        return user_sq, sq(self.item_gmf(items)) + sq(self.item_mlp(items))
+        def rows(table, ids):
+            return vocab_parallel.embed(table, ids)
+
+        user_sq = sq(rows(self.user_gmf, users)) + sq(rows(self.user_mlp, users))
+        return user_sq, sq(rows(self.item_gmf, items)) + sq(rows(self.item_mlp, items))
 
     def score_items(self, user, item_ids):
         """user halves {[B, *]} x item_ids [C] -> logits [B, C]."""

@@ -286,28 +286,32 @@ class Checkpointer:
         return params, opt_state, dict(out["meta"])
 
     def restore_params(
-        self, step: int, abstract_params: PyTree, vocab_size: int | None = None
+        self,
+        step: int,
+        abstract_params: PyTree,
+        vocab_size: int | None = None,
+        n_users: int | None = None,
     ) -> PyTree:
         """The params of `step` alone, placed on `abstract_params`' shardings (any mesh).
 
-        `vocab_size` (V = n_items + 1 of the data at hand): when the checkpoint was written for
-        that same V (its meta says so), item tables may differ from it in their padding rows
-        only (a table split n ways has V rounded up to a multiple of n rows,
-        parallel/vocab_parallel.py), so a run trained on 8 vocab shards restores onto 1 device
-        or 4: the padding rows are cut or added as zeros (no item reads them). Otherwise any
-        shape difference is an error."""
+        `vocab_size` (V = n_items + 1 of the data at hand) and `n_users`: when the checkpoint
+        was written for that same V (and user count, where both are known; its meta says so),
+        item and user tables may differ from it in their padding rows only (a table split n ways
+        has its rows rounded up to a multiple of n, parallel/vocab_parallel.py), so a run
+        trained on 8 vocab shards restores onto 1 device or 4: the padding rows are cut or added
+        as zeros (no item or user reads them). Otherwise any shape difference is an error."""
         stored = self._stored_shapes(step, "params")
         resized = {}
-        if vocab_size and self._saved_vocab_size(step) == vocab_size:
+        saved = self._saved_sizes(step)
+        same_users = not n_users or saved.get("n_users") in (None, n_users)
+        if vocab_size and saved.get("vocab_size") == vocab_size and same_users:
+            # Every table holds at least its real rows on both sides, so cutting to the smaller
+            # side never drops a real row; the smallest real count bounds where that holds.
+            real = min(vocab_size, n_users or vocab_size)
             for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
                 name, shape = _leaf_name(path), tuple(leaf.shape)
                 old = stored.get(name)
-                if (
-                    old
-                    and old != shape
-                    and old[1:] == shape[1:]
-                    and min(old[0], shape[0]) >= vocab_size
-                ):
+                if old and old != shape and old[1:] == shape[1:] and min(old[0], shape[0]) >= real:
                     resized[name] = old
         wanted = jax.tree_util.tree_map_with_path(
             lambda path, leaf: _on_disk_shape(leaf, resized.get(_leaf_name(path))),
@@ -319,15 +323,17 @@ class Checkpointer:
         out = self._restore(step, ocp.args.Composite(params=ocp.args.StandardRestore(wanted)))
         return jax.tree.map(_fit_rows, out["params"], abstract_params)
 
-    def _saved_vocab_size(self, step: int) -> int | None:
-        """The vocabulary size the trainer recorded in `step`'s meta (None: not recorded)."""
+    def _saved_sizes(self, step: int) -> dict:
+        """The data sizes the trainer recorded in `step`'s meta ("vocab_size", "n_users"; {}:
+        none recorded)."""
         if step not in self.all_steps():
-            return None
+            return {}
         try:
             meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         except (ValueError, FileNotFoundError, KeyError):
-            return None
-        return dict(meta["meta"] or {}).get("vocab_size")
+            return {}
+        meta = dict(meta["meta"] or {})
+        return {k: meta[k] for k in ("vocab_size", "n_users") if k in meta}
 
     def _stored_shapes(self, step: int, item: str) -> dict:
         if step not in self.all_steps():

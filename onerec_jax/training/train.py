@@ -370,8 +370,12 @@ def _train_loop(
                 params=state.params,
                 opt_state=state.opt_state,
                 data_iter=data_iter,
-                # the vocabulary: a restore onto another mesh may then re-pad the item tables
-                meta={**record.to_meta(), "vocab_size": setup.info.vocab_size},
+                # the data's sizes: a restore onto another mesh may then re-pad the tables
+                meta={
+                    **record.to_meta(),
+                    "vocab_size": setup.info.vocab_size,
+                    "n_users": setup.info.n_users,
+                },
                 metrics={SELECT_METRIC: val["ndcg@10"]},
             )
             stopped_early = should_stop(step)

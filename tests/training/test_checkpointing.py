@@ -235,6 +235,38 @@ def test_mismatched_model_raises_checkpoint_error(tmp_path, wanted, needle):
     ckpt.close()
 
 
+def test_restore_params_cuts_or_adds_the_padding_rows_of_item_and_user_tables(tmp_path):
+    """Saved with vocab 7 padded to 8 rows and 10 users padded to 12 (a 4-way split): one
+    device reads 7 and 10 rows, the real ones; an 8-way split reads 8 and 16 rows, zeros added.
+    Without the checkpoint's sizes (or with other data) a difference stays an error."""
+    items = np.arange(32, dtype=np.float32).reshape(8, 4)
+    users = np.arange(48, dtype=np.float32).reshape(12, 4) + 100
+    bias = np.arange(8, dtype=np.float32)
+    params = {"items": jnp.asarray(items), "users": jnp.asarray(users), "bias": jnp.asarray(bias)}
+    ckpt = Checkpointer(tmp_path / "ckpt", async_save=False)
+    meta = {"vocab_size": 7, "n_users": 10}
+    ckpt.save(1, params=params, opt_state={}, data_iter=train_iter(), meta=meta)
+
+    def abstract(n_items, n_users):
+        shapes = {"items": (n_items, 4), "users": (n_users, 4), "bias": (n_items,)}
+        return abstract_like({k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()})
+
+    got = ckpt.restore_params(1, abstract(7, 10), vocab_size=7, n_users=10)
+    np.testing.assert_array_equal(got["items"], items[:7])
+    np.testing.assert_array_equal(got["users"], users[:10])
+    np.testing.assert_array_equal(got["bias"], bias[:7])
+    got = ckpt.restore_params(1, abstract(8, 16), vocab_size=7, n_users=10)
+    np.testing.assert_array_equal(got["items"], items)
+    np.testing.assert_array_equal(got["users"][:12], users)
+    assert not np.asarray(got["users"][12:]).any()
+    # other data (another user or item count): nothing is resized
+    with pytest.raises(CheckpointError, match=r"users has shape \(12, 4\) in the checkpoint"):
+        ckpt.restore_params(1, abstract(8, 10), vocab_size=7, n_users=11)
+    with pytest.raises(CheckpointError, match=r"items has shape \(8, 4\) in the checkpoint"):
+        ckpt.restore_params(1, abstract(7, 12), vocab_size=6, n_users=10)
+    ckpt.close()
+
+
 def test_unfinished_save_is_ignored_and_cleaned_up(tmp_path):
     """A crash mid-save leaves `<step>.orbax-checkpoint-tmp`: never listed, restored or kept."""
     directory = tmp_path / "ckpt"
