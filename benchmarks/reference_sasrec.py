@@ -104,6 +104,9 @@ class ReferenceSASRec(nn.Module):
             module.bias.data.zero_()
 
     def forward(self, ids):  # [B, T] right-padded with 0 -> logits [B, T, n_items + 1]
+        return self.hidden(ids) @ self.item_emb.weight.T
+
+    def hidden(self, ids):  # [B, T] right-padded with 0 -> [B, T, dim]
         x = self.item_emb(ids) * self.item_emb.embedding_dim**0.5
         x = x + self.pos_emb(torch.arange(ids.shape[1], device=ids.device))[None]
         x = self.emb_drop(x)
@@ -118,7 +121,7 @@ class ReferenceSASRec(nn.Module):
             out, _ = attn(q, x, x, attn_mask=causal, need_weights=False)
             x = (q + out).transpose(0, 1)
             x = ffn(ffn_norm(x)) * keep
-        return self.last_norm(x) @ self.item_emb.weight.T
+        return self.last_norm(x)
 
 
 class BertLayer(nn.Module):
@@ -182,7 +185,7 @@ class ReferenceBERT4Rec(nn.Module):
         return x @ self.item_emb.weight.T
 
 
-def _load_data(config_path: str, overrides: dict[str, str]):
+def _load_data(config_path: str, overrides: dict[str, str], with_items: bool = False):
     spec = importlib.util.spec_from_file_location("dataset_config", config_path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -191,8 +194,8 @@ def _load_data(config_path: str, overrides: dict[str, str]):
         setattr(cfg.data, key, value)
     from onerec_jax.data.dataset import load_data
 
-    data, _ = load_data(cfg.data, with_items=False)
-    return data, cfg
+    data, items = load_data(cfg.data, with_items=with_items)
+    return (data, items) if with_items else (data, cfg)
 
 
 def _right_padded(rows: list[np.ndarray], fill: int) -> np.ndarray:

@@ -119,9 +119,9 @@ def peak_memory() -> tuple[float, str]:
     return float("nan"), "unknown"
 
 
-def train_setup(config, data):
-    """`training.train.make_setup` of `config` on `data` (no item file), its mesh and logical
-    axis rules set globally for the rest of this benchmark process."""
+def train_setup(config, data, items=None):
+    """`training.train.make_setup` of `config` on `data` (and its item table `items`, if any),
+    its mesh and logical axis rules set globally for the rest of this benchmark process."""
     import flax.linen as nn
     import jax
 
@@ -130,7 +130,7 @@ def train_setup(config, data):
     mesh, rules = train.make_mesh(config)
     jax.set_mesh(mesh)
     nn.set_logical_axis_rules(rules)  # before any trace (JAX_GUIDE.md)
-    return train.make_setup(config, data, None, mesh, rules)
+    return train.make_setup(config, data, items, mesh, rules)
 
 
 def time_train_steps(setup, seed: int, warmup: int, steps: int):

@@ -1,8 +1,15 @@
-"""Our SASRec against the PyTorch SASRec+ reference on the same CPU, the same examples.
+"""Our SASRec and OneRec item head against PyTorch on the same CPU, the same examples.
 
   pip install -c constraints.txt -e '.[bench]'        # torch (CPU), only for benchmarks
   taskset -c 1 python benchmarks/vs_pytorch.py --data.path ../shared/data/ml-latest-small
   taskset -c 1 python benchmarks/vs_pytorch.py --shapes ml25m --users 4096 --batch_size 32
+  taskset -c 1 python benchmarks/vs_pytorch.py --model onerec --loss sampled ...
+
+`--model sasrec` (default) times the PyTorch SASRec+ reference (`reference_sasrec.py`);
+`--model onerec` our OneRec item head written minimally in PyTorch (`torch_models.py`), fed
+the same left-padded windows and scoring the real positions only. `--loss sampled` uses our
+sampled softmax on both sides (`torch_models.sampled_softmax`, our defaults); `full` (default)
+the full cross-entropy.
 
 What is timed, in one process, ours first and then the reference:
 - one training epoch: our `train.py` step (jitted, compiled before timing) over the batches of one
@@ -33,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import reference_sasrec
+import torch_models
 import train_throughput
 
 torch = reference_sasrec.torch
@@ -41,7 +49,8 @@ torch = reference_sasrec.torch
 def our_config(args):
     from onerec_jax.defaults import apply_variant, base_config
 
-    c = apply_variant(base_config(), "sasrec")
+    c = apply_variant(base_config(), args.model)
+    c.loss.name = {"full": "full_softmax", "sampled": "sampled_softmax"}[args.loss]
     c.train.batch_size = args.batch_size
     c.train.progress = False
     c.eval.valid_users = 0  # every user, as the reference's evaluate
@@ -50,14 +59,15 @@ def our_config(args):
 
 
 def load(args):
-    """(SequenceData, config) for the shapes asked."""
+    """(SequenceData, item table or None, config) for the shapes asked (the synthetic ML-25M
+    shapes have no item content: OneRec then reads ids alone on both sides)."""
     c = our_config(args)
     if args.shapes == "ml25m":
         data = train_throughput.synthetic_sequences(args.users, train_throughput.ML25M_ITEMS, 0)
-        return data, c
+        return data, None, c
     overrides = {k: v for k, v in (("path", args.path), ("format", args.format)) if v}
-    data, _ = reference_sasrec._load_data(args.config, overrides)
-    return data, c
+    data, items = reference_sasrec._load_data(args.config, overrides, with_items=True)
+    return data, items, c
 
 
 def torch_batch(batch) -> tuple:
@@ -78,7 +88,7 @@ def timed(fn):
     return out, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def ours(config, data, epochs: int):
+def ours(config, data, items, epochs: int):
     """Our epoch and validation: (epoch walls, epoch CPUs, eval wall, eval CPU, host batches)."""
     import jax
 
@@ -86,7 +96,7 @@ def ours(config, data, epochs: int):
     from onerec_jax.parallel import sharding
     from onerec_jax.training import train
 
-    setup = train_throughput.train_setup(config, data)
+    setup = train_throughput.train_setup(config, data, items)
     it = iter(train.train_batches(setup, 0))
     host = [next(it) for _ in range(setup.steps_per_epoch)]
     batches = [sharding.global_batch(b, setup.mesh, setup.rules) for b in host]
@@ -109,21 +119,49 @@ def ours(config, data, epochs: int):
     evaluator = make_evaluator(setup.model, data, config, setup.mesh, setup.rules)
     evaluator.evaluate(state.params, "valid")  # compiles
     _, eval_wall, eval_cpu = timed(lambda: evaluator.evaluate(state.params, "valid"))
-    return walls, cpus, eval_wall, eval_cpu, host
+    return walls, cpus, eval_wall, eval_cpu, host, setup
 
 
-def reference(data, host, max_len: int, epochs: int):
-    """The reference's epoch over the same windows and its validation, as `ours`."""
+def reference(data, host, setup, args, max_len: int, epochs: int):
+    """The PyTorch model's epoch over the same windows and its validation, as `ours`."""
     torch.manual_seed(0)
-    model = reference_sasrec.ReferenceSASRec(data.n_items, max_len=max_len)
+    generator = torch.Generator().manual_seed(0)
+    log_probs = torch.from_numpy(np.array(setup.model.item_log_probs, np.float32))
+    if args.model == "onerec":
+        info = setup.info
+        model = torch_models.TorchOneRecItemHead(
+            data.n_items, info.item_genres, info.item_year_bucket, dim=int(setup.config.model.dim)
+        )
+        batches = [
+            tuple(torch.from_numpy(np.asarray(b[k])) for k in ("inputs", "targets", "mask"))
+            for b in host
+        ]
+    else:
+        model = reference_sasrec.ReferenceSASRec(data.n_items, max_len=max_len)
+        batches = [torch_batch(b) for b in host]
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = torch.nn.CrossEntropyLoss(ignore_index=-100)
-    batches = [torch_batch(b) for b in host]
+
+    def batch_loss(batch):
+        if args.model == "onerec":
+            inputs, targets, mask = batch
+            h, targets, table = model.hidden(inputs.long())[mask], targets.long()[mask], None
+            table = model.item_table()
+        elif args.loss == "full":  # the reference's own loss: every position, [B, T, V + 1]
+            ids, labels = batch
+            logits = model(ids)
+            return loss_fn(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        else:
+            ids, labels = batch
+            real = labels != -100
+            h, targets, table = model.hidden(ids)[real], labels[real], model.item_emb.weight
+        if args.loss == "full":
+            return torch_models.full_softmax(h, table, targets)
+        return torch_models.sampled_softmax(h, table, targets, log_probs, generator)
 
     def epoch():
-        for ids, labels in batches:
-            logits = model(ids)
-            loss = loss_fn(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        for batch in batches:
+            loss = batch_loss(batch)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -135,14 +173,16 @@ def reference(data, host, max_len: int, epochs: int):
         _, wall, cpu = timed(epoch)
         walls.append(wall)
         cpus.append(cpu)
-    reference_sasrec.evaluate(model, data, "valid", max_len)
-    _, eval_wall, eval_cpu = timed(lambda: reference_sasrec.evaluate(model, data, "valid", max_len))
+    evaluate = torch_models.evaluate if args.model == "onerec" else reference_sasrec.evaluate
+    evaluate(model, data, "valid", max_len)
+    _, eval_wall, eval_cpu = timed(lambda: evaluate(model, data, "valid", max_len))
     return walls, cpus, eval_wall, eval_cpu
 
 
 def report(result: dict) -> str:
     o, r = result["ours"], result["reference"]
     lines = [
+        f"{result['model']}, {result['loss']} softmax, "
         f"{result['shapes']}: {result['users']:,} users, {result['items']:,} items, batch "
         f"{result['batch_size']}, {result['steps_per_epoch']} steps an epoch; {result['machine']}",
         "| | ours | reference (torch) | reference / ours |",
@@ -161,6 +201,8 @@ def report(result: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", choices=("dev", "ml25m"), default="dev")
+    p.add_argument("--model", choices=("sasrec", "onerec"), default="sasrec")
+    p.add_argument("--loss", choices=("full", "sampled"), default="full")
     p.add_argument("--config", default="configs/ml_latest_small.py", help="--shapes dev: dataset")
     p.add_argument("--data.path", dest="path", default=None)
     p.add_argument("--data.format", dest="format", default=None)
@@ -171,10 +213,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=None, help="results JSON")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    data, config = load(args)
+    data, items, config = load(args)
     max_len = int(config.data.max_len)
-    walls, cpus, eval_wall, eval_cpu, host = ours(config, data, args.epochs)
+    walls, cpus, eval_wall, eval_cpu, host, setup = ours(config, data, items, args.epochs)
     result = {
+        "model": args.model,
+        "loss": args.loss,
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__} "
         f"({torch.get_num_threads()} thread)",
@@ -191,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
         },
     }
     print(f"ours: epoch {np.median(walls):.2f} s, validation {eval_wall:.2f} s", flush=True)
-    walls, cpus, eval_wall, eval_cpu = reference(data, host, max_len, args.epochs)
+    walls, cpus, eval_wall, eval_cpu = reference(data, host, setup, args, max_len, args.epochs)
     result["reference"] = {
         "epoch_s": float(np.median(walls)),
         "epoch_cpu_s": float(np.median(cpus)),
