@@ -21,6 +21,7 @@ from onerec_jax.data.training_examples import (
     TargetExamples,
     Windows,
     left_padded,
+    power_of_two_width,
     target_examples,
     target_rows,
     training_windows,
@@ -299,6 +300,7 @@ class _EvalBatches:
         batch_size: int,
         rows: slice,
         order: np.ndarray,
+        narrow: bool = False,
     ):
         split = data.split(split_name)
         self._order = order  # [n_users] global row -> dense user
@@ -307,15 +309,25 @@ class _EvalBatches:
         self._lo = split.ends - self._length  # [n_users]
         self._n_users, self._max_len, self._batch_size = len(order), max_len, batch_size
         self._rows = np.arange(batch_size)[rows]  # [b] row positions inside a global batch
+        self._narrow = narrow
+
+    def width(self, g: int) -> int:
+        """Global batch g's input width: max_len, or (narrow) the next power of two >= its
+        longest input, at most max_len; the same on every process (it reads the global batch)."""
+        if not self._narrow:
+            return self._max_len
+        users = self._order[g * self._batch_size : (g + 1) * self._batch_size]
+        longest = int(self._length[users].max()) if len(users) else 0
+        return min(self._max_len, power_of_two_width(longest))
 
     def __call__(self, g: int) -> dict[str, np.ndarray]:
         row = g * self._batch_size + self._rows  # [b] global row = dense user id if real
         real = row < self._n_users
         user = np.where(real, self._order[np.minimum(row, self._n_users - 1)], 0)
         length = np.where(real, self._length[user], 0)
-        inputs, _ = left_padded(self._items, self._lo[user], length, self._max_len)
+        inputs, _ = left_padded(self._items, self._lo[user], length, self.width(g))
         return {
-            "inputs": inputs,  # [b, L] int32, the last L history items, left-padded
+            "inputs": inputs,  # [b, W] int32, the last <= max_len history items, left-padded
             "target": np.where(real, self._targets[user], 0).astype(np.int32),  # [b]
             "user": user.astype(np.int32),  # [b]; 0 on padding rows
             "weight": real.astype(np.float32),  # [b]; 1 for real users, 0 for padding
@@ -332,12 +344,16 @@ def eval_dataset(
     process_count: int | None = None,
     by_length: bool = False,
     users: np.ndarray | None = None,
+    narrow: bool = False,
 ) -> grain.IterDataset:
     """Users in order, each exactly once, in ceil(n_users / batch_size) batches on every process.
 
     `by_length=True` visits users by increasing history length instead (`eval_user_order`), so
     a batch's users have similar histories and history masks need little padding. `users`:
     evaluate only these dense user ids (e.g. a validation sample), in the same orders.
+    `narrow=True`: each batch's inputs are as wide as its longest (power of two, <= max_len)
+    instead of max_len: left padding that encoders skip (with `by_length`, most batches are
+    much narrower than max_len); a jitted encoder then compiles once per width.
 
     Global batch g holds users g*batch_size ... ; process p gets its rows
     [p*b:(p+1)*b] (b = batch_size // process_count). The last batch is padded with weight-0 rows.
@@ -348,7 +364,13 @@ def eval_dataset(
     rows = slice(p * local, (p + 1) * local)
     order = eval_user_order(data, split_name, by_length, users)
     batches = _EvalBatches(
-        data, split_name, max_len=max_len, batch_size=batch_size, rows=rows, order=order
+        data,
+        split_name,
+        max_len=max_len,
+        batch_size=batch_size,
+        rows=rows,
+        order=order,
+        narrow=narrow,
     )
     n_batches = -(-len(order) // batch_size)
     read = grain.ReadOptions(prefetch_buffer_size=16)  # eval batches are large; keep few ahead

@@ -56,6 +56,12 @@ def training_windows(
     return Windows(user=user, lo=split.starts[user] + a, length=b - a)
 
 
+def power_of_two_width(longest: int) -> int:
+    """The next power of two >= `longest` (>= 1): the width a batch of rows is padded to, so
+    few distinct shapes reach jit and few recompilations happen."""
+    return 1 << max(longest - 1, 0).bit_length()
+
+
 def left_padded(
     items: np.ndarray, lo: np.ndarray, length: np.ndarray, width: int
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -39,6 +39,9 @@ class Evaluator:
 
     name = ""
     protocol = ""  # results.json protocol.ranking
+    # Inputs as wide as each batch's longest (power of two) instead of data.max_len: batches go
+    # by history length, so most are narrow; the encoder compiles once per width.
+    narrow_inputs = False
 
     def __init__(self, model, data: SequenceData, config: ml_collections.ConfigDict, mesh, rules):
         self.model, self.data, self.config, self.mesh, self.rules = model, data, config, mesh, rules
@@ -72,6 +75,7 @@ class Evaluator:
             batch_size=e.batch_size,
             by_length=True,
             users=sample,
+            narrow=self.narrow_inputs,
         )
         order = pipeline.eval_user_order(self.data, split, by_length=True, users=sample)
         users, ranks, weights, tops = [], [], [], []
@@ -115,6 +119,7 @@ class FullRanking(Evaluator):
 
     name = "full_ranking"
     protocol = "full"
+    narrow_inputs = True  # `user_state` reads left-padded inputs of any width alike
 
     def __init__(self, model, data, config, mesh, rules):
         super().__init__(model, data, config, mesh, rules)

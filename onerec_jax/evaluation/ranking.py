@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from onerec_jax.data.sequences import SequenceData
+from onerec_jax.data.training_examples import power_of_two_width
 from onerec_jax.models.full_ranking import (  # noqa: F401  re-exported
     ScoreChunkFn,
     check_static,
@@ -206,7 +207,7 @@ def make_ranker_with(
 def history_width(longest: int) -> int:
     """The width a batch of seen-item histories is padded to: the next power of two >= `longest`
     (>= 1), so few distinct shapes reach jit and few recompilations happen."""
-    return 1 << max(longest - 1, 0).bit_length()
+    return power_of_two_width(longest)
 
 
 def history_batch(
