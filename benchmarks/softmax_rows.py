@@ -5,7 +5,7 @@
 
 `losses.full_softmax_xent` value and gradient (hidden and table), jitted, on [batch * max_len, dim]
 hidden rows against a [items + 1, dim] table, for each `--row_blocks` value (0: every row at
-once, the dense path) and each share of valid rows (`--valid`: left-padded windows whose lengths
+once, the dense path) x `--tiles` value (loss.row_block_items) and each share of valid rows (`--valid`: left-padded windows whose lengths
 are drawn uniformly so that this share of the positions is real). Prints the median process
 CPU-seconds of `--repeats` calls after one that compiles, and the largest difference of the
 gradients from the dense path's (float32 round-off only). Pin the process to one core.
@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max_len", type=int, default=200)
     p.add_argument("--chunk", type=int, default=16384, help="loss.chunk_size")
     p.add_argument("--row_blocks", default="0,256,512,1024")
+    p.add_argument("--tiles", default="1024", help="loss.row_block_items values to time")
     p.add_argument("--valid", default="1.0,0.5", help="shares of real (unpadded) rows")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
@@ -51,16 +52,31 @@ def main(argv: list[str] | None = None) -> None:
     table = jnp.asarray(0.1 * gen.normal(size=(v, args.dim)), jnp.float32)
     targets = jnp.asarray(gen.integers(1, v, n), jnp.int32)
     print(f"{n:,} rows x {v:,} items, dim {args.dim}, chunk {args.chunk}; {jax.devices()[0]}")
-    print("| real rows | row_block | CPU-s (median) | vs row_block 0 | max grad diff |")
-    print("|---|---|---|---|---|")
+    print(
+        "| real rows | row_block | items per tile | CPU-s (median) | vs the first | max grad diff |"
+    )
+    print("|---|---|---|---|---|---|")
     for valid in (float(x) for x in args.valid.split(",")):
         mask = jnp.asarray(padding_mask(args.batch, args.max_len, valid, 0))
         base_time, base_grads = None, None
-        for block in (int(x) for x in args.row_blocks.split(",")):
+        runs = [(0, 0)] if "0" in args.row_blocks.split(",") else []
+        runs += [
+            (int(b), int(t))
+            for b in args.row_blocks.split(",")
+            if b != "0"
+            for t in args.tiles.split(",")
+        ]
+        for block, tile in runs:
 
-            def loss(h, t, block=block, mask=mask):
+            def loss(h, t, block=block, tile=tile, mask=mask):
                 total, count = full_softmax_xent(
-                    h, t, targets, mask, chunk_size=args.chunk, row_block=block
+                    h,
+                    t,
+                    targets,
+                    mask,
+                    chunk_size=args.chunk,
+                    row_block=block,
+                    row_block_items=tile,
                 )
                 return total / jnp.maximum(count, 1.0)
 
@@ -76,7 +92,9 @@ def main(argv: list[str] | None = None) -> None:
                 base_time, base_grads = t, grads
             diff = max(float(jnp.abs(a - b).max()) for a, b in zip(grads, base_grads, strict=True))
             share = float(mask.mean())
-            print(f"| {share:.2f} | {block} | {t:.3f} | {base_time / t:.2f}x ", end="")
+            print(
+                f"| {share:.2f} | {block} | {tile or ''} | {t:.3f} | {base_time / t:.2f}x ", end=""
+            )
             print(f"| {diff:.1e} |", flush=True)
 
 

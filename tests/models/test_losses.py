@@ -66,11 +66,13 @@ def _vg(loss_fn):
 FULL = {c: functools.partial(full_softmax_xent, chunk_size=c) for c in (1, 7, 12, 8192)}
 FULL_SMOOTHED = functools.partial(full_softmax_xent, chunk_size=7, label_smoothing=0.2)
 DENSE_SMOOTHED = functools.partial(dense_xent, label_smoothing=0.2)
-# Row blocks (loss.row_block): 9 valid rows of 12 -> blocks of 2 leave one all-padding block.
+# Row blocks (loss.row_block): 9 valid rows of 12 -> blocks of 2 leave one all-padding block;
+# each block scans the table in tiles of c items (loss.row_block_items): 5 cuts the 36-row table
+# into 8 tiles of 5 (4 rows of padding in the last), 7 into 6 of 6, 8192 leaves one tile.
 BLOCKED = {
-    (b, c): functools.partial(full_softmax_xent, chunk_size=c, row_block=b)
+    (b, c): functools.partial(full_softmax_xent, row_block=b, row_block_items=c)
     for b in (2, 5)
-    for c in (7, 8192)
+    for c in (5, 7, 8192)
 }
 SAMPLED = functools.partial(sampled_softmax_xent, n_negatives=6)
 
@@ -92,12 +94,12 @@ def test_full_softmax_matches_dense_values_and_grads(chunk_size):
     np.testing.assert_array_equal(gt[0], 0.0)  # the padding item is never a logit
 
 
-@pytest.mark.parametrize(("row_block", "chunk_size"), sorted(BLOCKED))
-def test_full_softmax_in_row_blocks_matches_dense(row_block, chunk_size):
-    """Rows reordered valid first, in rematerialised blocks, all-padding blocks skipped: the
-    same loss and gradients as the dense softmax, in the rows' own order."""
+@pytest.mark.parametrize(("row_block", "items"), sorted(BLOCKED))
+def test_full_softmax_in_row_blocks_matches_dense(row_block, items):
+    """Rows reordered valid first, in rematerialised blocks of item tiles, all-padding blocks
+    skipped: the same loss and gradients as the dense softmax, in the rows' own order."""
     hidden, table, targets, mask = _problem()
-    (loss_sum, count), (gh, gt) = _vg(BLOCKED[row_block, chunk_size])(hidden, table, targets, mask)
+    (loss_sum, count), (gh, gt) = _vg(BLOCKED[row_block, items])(hidden, table, targets, mask)
     (ref_sum, ref_count), (rh, rt) = _vg(dense_xent)(hidden, table, targets, mask)
     assert count == ref_count == 9
     np.testing.assert_allclose(loss_sum, ref_sum, rtol=1e-5)
@@ -106,7 +108,7 @@ def test_full_softmax_in_row_blocks_matches_dense(row_block, chunk_size):
     np.testing.assert_array_equal(gh[~mask], 0.0)
     # Everything padding: every block is skipped, the loss and gradients are zero.
     none = jnp.zeros_like(mask)
-    (loss_sum, count), (gh, gt) = _vg(BLOCKED[row_block, chunk_size])(hidden, table, targets, none)
+    (loss_sum, count), (gh, gt) = _vg(BLOCKED[row_block, items])(hidden, table, targets, none)
     assert loss_sum == 0.0 and count == 0.0
     np.testing.assert_array_equal(gh, 0.0)
     np.testing.assert_array_equal(gt, 0.0)
@@ -114,7 +116,7 @@ def test_full_softmax_in_row_blocks_matches_dense(row_block, chunk_size):
 
 def test_full_softmax_in_row_blocks_label_smoothing_matches_dense():
     hidden, table, targets, mask = _problem(seed=3)
-    fn = functools.partial(full_softmax_xent, chunk_size=7, label_smoothing=0.2, row_block=4)
+    fn = functools.partial(full_softmax_xent, label_smoothing=0.2, row_block=4, row_block_items=7)
     (loss_sum, _), (gh, gt) = _vg(fn)(hidden, table, targets, mask)
     (ref_sum, _), (rh, rt) = _vg(DENSE_SMOOTHED)(hidden, table, targets, mask)
     np.testing.assert_allclose(loss_sum, ref_sum, rtol=1e-5)
