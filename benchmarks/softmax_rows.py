@@ -5,10 +5,11 @@
 
 `losses.full_softmax_xent` value and gradient (hidden and table), jitted, on [batch * max_len, dim]
 hidden rows against a [items + 1, dim] table, for each `--row_blocks` value (0: every row at
-once, the dense path) x `--tiles` value (loss.row_block_items) and each share of valid rows (`--valid`: left-padded windows whose lengths
-are drawn uniformly so that this share of the positions is real). Prints the median process
-CPU-seconds of `--repeats` calls after one that compiles, and the largest difference of the
-gradients from the dense path's (float32 round-off only). Pin the process to one core.
+once, the dense path) x `--tiles` value (loss.row_block_items) and each share of valid rows
+(`--valid`: left-padded windows whose lengths are drawn uniformly so that this share of the
+positions is real). Prints the median process CPU-seconds of `--repeats` calls after one that
+compiles, and the largest difference of the gradients from the dense path's (float32 round-off
+only). Pin the process to one core.
 """
 
 from __future__ import annotations

@@ -84,8 +84,9 @@ class BERT4Rec(nn.Module):
             self.head = nn.Dense(self.dim, dtype=self.dtype, kernel_init=kernel_init)
             self.head_norm = nn.LayerNorm(dtype=self.dtype, epsilon=self.norm_eps)
 
-    def __call__(self, inputs, *, train: bool):
-        """inputs [B, W] left-padded ids, [MASK] allowed, W <= max_len + 1 -> hidden [B, W, D]."""
+    def __call__(self, inputs, *, train: bool, last_only: bool = False):
+        """inputs [B, W] left-padded ids, [MASK] allowed, W <= max_len + 1 -> hidden [B, W, D]
+        ([B, 1, D] with `last_only`: the last slot alone, one query in the last block)."""
         width = inputs.shape[1]
         if width > self.max_len + 1:
             raise ValueError(f"BERT4Rec sees at most max_len + 1 = {self.max_len + 1} slots")
@@ -99,8 +100,9 @@ class BERT4Rec(nn.Module):
         x = self.dropout_layer(x, deterministic=not train)
         x = x * (inputs > 0)[..., None]  # padding slots carry nothing
         mask = layers.attention_mask(inputs, causal=False)  # every real slot sees every other
-        for block in self.blocks:
-            x = block(x, mask, positions, train=train)
+        for i, block in enumerate(self.blocks):
+            last = last_only and i == len(self.blocks) - 1
+            x = block(x, mask, positions, train=train, last_only=last)
         x = self.final_norm(x) if self.prenorm else x
         return self.head_norm(nn.gelu(self.head(x))) if self.mlm_head else x
 
@@ -159,7 +161,9 @@ class BERT4RecModel(ScoringModel):
         """[B, D]: the hidden state at a [MASK] appended after the left-padded history."""
         inputs = batch["inputs"]  # [B, L]
         mask = jnp.full((inputs.shape[0], 1), self.info.vocab_size, inputs.dtype)
-        return self.apply(params, jnp.concatenate([inputs, mask], axis=1), train=False)[:, -1]
+        inputs = jnp.concatenate([inputs, mask], axis=1)
+        hidden = self.module.apply({"params": params}, inputs, train=False, last_only=True)
+        return hidden[:, -1]
 
     def loss(self, params, batch, rng):
         m = self.config.model

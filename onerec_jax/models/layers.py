@@ -67,8 +67,11 @@ class SelfAttention(nn.Module):
     out_init_std: float = 0.0
 
     @nn.compact
-    def __call__(self, x, mask, positions, *, train: bool, kv=None):
+    def __call__(self, x, mask, positions, *, train: bool, kv=None, kv_positions=None):
+        """Queries from x [B, Lq, D] at `positions` [Lq]; keys and values from `kv` [B, Lk, D]
+        (default x) at `kv_positions` [Lk] (default `positions`); mask [B, 1, Lq, Lk]."""
         kv = x if kv is None else kv
+        kv_positions = positions if kv_positions is None else kv_positions
         dim = x.shape[-1]
         if dim % self.num_heads:
             raise ValueError(
@@ -87,7 +90,7 @@ class SelfAttention(nn.Module):
 
         q, k, v = proj("query", x), proj("key", kv), proj("value", kv)
         if self.use_rotary:
-            q, k = rotary(q, positions), rotary(k, positions)
+            q, k = rotary(q, positions), rotary(k, kv_positions)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(head_dim)
         logits = jnp.where(mask, logits, _NEG)
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # [B, H, L, L]
@@ -154,7 +157,9 @@ class Block(nn.Module):
     init_std: float = 0.0  # > 0: normal(std) feed-forward and attention-output kernels
 
     @nn.compact
-    def __call__(self, x, mask, positions, *, train: bool):
+    def __call__(self, x, mask, positions, *, train: bool, last_only: bool = False):
+        """x [B, L, D] -> [B, L, D]; with `last_only`, [B, 1, D]: the last slot's output alone
+        (its query attends to every slot; what a user state needs from the last block)."""
         drop = nn.Dropout(self.dropout)
         attn = SelfAttention(
             self.num_heads,
@@ -175,17 +180,27 @@ class Block(nn.Module):
         )
         norm1 = make_norm(self.norm, self.dtype, "norm_attn", self.norm_eps)
         norm2 = make_norm(self.norm, self.dtype, "norm_ffn", self.norm_eps)
+
+        def last(a):  # the query side: every slot, or the last one
+            return a[:, -1:] if last_only else a
+
+        q_mask, q_positions = (mask[:, :, -1:], positions[-1:]) if last_only else (mask, positions)
+
+        def attend(q, kv):
+            return attn(q, q_mask, q_positions, train=train, kv=kv, kv_positions=positions)
+
         if self.layout == "sasrec":
             q = norm1(x)
-            x = norm2(q + attn(q, mask, positions, train=train, kv=x))
+            x = norm2(last(q) + attend(last(q), x))
             x = x + drop(ffn(x, train=train), deterministic=not train)
         elif self.layout:
             raise ValueError(f"Block layout={self.layout!r}: use '' or 'sasrec'")
         elif self.prenorm:
-            x = x + drop(attn(norm1(x), mask, positions, train=train), deterministic=not train)
+            h = norm1(x)
+            x = last(x) + drop(attend(last(h), h), deterministic=not train)
             x = x + drop(ffn(norm2(x), train=train), deterministic=not train)
         else:
-            x = norm1(x + drop(attn(x, mask, positions, train=train), deterministic=not train))
+            x = norm1(last(x) + drop(attend(last(x), x), deterministic=not train))
             x = norm2(x + drop(ffn(x, train=train), deterministic=not train))
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 

@@ -129,8 +129,9 @@ class OneRecItemHead(nn.Module):
             return self.fuse(jnp.concatenate(parts, axis=-1))
         return sum(parts[1:], parts[0])
 
-    def __call__(self, inputs, *, train: bool):
-        """inputs [B, L] left-padded item ids (may hold the mask token) -> hidden [B, L, D]."""
+    def __call__(self, inputs, *, train: bool, last_only: bool = False):
+        """inputs [B, L] left-padded item ids (may hold the mask token) -> hidden [B, L, D]
+        ([B, 1, D] with `last_only`: the last slot alone, one query in the last block)."""
         length = inputs.shape[1]
         positions = layers.positions_from_end(length)
         x = self.embed_items(inputs)  # [B, L, D]
@@ -139,9 +140,14 @@ class OneRecItemHead(nn.Module):
         x = self.dropout_layer(x, deterministic=not train)
         x = x * (inputs > 0)[..., None]
         mask = layers.attention_mask(inputs, causal=True)
-        for block in self.blocks:
-            x = block(x, mask, positions, train=train)
+        for i, block in enumerate(self.blocks):
+            last = last_only and i == len(self.blocks) - 1
+            x = block(x, mask, positions, train=train, last_only=last)
         return self.final_norm(x)
+
+    def last_state(self, inputs):
+        """[B, D]: the state at the last slot of left-padded inputs (`ScoringModel.user_state`)."""
+        return self(inputs, train=False, last_only=True)[:, -1]
 
     def item_table(self):
         """[V, D] fused embeddings of every item (row 0 = padding): the prediction layer.

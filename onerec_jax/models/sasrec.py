@@ -63,8 +63,9 @@ class SASRec(nn.Module):
         self.final_norm = nn.LayerNorm(dtype=self.dtype, epsilon=self.norm_eps)
         self.dropout_layer = nn.Dropout(self.dropout)
 
-    def __call__(self, inputs, *, train: bool):
-        """inputs [B, L] left-padded item ids -> hidden [B, L, D]."""
+    def __call__(self, inputs, *, train: bool, last_only: bool = False):
+        """inputs [B, L] left-padded item ids -> hidden [B, L, D] ([B, 1, D] with `last_only`:
+        the last slot's state alone, its last block computing that one query)."""
         length = inputs.shape[1]
         positions = layers.positions_from_end(length)  # [L]; rotary-free blocks ignore them
         if self.positions == "start":  # [B, L]: 0 at each row's first real item
@@ -80,10 +81,15 @@ class SASRec(nn.Module):
         x = self.dropout_layer(x, deterministic=not train)
         x = x * (inputs > 0)[..., None]  # padding slots carry nothing
         mask = layers.attention_mask(inputs, causal=True)
-        for block in self.blocks:
-            x = block(x, mask, positions, train=train)
+        for i, block in enumerate(self.blocks):
+            last = last_only and i == len(self.blocks) - 1
+            x = block(x, mask, positions, train=train, last_only=last)
         x = self.final_norm(x) if self.prenorm or self.layout else x
         return x
+
+    def last_state(self, inputs):
+        """[B, D]: the state at the last slot of left-padded inputs (`ScoringModel.user_state`)."""
+        return self(inputs, train=False, last_only=True)[:, -1]
 
     def item_table(self):
         return self.item_embedding.embedding  # [V (+ padding rows), D], shared with the input

@@ -105,3 +105,42 @@ def test_full_ranking_ranks_equal_at_max_len_width():
     np.testing.assert_allclose(per_user["ranks"], wide_user["ranks"])
     np.testing.assert_array_equal(per_user["top_items"], wide_user["top_items"])
     assert narrow["ndcg@10"] == pytest.approx(wide["ndcg@10"])
+
+
+@pytest.mark.parametrize(
+    ("name", "changes"),
+    [
+        ("sasrec", {}),  # the public SASRec block layout
+        ("sasrec", {"block": "", "prenorm": True}),  # pre-LN
+        ("sasrec", {"block": "", "prenorm": False}),  # post-LN
+        ("onerec", {}),  # pre-RMSNorm, rotary positions, SwiGLU
+        ("bert4rec", {}),  # bidirectional, post-LN, a [MASK] appended
+    ],
+)
+def test_user_state_computes_the_last_query_alone_and_equals_the_full_pass(name, changes):
+    """The last block computes one query (`last_only`); its state equals the last row of the
+    full forward pass."""
+    c = apply_variant(base_config(), name)
+    c.model.dim, c.model.mlp_dim, c.model.num_layers, c.model.dropout = 16, 32, 2, 0.0
+    c.model.update(changes)
+    info = DataInfo(n_items=N_ITEMS, max_len=32, item_counts=np.ones(N_ITEMS + 1), n_users=5)
+    model = build_model(c, info)
+    rng = np.random.default_rng(2)
+    inputs = rng.integers(1, N_ITEMS + 1, (5, 12)).astype(np.int32)
+    inputs[:, :5] *= np.arange(5)[:, None] % 2
+    batch = {"inputs": jnp.asarray(inputs), "user": jnp.arange(5, dtype=jnp.int32)}
+    params = model.init(jax.random.key(0), {**batch, "targets": batch["inputs"]})
+    params = jax.tree.map(
+        lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value")
+    )
+    full_inputs = batch["inputs"]
+    if name == "bert4rec":  # its state is read at a [MASK] after the history
+        full_inputs = jnp.concatenate([full_inputs, jnp.full((5, 1), N_ITEMS + 1)], axis=1)
+    want = model.module.apply({"params": params}, full_inputs, train=False)[:, -1]
+    np.testing.assert_allclose(model.user_state(params, batch), want, rtol=1e-5, atol=1e-6)
+    # and it does less work than the full pass (XLA's own FLOP count of each program)
+    def flops(fn):
+        return jax.jit(fn).lower(params).compile().cost_analysis()["flops"]
+
+    full = flops(lambda p: model.module.apply({"params": p}, full_inputs, train=False)[:, -1])
+    assert flops(lambda p: model.user_state(p, batch)) < 0.85 * full
