@@ -138,6 +138,7 @@ def test_user_state_computes_the_last_query_alone_and_equals_the_full_pass(name,
         full_inputs = jnp.concatenate([full_inputs, jnp.full((5, 1), N_ITEMS + 1)], axis=1)
     want = model.module.apply({"params": params}, full_inputs, train=False)[:, -1]
     np.testing.assert_allclose(model.user_state(params, batch), want, rtol=1e-5, atol=1e-6)
+
     # and it does less work than the full pass (XLA's own FLOP count of each program)
     def flops(fn):
         return jax.jit(fn).lower(params).compile().cost_analysis()["flops"]
