@@ -145,7 +145,7 @@ def reference(data, host, setup, args, max_len: int, epochs: int):
     def batch_loss(batch):
         if args.model == "onerec":
             inputs, targets, mask = batch
-            h, targets, table = model.hidden(inputs.long())[mask], targets.long()[mask], None
+            h, targets = model.hidden(inputs.long())[mask], targets.long()[mask]
             table = model.item_table()
         elif args.loss == "full":  # the reference's own loss: every position, [B, T, V + 1]
             ids, labels = batch
