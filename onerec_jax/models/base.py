@@ -133,12 +133,11 @@ class ScoringModel(Model):
         return self.module.apply({"params": params}, method=self.module.item_table)
 
     def user_state(self, params, batch) -> jax.Array:
-        """[B, D]: the hidden state at the last (most recent) position of left-padded inputs;
-        through the module's `last_state` where it has one (a Transformer whose last block then
-        computes that one query: about half the encoder's work at 2 blocks)."""
-        if hasattr(type(self.module), "last_state"):
-            return self.module.apply({"params": params}, batch["inputs"], method="last_state")
-        return self.apply(params, batch["inputs"], train=False)[:, -1]
+        """[B, D]: the hidden state at the last (most recent) position of left-padded inputs,
+        the module's `last_state(inputs)` (every sequence module this default serves has one; a
+        Transformer's last block then computes that one query: about half the encoder's work at
+        2 blocks). Models with other user states override this method."""
+        return self.module.apply({"params": params}, batch["inputs"], method="last_state")
 
     def score_chunk(self, params, state, item_ids: jax.Array) -> jax.Array:
         """[B, C] float32 scores of items `item_ids` [C] for users whose `user_state` is `state`.

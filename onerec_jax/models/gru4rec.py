@@ -94,6 +94,10 @@ class GRU4Rec(nn.Module):
         x = self.output(x)
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
+    def last_state(self, inputs):
+        """[B, D]: the state at the last slot of left-padded inputs (`ScoringModel.user_state`)."""
+        return self(inputs, train=False)[:, -1]
+
     def item_table(self):
         return self.item_embedding.embedding  # [V (padded), D], shared with the input
 
