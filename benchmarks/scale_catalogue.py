@@ -151,7 +151,7 @@ def run(config, *, steps: int, warmup: int, eval_users: int, seed: int = 0) -> d
         ranker = ranking.make_ranker(
             mesh,
             k=e.k,
-            chunk_size=e.chunk_size,
+            chunk_size=ranking.cpu_block_sizes(config, mesh)["chunk_size"],
             mask_history=e.mask_history,
             n_items=eval_data.n_items,
             rules=rules,

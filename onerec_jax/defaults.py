@@ -136,12 +136,22 @@ def base_config() -> ml_collections.ConfigDict:
     t.min_epochs = 0  # early stopping never stops a run before this many epochs
     t.log_every_steps = 50  # metrics.jsonl / TensorBoard / progress bar updates
     t.compute_dtype = "float32"  # activations: float32 or bfloat16 (params stay float32)
+    # the encoder's training pass over this many sequences at a time (forward and backward),
+    # so a Transformer's [rows, heads, L, L] attention stays in cache; each block draws its own
+    # dropout masks. 0 = auto: 4 on one CPU device, the whole batch elsewhere
+    t.encoder_rows = 0
     t.progress = True  # tqdm progress bar
     c.eval = e = ml_collections.ConfigDict()
     e.batch_size = 256  # users per evaluation batch (global)
     e.mask_history = True  # mask every item of the user's prefix before ranking (PROTOCOL.md)
     e.k = 50  # length of the top-K lists kept (metrics use K in 1, 5, 10, 20, 50)
-    e.chunk_size = 8192  # items scored at a time
+    # Block sizes inside an evaluation batch (exact: users are independent), so each step's
+    # arrays stay in cache; 0 = auto (evaluation/ranking.py `cpu_block_sizes`): on one CPU
+    # device 8 users per encoder pass and 64 users x 2,048 items per ranking step, elsewhere
+    # whole batches and 8,192-item chunks.
+    e.chunk_size = 0  # items scored at a time
+    e.state_rows = 0  # users per encoder pass (a Transformer's [rows, heads, L, L] attention)
+    e.rank_rows = 0  # users ranked at a time
     # generative models: beam width of the constrained beam search; 0: eval.k, the width that
     # fills every top-k list (a narrower beam can return fewer than eval.k items)
     e.beam = 0

@@ -129,7 +129,13 @@ class FullRanking(Evaluator):
                 f"model {config.model.name!r} does not have: use eval.evaluator='topk_list'."
             )
         e = config.eval
-        options = dict(k=e.k, chunk_size=e.chunk_size, mask_history=e.mask_history)
+        sizes = ranking.cpu_block_sizes(config, mesh)
+        options = dict(
+            k=e.k,
+            chunk_size=sizes["chunk_size"],
+            mask_history=e.mask_history,
+            block_rows=sizes["rank_rows"],
+        )
         if model.dot_product_scores:  # states [B, D] against the item table, computed once
             # The table may carry padding rows (split over the mesh): rank the real items only.
             self._ranker = ranking.make_ranker(mesh, n_items=data.n_items, rules=rules, **options)
@@ -139,7 +145,7 @@ class FullRanking(Evaluator):
                 model.score_chunk, data.n_items, mesh, **options
             )
             self._scorer_params = lambda params: params
-        self._user_state = jax.jit(model.user_state)
+        self._user_state = jax.jit(ranking.in_row_blocks(model.user_state, sizes["state_rows"]))
 
     def _prepare(self, params):
         return params, self._scorer_params(params)

@@ -24,6 +24,7 @@ from onerec_jax.data.sequences import SequenceData
 from onerec_jax.data.training_examples import power_of_two_width
 from onerec_jax.models.full_ranking import (  # noqa: F401  re-exported
     ScoreChunkFn,
+    block_sizes,
     check_static,
     dot_scores,
     finish_ranks,
@@ -33,6 +34,7 @@ from onerec_jax.models.full_ranking import (  # noqa: F401  re-exported
     scan_ids,
     tie_rank,
 )
+from onerec_jax.models.row_blocks import in_row_blocks  # noqa: F401  re-exported
 from onerec_jax.parallel import vocab_parallel
 
 BATCH_AXES = ("data", "fsdp")  # mesh axes the eval batch is split over; the rest replicate
@@ -121,6 +123,7 @@ def make_ranker(
     mask_history: bool = True,
     n_items: int | None = None,
     rules=None,
+    block_rows: int = 0,
 ) -> Callable[..., tuple[jax.Array, jax.Array, jax.Array]]:
     """Jitted `rank_and_topk(user_states, item_table, targets, history)` with static options.
 
@@ -131,9 +134,10 @@ def make_ranker(
     otherwise it is replicated. The layouts are set by sharding constraints inside the jitted
     function rather than by `in_shardings`, so inputs may arrive in any layout on the mesh.
     `n_items`: the real items when the table has padding rows (default: rows - 1).
+    `block_rows` > 0: users ranked that many at a time (`in_row_blocks`; one device only).
     """
     options = dict(k=k, chunk_size=chunk_size, mask_history=mask_history, n_items=n_items)
-    fn = functools.partial(rank_and_topk, **options)
+    fn = _user_blocks(functools.partial(rank_and_topk, **options), block_rows)
     if mesh is None:
         return jax.jit(fn)
     axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names) or None
@@ -164,6 +168,7 @@ def make_ranker_with(
     k: int = 50,
     chunk_size: int = 8192,
     mask_history: bool = True,
+    block_rows: int = 0,
 ) -> Callable[..., tuple[jax.Array, jax.Array, jax.Array]]:
     """Jitted `ranker(user_state, params, targets, history)` for a model with its own scorer.
 
@@ -172,10 +177,11 @@ def make_ranker_with(
     function. With a mesh, every leaf of `user_state` and the other user inputs and outputs are
     split over ("data", "fsdp") along their first (batch) dimension; the params keep the layout
     they arrive in (a vocab-split table stays split: the scorer reads its chunk's rows through
-    `vocab_parallel.take_rows`, never gathering the table on one device).
+    `vocab_parallel.take_rows`, never gathering the table on one device). `block_rows`: as
+    `make_ranker`'s.
     """
 
-    def fn(user_state, params, targets, history):
+    def ranked(user_state, params, targets, history):
         return rank_and_topk_with(
             lambda state, ids: score_chunk_fn(params, state, ids),
             user_state,
@@ -187,6 +193,7 @@ def make_ranker_with(
             mask_history=mask_history,
         )
 
+    fn = _user_blocks(ranked, block_rows)
     if mesh is None:
         return jax.jit(fn)
     axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names) or None
@@ -202,6 +209,23 @@ def make_ranker_with(
         return fn(user_state, params, targets, history)
 
     return jax.jit(sharded, out_shardings=(rows, rows2d, rows2d))
+
+
+def _user_blocks(fn, rows: int):
+    """`fn(user_state, table_or_params, targets, history)` ranked `rows` users at a time."""
+    if rows <= 0:
+        return fn
+    blocked = in_row_blocks(lambda table, users: fn(users[0], table, *users[1:]), rows)
+    return lambda user_state, table, targets, history: blocked(
+        table, (user_state, targets, history)
+    )
+
+
+def cpu_block_sizes(config, mesh: jax.sharding.Mesh | None) -> dict[str, int]:
+    """`eval.state_rows`, `eval.rank_rows` and `eval.chunk_size` resolved for `mesh`
+    (`full_ranking.block_sizes`)."""
+    one = mesh is None or math.prod(mesh.shape.values()) == 1
+    return block_sizes(config.eval, one_device=one)
 
 
 def history_width(longest: int) -> int:

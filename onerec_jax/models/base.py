@@ -33,7 +33,7 @@ import numpy as np
 from absl import logging
 
 from onerec_jax.errors import ConfigError
-from onerec_jax.models import full_ranking, losses
+from onerec_jax.models import full_ranking, losses, row_blocks
 from onerec_jax.parallel import vocab_parallel
 
 
@@ -160,7 +160,7 @@ class ScoringModel(Model):
         """The top `k` (default eval.k) by `score_chunk`, the catalogue scored in chunks of
         eval.chunk_size (models/full_ranking.py; ties go to the lower id)."""
         k = int(k or self.config.eval.k)
-        chunk = int(self.config.eval.chunk_size)
+        chunk = full_ranking.block_sizes(self.config.eval)["chunk_size"]
         state = self.user_state(params, batch)
         targets = jnp.zeros(history.shape[:1], jnp.int32)  # no target: only the list is used
         if self.dot_product_scores:
@@ -186,9 +186,24 @@ class ScoringModel(Model):
         """True unless `score_chunk` is overridden: the evaluator may rank with the item table."""
         return type(self).score_chunk is ScoringModel.score_chunk
 
+    def encode(self, params, inputs: jax.Array, rng: jax.Array) -> jax.Array:
+        """[B, L, D] training-mode hidden states of `inputs` [B, L], `train.encoder_rows`
+        sequences at a time (models/row_blocks.py `encoder_rows`; each block its own dropout
+        key), so a Transformer's attention stays in cache on a CPU."""
+        b = inputs.shape[0]
+        rows = row_blocks.encoder_rows(self.config.train.get("encoder_rows", 0))
+        if rows <= 0 or b <= rows or b % rows:
+            return self.apply(params, inputs, train=True, rng=rng)
+        keys = jax.random.split(rng, b // rows)
+        blocks = inputs.reshape(b // rows, rows, *inputs.shape[1:])
+        hidden = jax.lax.map(
+            lambda a: self.apply(params, a[0], train=True, rng=a[1]), (blocks, keys)
+        )
+        return hidden.reshape(b, *hidden.shape[2:])
+
     def loss(self, params, batch, rng) -> tuple[jax.Array, dict[str, jax.Array]]:
         drop_rng, loss_rng = jax.random.split(rng)
-        hidden = self.apply(params, batch["inputs"], train=True, rng=drop_rng)
+        hidden = self.encode(params, batch["inputs"], drop_rng)
         table = self.item_table(params)
         total, count = losses.next_item_loss(
             self.config.loss,

@@ -174,7 +174,7 @@ class OneRecItemModel(ScoringModel):
         inputs = batch["inputs"]
         masked = (jax.random.uniform(mask_rng, inputs.shape) < m.aux_mask_prob) & (inputs > 0)
         corrupted = jnp.where(masked, self.info.vocab_size, inputs)  # the [MASK] token
-        hidden = self.apply(params, corrupted, train=True, rng=drop_rng)
+        hidden = self.encode(params, corrupted, drop_rng)
         table = self.item_table(params)
         total, count = next_item_loss(
             self.config.loss,

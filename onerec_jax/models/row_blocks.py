@@ -18,6 +18,34 @@ def one_device() -> bool:
     return mesh.empty or math.prod(mesh.shape.values()) == 1
 
 
+def in_row_blocks(fn, rows: int):
+    """`fn(params, batch)` (every leaf of `batch` and of the result [B, ...], rows independent)
+    computed `rows` batch rows at a time under `lax.map`: the same values, with each block's
+    intermediates small enough to stay in cache (on one CPU core a [256, 200]-slot Transformer
+    pass runs ~3x faster in blocks of 8 users). Batches of at most `rows` rows, or whose size
+    `rows` does not divide, are computed whole."""
+
+    def blocked(params, batch):
+        b = jax.tree.leaves(batch)[0].shape[0]
+        if rows <= 0 or b <= rows or b % rows:
+            return fn(params, batch)
+        blocks = jax.tree.map(lambda x: x.reshape(b // rows, rows, *x.shape[1:]), batch)
+        out = jax.lax.map(lambda block: fn(params, block), blocks)
+        return jax.tree.map(lambda y: y.reshape(b, *y.shape[2:]), out)
+
+    return blocked
+
+
+def encoder_rows(setting: int) -> int:
+    """`train.encoder_rows` resolved inside a trace: 0 (auto) is 4 on one CPU device (one core,
+    dev-set shapes: the OneRec item head's epoch 15.6 -> 11.3 CPU-s; 16: 13.0, 1: 12.3), whole
+    batches elsewhere; a positive setting applies on one device only (on a split batch a block
+    loop would cut across the split)."""
+    if not one_device():
+        return 0
+    return setting or (4 if jax.default_backend() == "cpu" else 0)
+
+
 def valid_blocks_lse(
     rows: jax.Array, table: jax.Array, mask: jax.Array, block: int, items: int = 1024
 ):

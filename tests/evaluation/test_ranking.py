@@ -16,8 +16,10 @@ import pytest
 from onerec_jax.data.sequences import SequenceData
 from onerec_jax.evaluation.metrics import metrics_from_ranks
 from onerec_jax.evaluation.ranking import (
+    block_sizes,
     history_batch,
     history_width,
+    in_row_blocks,
     make_ranker,
     make_ranker_with,
     rank_and_topk,
@@ -256,6 +258,50 @@ def test_make_ranker_unsharded_is_jitted_and_matches():
     ranker = make_ranker(k=10, chunk_size=128)
     got = [np.asarray(x) for x in ranker(*case)]
     assert_same(got, reference(*case, 10))
+
+
+@pytest.mark.parametrize("block_rows", [1, 2, 4, 3])  # 3 divides 12, 4 and 2 too; 1: each user
+def test_ranking_users_in_blocks_matches_the_reference(block_rows):
+    """Users ranked a block at a time (the CPU default) give the reference's ranks and lists,
+    for the dot-product ranker and a model scorer over a pytree state."""
+    users, table, targets, history = random_case(5, batch=12)
+    want = reference(users, table, targets, history, 10)
+    ranker = make_ranker(k=10, chunk_size=128, block_rows=block_rows)
+    assert_same([np.asarray(x) for x in ranker(users, table, targets, history)], want)
+
+    def score_chunk(params, state, ids):  # state: a pytree of [B, ...] leaves
+        return state["u"] @ params[ids].T + 0.0 * state["pad"][:, :1]
+
+    state = {"u": jnp.asarray(users), "pad": jnp.zeros((12, 3))}
+    ranker = make_ranker_with(score_chunk, V - 1, k=10, chunk_size=128, block_rows=block_rows)
+    assert_same([np.asarray(x) for x in ranker(state, table, targets, history)], want)
+
+
+def test_in_row_blocks_maps_blocks_and_falls_back_to_whole_batches():
+    calls = []
+
+    def fn(params, batch):
+        calls.append(batch["x"].shape)  # traced once per shape
+        return {"y": batch["x"] * params + batch["z"][:, None]}
+
+    x = jnp.arange(24.0).reshape(8, 3)
+    batch = {"x": x, "z": jnp.arange(8.0)}
+    want = x * 2.0 + jnp.arange(8.0)[:, None]
+    for rows, traced in ((2, (2, 3)), (8, (8, 3)), (3, (8, 3)), (0, (8, 3))):
+        calls.clear()
+        got = jax.jit(in_row_blocks(fn, rows))(2.0, batch)
+        np.testing.assert_array_equal(got["y"], want)
+        assert calls == [traced]  # blocks of `rows` only when they divide the batch
+
+
+def test_block_sizes_auto_on_one_cpu_device_and_as_set_elsewhere():
+    e = {"state_rows": 0, "rank_rows": 0, "chunk_size": 0}
+    assert jax.default_backend() == "cpu"
+    assert block_sizes(e) == {"state_rows": 8, "rank_rows": 64, "chunk_size": 2048}
+    assert block_sizes(e, one_device=False) == {"state_rows": 0, "rank_rows": 0, "chunk_size": 8192}
+    e = {"state_rows": 16, "rank_rows": 32, "chunk_size": 512}
+    assert block_sizes(e) == e
+    assert block_sizes(e, one_device=False) == {"state_rows": 0, "rank_rows": 0, "chunk_size": 512}
 
 
 def test_make_ranker_with_a_pytree_state_matches_and_shards_over_the_batch():

@@ -39,6 +39,9 @@ class LastItemPopularity(nn.Module):
         rows = self.last[inputs]
         return jnp.concatenate([rows, jnp.ones((*rows.shape[:-1], 1), rows.dtype)], axis=-1)
 
+    def last_state(self, inputs):  # [B, D + 1]: the user state (the last slot's)
+        return self(inputs, train=False)[:, -1]
+
     def item_table(self):
         return jnp.concatenate([self.out, self.bias[:, None]], axis=-1)  # [V, D + 1]
 
