@@ -192,14 +192,14 @@ class ScoringModel(Model):
         key), so a Transformer's attention stays in cache on a CPU."""
         b = inputs.shape[0]
         rows = row_blocks.encoder_rows(self.config.train.get("encoder_rows", 0))
-        if rows <= 0 or b <= rows or b % rows:
+        if not row_blocks.splits(b, rows):
             return self.apply(params, inputs, train=True, rng=rng)
-        keys = jax.random.split(rng, b // rows)
-        blocks = inputs.reshape(b // rows, rows, *inputs.shape[1:])
-        hidden = jax.lax.map(
-            lambda a: self.apply(params, a[0], train=True, rng=a[1]), (blocks, keys)
-        )
-        return hidden.reshape(b, *hidden.shape[2:])
+        keys = jax.random.split(rng, b // rows)[jnp.arange(b) // rows]  # [B]: each its block's
+
+        def block(params, rows_of):  # (inputs [r, L], keys [r]: all the block's key)
+            return self.apply(params, rows_of[0], train=True, rng=rows_of[1][0])
+
+        return row_blocks.in_row_blocks(block, rows)(params, (inputs, keys))
 
     def loss(self, params, batch, rng) -> tuple[jax.Array, dict[str, jax.Array]]:
         drop_rng, loss_rng = jax.random.split(rng)

@@ -27,13 +27,18 @@ def in_row_blocks(fn, rows: int):
 
     def blocked(params, batch):
         b = jax.tree.leaves(batch)[0].shape[0]
-        if rows <= 0 or b <= rows or b % rows:
+        if not splits(b, rows):
             return fn(params, batch)
         blocks = jax.tree.map(lambda x: x.reshape(b // rows, rows, *x.shape[1:]), batch)
         out = jax.lax.map(lambda block: fn(params, block), blocks)
         return jax.tree.map(lambda y: y.reshape(b, *y.shape[2:]), out)
 
     return blocked
+
+
+def splits(batch: int, rows: int) -> bool:
+    """Whether `in_row_blocks` cuts a batch of `batch` rows into blocks of `rows`."""
+    return 0 < rows < batch and batch % rows == 0
 
 
 def encoder_rows(setting: int) -> int:
