@@ -20,7 +20,7 @@ from onerec_jax import distributed
 from onerec_jax.data import dataset, sequences
 from onerec_jax.errors import UserError
 
-MODES = ("prepare", "train", "eval", "tokenize", "report", "recommend")
+MODES = ("prepare", "train", "eval", "tokenize", "report", "recommend", "serve")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/ml25m.py[:variant].", lock_config=True
@@ -35,6 +35,19 @@ _ITEMS = flags.DEFINE_multi_string(
     "repeated, e.g. --items='Toy Story (1995); Heat' --items=260.",
 )
 _K = flags.DEFINE_integer("k", 10, "--mode recommend: how many movies to recommend.")
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "--mode serve: the address to listen on.")
+_PORT = flags.DEFINE_integer("port", 8000, "--mode serve: the TCP port to listen on.")
+_SERVE_MAX_BATCH = flags.DEFINE_integer(
+    "serve_max_batch", 32, "--mode serve: the most requests answered by one model call."
+)
+_SERVE_MAX_WAIT_MS = flags.DEFINE_float(
+    "serve_max_wait_ms",
+    2.0,
+    "--mode serve: how long the first waiting request waits for others to join its batch.",
+)
+_SERVE_WARMUP = flags.DEFINE_bool(
+    "serve_warmup", False, "--mode serve: compile the batch sizes 1..max_batch (k=10) at start."
+)
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed",
     None,
@@ -187,7 +200,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax and Grain log every step at INFO
     config = _CONFIG.value
-    if config is None and _MODE.value not in ("report", "recommend"):
+    if config is None and _MODE.value not in ("report", "recommend", "serve"):
         raise app.UsageError("--config is required, e.g. --config configs/demo.py")
     workdir = Path(_WORKDIR.value)
     try:
@@ -205,6 +218,18 @@ def main(argv):
                 recommend.recommendations_text(
                     workdir, user=_USER.value, items=_ITEMS.value, k=_K.value
                 )
+            )
+            return
+        if _MODE.value == "serve":  # the trained run's own config.json, like recommend
+            from onerec_jax import serve
+
+            serve.serve(
+                workdir,
+                host=_HOST.value,
+                port=_PORT.value,
+                max_batch=_SERVE_MAX_BATCH.value,
+                max_wait_ms=_SERVE_MAX_WAIT_MS.value,
+                warmup=_SERVE_WARMUP.value,
             )
             return
         workdir.mkdir(parents=True, exist_ok=True)

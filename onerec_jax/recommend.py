@@ -86,26 +86,58 @@ class Recommender:
 
         `user` (dense id) is passed to the model as `batch["user"]` when given.
         """
+        return self.recommend_batch([history], k, None if user is None else [user])[0]
+
+    def recommend_batch(
+        self,
+        histories: list[np.ndarray],
+        k: int,
+        users: list[int] | None = None,
+        exclude_seen: bool | list[bool] = True,
+    ) -> list[list[Recommendation]]:
+        """Top-`k` lists for several users in one jitted call (`--mode serve` batches requests
+        through here); row i equals `recommend(histories[i], k, users[i])`.
+
+        The batch is padded to a power of two (rows repeating the first) and the seen-item
+        histories to `ranking.history_width`, so few distinct shapes reach jit. `exclude_seen`
+        False for a row lets its seen items back into its list.
+        """
         if k < 1:
             raise UserError(f"k={k}: ask for at least one recommendation.")
-        history = np.asarray(history, np.int32)
-        recent = history[-self.max_len :]
-        inputs = np.zeros((1, self.max_len), np.int32)  # left-padded, as the eval pipeline
-        inputs[0, self.max_len - len(recent) :] = recent
+        n = len(histories)
+        if n == 0:
+            return []
+        if isinstance(exclude_seen, bool):
+            exclude_seen = [exclude_seen] * n
+        rows = ranking.history_width(n)  # a power of two >= n
+        inputs = np.zeros((rows, self.max_len), np.int32)  # left-padded, as the eval pipeline
+        seen = [
+            np.unique(np.asarray(h, np.int32)) if ex else np.zeros(0, np.int32)
+            for h, ex in zip(histories, exclude_seen, strict=True)
+        ]
+        width = ranking.history_width(max(len(s) for s in seen))
+        masked = np.zeros((rows, width), np.int32)
+        for i, (history, s) in enumerate(zip(histories, seen, strict=True)):
+            recent = np.asarray(history, np.int32)[-self.max_len :]
+            inputs[i, self.max_len - len(recent) :] = recent
+            masked[i, : len(s)] = s
+        inputs[n:], masked[n:] = inputs[0], masked[0]
         batch = {"inputs": inputs}
-        if user is not None:
-            batch["user"] = np.asarray([user], np.int32)
-        seen = np.unique(history)
-        width = ranking.history_width(len(seen))  # few shapes, few recompilations
-        masked = np.zeros((1, width), np.int32)
-        masked[0, : len(seen)] = seen
+        if users is not None:
+            user = np.zeros(rows, np.int32)
+            user[:n] = users
+            user[n:] = users[0]
+            batch["user"] = user
         k = min(k, self.data.n_items)
-        items, scores = self._topk(self.params, batch, masked, k=k)
+        items, scores = jax.device_get(self._topk(self.params, batch, masked, k=k))
         out = []
-        for dense, score in zip(np.asarray(items)[0], np.asarray(scores)[0], strict=True):
-            if dense > 0:  # 0: fewer than k unseen items
-                info = self.catalogue.info(int(dense))
-                out.append(Recommendation(len(out) + 1, *info, float(score)))
+        for row_items, row_scores in zip(items[:n], scores[:n], strict=True):
+            row = []
+            for dense, score in zip(row_items, row_scores, strict=True):
+                if dense > 0:  # 0: fewer than k unseen items
+                    info = self.catalogue.info(int(dense))
+                    row.append(Recommendation(len(row) + 1, *info, float(score)))
+            out.append(row)
         return out
 
     def recommend_for_user(self, source_user_id, k: int = 10) -> list[Recommendation]:
@@ -119,13 +151,17 @@ class Recommender:
 
     def recommend_for_items(self, queries: list[str], k: int = 10) -> list[Recommendation]:
         """Top-`k` for a new user who watched `queries` (titles or movieIds), oldest first."""
+        self.check_new_users()
+        return self.recommend(self.resolve_items(queries), k)
+
+    def check_new_users(self) -> None:
+        """UserError unless the model can serve a user given as a list of movies."""
         if self.needs_user_ids():
             raise UserError(
                 f"model {self.config.model.name!r} scores users by a learned per-user embedding, "
                 "so it cannot serve a new user from a list of movies. Use --user ID, or a "
                 "sequence model (e.g. sasrec, onerec)."
             )
-        return self.recommend(self.resolve_items(queries), k)
 
 
 def _clip(text: str, width: int) -> str:
