@@ -5,8 +5,10 @@ model's own scores in test_recommend.py) for every request of a concurrent, batc
 """
 
 import asyncio
+import importlib.util
 import re
 import threading
+from pathlib import Path
 
 import aiohttp
 import numpy as np
@@ -15,6 +17,8 @@ from aiohttp import web
 from test_recommend import TRAINED, _history, run  # noqa: F401 (fixture)
 
 from onerec_jax import serve
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 class Server:
@@ -181,3 +185,28 @@ def test_batch_of_users_equals_one_at_a_time(run):  # noqa: F811
         assert [r[:5] for r in got] == [r[:5] for r in want]  # rank, movie, title, year, genres
         np.testing.assert_allclose([r.score for r in got], [r.score for r in want], rtol=1e-5)
     assert [r.movie_id for r in batch[1]] == _unmasked_order(rec, _history(4))[:4]
+
+
+def test_load_benchmark_serves_through_main(run):  # noqa: F811
+    """benchmarks/serve_load.py against `python -m onerec_jax.main --mode serve` (a process)."""
+    spec = importlib.util.spec_from_file_location(
+        "serve_load", REPO / "benchmarks" / "serve_load.py"
+    )
+    serve_load = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve_load)
+    out = serve_load.main(
+        [
+            f"--workdir={run[0]}",
+            "--clients=1,4",
+            "--seconds=1",
+            "--warmup_seconds=1",
+            "--max_batch=4",
+            "--check=5",
+            "--k=3",
+        ]
+    )
+    assert [lv["clients"] for lv in out["levels"]] == [1, 4]
+    for level in out["levels"]:
+        assert level["requests"] > 0 and level["errors"] == 0
+        assert 0 < level["p50_ms"] <= level["p99_ms"]
+    assert (out["checked_users"], out["lists_equal"], out["items"]) == (5, 5, 28)
