@@ -35,6 +35,12 @@ _ITEMS = flags.DEFINE_multi_string(
     "repeated, e.g. --items='Toy Story (1995); Heat' --items=260.",
 )
 _K = flags.DEFINE_integer("k", 10, "--mode recommend: how many movies to recommend.")
+_EXPLAIN = flags.DEFINE_bool(
+    "explain", False, "--mode recommend: say which watched movies drove each recommendation."
+)
+_EXPLAIN_PNG = flags.DEFINE_string(
+    "explain_png", None, "--mode recommend: write an attention heatmap of the recent history here."
+)
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "--mode serve: the address to listen on.")
 _PORT = flags.DEFINE_integer("port", 8000, "--mode serve: the TCP port to listen on.")
 _SERVE_MAX_BATCH = flags.DEFINE_integer(
@@ -216,7 +222,12 @@ def main(argv):
 
             print(
                 recommend.recommendations_text(
-                    workdir, user=_USER.value, items=_ITEMS.value, k=_K.value
+                    workdir,
+                    user=_USER.value,
+                    items=_ITEMS.value,
+                    k=_K.value,
+                    explain=_EXPLAIN.value,
+                    explain_png=_EXPLAIN_PNG.value,
                 )
             )
             return

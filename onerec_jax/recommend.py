@@ -22,11 +22,13 @@ import jax
 import ml_collections
 import numpy as np
 
+from onerec_jax import explain
 from onerec_jax.data.catalogue import Catalogue, parse_queries
 from onerec_jax.data.sequences import SequenceData
 from onerec_jax.errors import UserError
 from onerec_jax.evaluation import ranking
 from onerec_jax.models import registry
+from onerec_jax.models.base import ScoringModel
 from onerec_jax.runs import load_run
 
 
@@ -48,6 +50,7 @@ class Recommender:
         self.max_len = int(config.data.max_len)
         self.spec = registry.model_spec(config)
         self._topk = jax.jit(model.topk, static_argnames="k")
+        self._scores = None  # jitted on first use by `explain`
 
     @classmethod
     def from_run(cls, workdir: str | Path) -> Recommender:
@@ -145,6 +148,61 @@ class Recommender:
         user, history = self.user_history(source_user_id)
         return self.recommend(history, k, user=user)
 
+    def explain(
+        self, history: np.ndarray, rows: list[Recommendation], top: int = 3
+    ) -> list[list[explain.Reason]]:
+        """Per recommendation, up to `top` watched movies (dense ids) that drove it, strongest
+        first (explain.py): for a scoring model the score drop without each movie, for a
+        generative model the watched movies sharing the longest semantic-id prefix."""
+        history = np.asarray(history, np.int32)
+        dense = np.asarray([self.catalogue.dense_id(r.movie_id) for r in rows], np.int32)
+        codes = self._semantic_codes()
+        if codes is not None:
+            return [explain.prefix_reasons(codes, history, int(d), top) for d in dense]
+        if self.needs_user_ids() or not isinstance(self.model, ScoringModel):
+            raise UserError(
+                f"--explain: model {self.config.model.name!r} does not read the watched movies "
+                "(a per-user embedding), so no watched movie explains its list. Use a sequence "
+                "model (sasrec, onerec, gru4rec, bert4rec) or a generative one (tiger, onerec_sid)."
+            )
+        if self._scores is None:
+            model = self.model
+
+            def scores(params, inputs, items):
+                return model.score_chunk(
+                    params, model.user_state(params, {"inputs": inputs}), items
+                )
+
+            self._scores = jax.jit(scores)
+        drops, positions = explain.occlusion_drops(
+            lambda inputs: self._scores(self.params, inputs, dense), history, dense, self.max_len
+        )
+        return explain.top_reasons(drops, positions, history, top)
+
+    def _semantic_codes(self) -> np.ndarray | None:
+        """[V, L] content codes of a generative model's items (collision token dropped)."""
+        ids = getattr(getattr(self.model, "info", None), "semantic_ids", None)
+        if ids is None or isinstance(self.model, ScoringModel):
+            return None
+        return np.asarray(ids.codes)[:, : ids.levels]
+
+    def prefix_meaning(self, item: int, length: int) -> str:
+        """'N movies: Drama 60%, Comedy 30%' for the items under `item`'s first `length` codes."""
+        codes = self._semantic_codes()
+        genres = [self.catalogue.info(i)[3] for i in range(self.data.n_items + 1)]
+        n, top = explain.prefix_genres(codes, genres, item, length)
+        shares = ", ".join(f"{g} {100 * f:.0f}%" for g, f in top) or "no genres"
+        return f"{n} movies: {shares}"
+
+    def attention_png(self, history: np.ndarray, path: str | Path) -> Path:
+        """`--explain_png`: the attention heatmap of `history`'s recent movies (explain.py)."""
+        inputs, _ = explain.occlusion_inputs(
+            np.asarray(history, np.int32)[-self.max_len :], self.max_len
+        )
+        maps = explain.attention_maps(self.model, self.params, inputs[0])
+        recent = np.asarray(history)[-self.max_len :]
+        return explain.attention_png(maps, [self.catalogue.label(int(d)) for d in recent], path)
+
     def needs_user_ids(self) -> bool:
         """Whether the model's user state needs `batch["user"]` (its spec's `reads_user_ids`)."""
         return self.spec.reads_user_ids
@@ -183,8 +241,46 @@ def format_recommendations(rows: list[Recommendation]) -> str:
     return "\n".join(lines)
 
 
+def explanation_lines(rec: Recommender, history: np.ndarray, rows: list[Recommendation]):
+    """'because you watched ...' per recommendation (`--explain`)."""
+    reasons = rec.explain(history, rows)
+    generative = rec._semantic_codes() is not None
+    head = (
+        "why (watched movies sharing the longest semantic-id prefix; what the prefix holds):"
+        if generative
+        else "why (the watched movies without which its score falls most, by how much):"
+    )
+    lines = [head]
+    for r, why in zip(rows, reasons, strict=True):
+        title = f"{r.title} ({r.year})" if r.year else r.title or str(r.movie_id)
+        if not why:
+            lines.append(
+                f"{r.rank:>4}  {title}: no watched movie "
+                + ("shares its first code" if generative else "raises its score on its own")
+            )
+            continue
+        if generative:
+            length = int(why[0].weight)
+            meaning = rec.prefix_meaning(rec.catalogue.dense_id(r.movie_id), length)
+            watched = "; ".join(rec.catalogue.label(x.item) for x in why)
+            lines.append(
+                f"{r.rank:>4}  {title}: because you watched {watched} (the same first "
+                f"{length} code{'s' if length > 1 else ''}: {meaning})"
+            )
+        else:
+            watched = "; ".join(f"{rec.catalogue.label(x.item)} (-{x.weight:.2f})" for x in why)
+            lines.append(f"{r.rank:>4}  {title}: because you watched {watched}")
+    return lines
+
+
 def recommendations_text(
-    workdir: str | Path, *, user: str | None = None, items: list[str] = (), k: int = 10
+    workdir: str | Path,
+    *,
+    user: str | None = None,
+    items: list[str] = (),
+    k: int = 10,
+    explain: bool = False,
+    explain_png: str | Path | None = None,
 ) -> str:
     """`--mode recommend`: what the run in `workdir` recommends to `user` or after `items`.
 
@@ -193,6 +289,8 @@ def recommendations_text(
       user: a source user id of the trained data (`--user`); or
       items: `--items` values, split by `parse_queries` (titles or movieIds, oldest first).
       k: list length.
+      explain: add why each movie was recommended (explain.py).
+      explain_png: write the attention heatmap of the user's recent movies there.
     """
     queries = parse_queries(list(items))
     if (user is None) == (not queries):
@@ -208,8 +306,16 @@ def recommendations_text(
         rows = rec.recommend_for_user(user, k)
     else:
         rows = rec.recommend_for_items(queries, k)
-        watched = "; ".join(rec.catalogue.label(d) for d in rec.resolve_items(queries))
+        history = rec.resolve_items(queries)
+        watched = "; ".join(rec.catalogue.label(d) for d in history)
         head = f"a new user who watched (oldest first): {watched}"
-    return f"{head}\ntop {len(rows)} of model {rec.config.model.name!r}:\n" + (
-        format_recommendations(rows)
-    )
+    lines = [
+        head,
+        f"top {len(rows)} of model {rec.config.model.name!r}:",
+        format_recommendations(rows),
+    ]
+    if explain and rows:
+        lines += explanation_lines(rec, history, rows)
+    if explain_png:
+        lines.append(f"attention heatmap: {rec.attention_png(history, explain_png)}")
+    return "\n".join(lines)

@@ -94,6 +94,7 @@ class SelfAttention(nn.Module):
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(head_dim)
         logits = jnp.where(mask, logits, _NEG)
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # [B, H, L, L]
+        self.sow("intermediates", "attention", weights)  # explain.py; free unless mutable
         weights = nn.Dropout(self.dropout)(weights, deterministic=not train)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)  # [B, L, H, Dh]
         out_init = dense_init(("heads", "kv", "embed"), fan_in_axes=(0, 1), std=self.out_init_std)

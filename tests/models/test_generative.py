@@ -17,7 +17,7 @@ from onerec_jax.errors import ConfigError
 from onerec_jax.models.base import DataInfo
 from onerec_jax.models.registry import build_model
 from onerec_jax.models.seq2seq import level_columns
-from onerec_jax.recommend import Recommender
+from onerec_jax.recommend import Recommender, recommendations_text
 from onerec_jax.tokenize.semantic_ids import random_codes
 from tests.data.test_pipeline import make_data
 
@@ -246,6 +246,27 @@ def test_end_to_end_tokenizes_trains_and_reports_beam_ranking(variant, tmp_path,
     assert scores == sorted(scores, reverse=True) and max(scores) <= 0.0  # log-probabilities
     new = rec.recommend_for_items([str(rec.data.item_ids[i]) for i in history[:5]], k=3)
     assert len(new) == 3
+
+    # --explain: the watched movies sharing the longest semantic-id prefix, checked by hand
+    codes = rec.model.info.semantic_ids.codes[:, :-1]  # content codes, collision token dropped
+    for row, why in zip(rows, rec.explain(history, rows, top=2), strict=True):
+        item = rec.catalogue.dense_id(row.movie_id)
+        shared = {
+            h: next((n for n in range(codes.shape[1]) if codes[h, n] != codes[item, n]), 3)
+            for h in history.tolist()
+        }
+        best = sorted((n for n in shared.values() if n), reverse=True)[:2]
+        assert [int(r.weight) for r in why] == best
+        assert all(shared[r.item] == r.weight for r in why)
+    text = recommendations_text(tmp_path / "run", user=str(user), k=7, explain=True)
+    assert "semantic-id prefix" in text
+    for row, why in zip(rows, rec.explain(history, rows, top=3), strict=True):
+        line = next(t for t in text.splitlines() if t.startswith(f"{row.rank:>4}  ") and ": " in t)
+        if why:  # "because you watched A; B (the same first n codes: N movies: Drama 40%, ...)"
+            assert f"the same first {int(why[0].weight)} code" in line and " movies: " in line
+            assert all(rec.catalogue.label(r.item) in line for r in why)
+        else:
+            assert line.endswith("no watched movie shares its first code")
 
 
 def test_dense_head_loss_and_rerank_by_hand():
