@@ -52,7 +52,9 @@ _SERVE_MAX_WAIT_MS = flags.DEFINE_float(
     "--mode serve: how long the first waiting request waits for others to join its batch.",
 )
 _SERVE_WARMUP = flags.DEFINE_bool(
-    "serve_warmup", False, "--mode serve: compile the batch sizes 1..max_batch (k=10) at start."
+    "serve_warmup",
+    True,
+    "--mode serve: compile the batch sizes 1..max_batch (k=10) before taking requests.",
 )
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed",

@@ -51,6 +51,9 @@ class Recommender:
         self.spec = registry.model_spec(config)
         self._topk = jax.jit(model.topk, static_argnames="k")
         self._scores = None  # jitted on first use by `explain`
+        # The least width seen-item histories are padded to (`--mode serve`: the longest user's,
+        # so that only the batch size varies between calls and every shape compiles at start).
+        self.history_floor = 0
 
     @classmethod
     def from_run(cls, workdir: str | Path) -> Recommender:
@@ -118,7 +121,7 @@ class Recommender:
             np.unique(np.asarray(h, np.int32)) if ex else np.zeros(0, np.int32)
             for h, ex in zip(histories, exclude_seen, strict=True)
         ]
-        width = ranking.history_width(max(len(s) for s in seen))
+        width = max(ranking.history_width(max(len(s) for s in seen)), self.history_floor)
         masked = np.zeros((rows, width), np.int32)
         for i, (history, s) in enumerate(zip(histories, seen, strict=True)):
             recent = np.asarray(history, np.int32)[-self.max_len :]

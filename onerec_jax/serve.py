@@ -20,8 +20,9 @@ Requests are batched: `Batcher` takes what arrives within `max_wait_ms` of the f
 request (or `max_batch` requests) and answers it with one jitted call per (k, user-or-items)
 group (`Recommender.recommend_batch`), in one worker thread, so the event loop keeps accepting
 requests while the model runs. Every batch is padded to a power of two; the first request of a
-new shape (batch size, seen-history width, k) compiles, which takes seconds. `--serve_warmup`
-compiles the common shapes at start.
+new shape compiles, which takes seconds: the seen items of every request are padded to the
+longest user's history (`fix_history_width`), so the shapes are the batch sizes 1, 2, 4 ..
+max_batch for each k, and `--serve_warmup` (on by default) compiles them for k = 10 at start.
 
 Server library: aiohttp. It is asyncio (the batching above is a queue and a timer on the
 event loop, not threads and locks), production-grade, maintained, one dependency that is also
@@ -42,6 +43,7 @@ import numpy as np
 from aiohttp import web
 
 from onerec_jax.errors import UserError
+from onerec_jax.evaluation import ranking
 from onerec_jax.recommend import Recommendation, Recommender
 
 MAX_K = 1000  # the longest list one request may ask for
@@ -245,9 +247,17 @@ def make_app(rec: Recommender, *, max_batch: int = 32, max_wait_ms: float = 2.0)
     return app
 
 
+def fix_history_width(rec: Recommender) -> int:
+    """Pads every request's seen items to the longest user's history (a power of two), so a
+    request's shape depends on the batch size alone: masking a few thousand ids costs little
+    beside scoring the catalogue, and a new width would compile mid-service (seconds)."""
+    rec.history_floor = ranking.history_width(int(np.diff(rec.data.offsets).max()))
+    return rec.history_floor
+
+
 def warm_up(rec: Recommender, max_batch: int, k: int = 10) -> float:
-    """Compiles the batch sizes 1, 2, 4 .. max_batch at `k` for a typical history width (the
-    first user's); returns the seconds it took."""
+    """Compiles the batch sizes 1, 2, 4 .. max_batch at `k` (the shapes of `k` requests once
+    `fix_history_width` has run); returns the seconds it took."""
     start = time.perf_counter()
     _, history = rec.user_history(rec.data.user_ids[0])
     n = 1
@@ -266,10 +276,11 @@ def serve(
     port: int = 8000,
     max_batch: int = 32,
     max_wait_ms: float = 2.0,
-    warmup: bool = False,
+    warmup: bool = True,
 ) -> None:
     """`--mode serve`: runs the service until interrupted (Ctrl-C)."""
     rec = Recommender.from_run(workdir)
+    fix_history_width(rec)
     if warmup:
         print(f"warm-up: {warm_up(rec, max_batch):.1f}s", flush=True)
     app = make_app(rec, max_batch=max_batch, max_wait_ms=max_wait_ms)

@@ -210,3 +210,13 @@ def test_load_benchmark_serves_through_main(run):  # noqa: F811
         assert level["requests"] > 0 and level["errors"] == 0
         assert 0 < level["p50_ms"] <= level["p99_ms"]
     assert (out["checked_users"], out["lists_equal"], out["items"]) == (5, 5, 28)
+
+
+def test_fixed_history_width_keeps_the_lists(run, monkeypatch):  # noqa: F811
+    _, rec = run
+    want = [rec.recommend_for_user(u, k=5) for u in (2, 9)]
+    monkeypatch.setattr(rec, "history_floor", 0)
+    assert serve.fix_history_width(rec) == 8  # every user has 8 movies: a power of two already
+    monkeypatch.setattr(rec, "history_floor", 64)  # wider than any history: padding only
+    got = [rec.recommend_for_user(u, k=5) for u in (2, 9)]
+    assert [[r.movie_id for r in g] for g in got] == [[r.movie_id for r in w] for w in want]
