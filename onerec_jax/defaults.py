@@ -67,7 +67,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.embedding_norm = True  # BERT4Rec: LayerNorm(item + position) as BERT (False: sqrt(dim)*item)
     m.mlm_head = False  # BERT4Rec: BERT's dense + GELU + LayerNorm transform before the table
     m.positions = "rotary"  # OneRec: rotary, learned or none
-    m.side_features = ("genres", "year")  # OneRec: item side features (+ "semantic_ids")
+    # OneRec: item side features (+ "semantic_ids", "vectors": features.vectors_path's vectors)
+    m.side_features = ("genres", "year")
     m.semantic_ids = ""  # a `--mode tokenize` workdir (or its .npz): item codes as a feature
     m.fusion = "sum"  # OneRec: fuse side features by "sum" or "concat" (then a projection)
     m.aux_weight = 0.0  # OneRec: weight of the masked-input reconstruction loss (0: off)
@@ -171,7 +172,16 @@ def base_config() -> ml_collections.ConfigDict:
     # the "interactions" block), or "error".
     f.missing = "skip"
     f.weights = ml_collections.ConfigDict(
-        dict(genres=1.0, year=1.0, title=1.0, tags=1.0, genome=1.0, collab=1.0, interactions=1.0)
+        dict(
+            genres=1.0,
+            year=1.0,
+            title=1.0,
+            tags=1.0,
+            genome=1.0,
+            collab=1.0,
+            interactions=1.0,
+            vectors=1.0,
+        )
     )  # per-block multiplier after standardisation (block norms are otherwise comparable)
     f.year_bucket_years = 5  # width of a release-year bucket (years), one-hot encoded
     f.title_dim = 32  # truncated-SVD components of the title TF-IDF
@@ -180,6 +190,11 @@ def base_config() -> ml_collections.ConfigDict:
     f.genome_missing = "mean"  # items without a genome vector: "mean" or "zero" (+ a flag column)
     f.collab_workdir = ""  # collab block: a trained run whose best checkpoint's item table is read
     f.interactions_dim = 64  # truncated-SVD components of the items' training-user TF-IDF
+    # "vectors" block and item-head side feature: your own item vectors (data/item_vectors.py)
+    f.vectors_path = ""  # .parquet (id column + list or numeric columns), .npz (ids, vectors), .npy
+    f.vectors_id_column = ""  # Parquet id column ("": movieId, item_id, itemId, item or id)
+    f.vectors_width = 0  # expected width (0: any)
+    f.vectors_missing = "error"  # catalogue items without a vector: "error", "mean" or "zero"
 
     c.tokenize = tk = ml_collections.ConfigDict()
     # Semantic ids (tokenize/): items -> `levels` codes of `codebook_size` + a collision token.

@@ -15,6 +15,8 @@ and all zeros):
   interactions  collaborative embeddings with no model: TF-IDF of each item's training users
           (the train split only: no validation or test item is read) -> truncated SVD to
           `interactions_dim` components, plus a "no training user" column
+  vectors your own item vectors (a text or image encoder's) from `vectors_path`, keyed by item id
+          (data/item_vectors.py: layouts, checks, `vectors_missing`)
 
 Content a dataset lacks (ML-100K and ML-1M have no tags, only ML-20M/25M a genome, a
 `user item item ...` file nothing at all): with `missing="skip"` (the default) such a block is
@@ -38,12 +40,12 @@ from scipy import sparse
 from sklearn.decomposition import PCA, TruncatedSVD
 from sklearn.feature_extraction.text import TfidfTransformer, TfidfVectorizer
 
-from onerec_jax.data import item_arrays
+from onerec_jax.data import item_arrays, item_vectors
 from onerec_jax.data.records import ItemInfo
 from onerec_jax.data.sequences import SequenceData
 from onerec_jax.errors import ConfigError, DataFormatError
 
-BLOCKS = ("genres", "year", "title", "tags", "genome", "collab", "interactions")
+BLOCKS = ("genres", "year", "title", "tags", "genome", "collab", "interactions", "vectors")
 # (features.collab_workdir, data, items) -> [n_items, dim] item table rows of that trained run
 CollabTable = Callable[[str, SequenceData, ItemInfo], np.ndarray]
 _NO_GENRE = "(no genres listed)"
@@ -100,7 +102,7 @@ def build_features(
     parts, spans, start = [], [], 0
     for name, raw in raws.items():
         _check_finite(raw, name, "in its input (e.g. a NaN genome relevance): fix the data files")
-        block = (_standardise(raw) * _weight(cfg, name)).astype(np.float32)
+        block = (standardised(raw) * _weight(cfg, name)).astype(np.float32)
         _check_finite(block, name, "after standardisation: its values overflow float32")
         parts.append(block)
         spans.append((name, start, start + block.shape[1]))
@@ -125,6 +127,7 @@ def raw_block(
         "tags": _tags,
         "genome": _genome,
         "interactions": _interactions,
+        "vectors": lambda cfg, data, items: item_vectors.vectors_block(cfg, data),
     }
     if name == "collab":
         return np.asarray(_collab(cfg, data, items, collab_table), np.float64)
@@ -158,7 +161,7 @@ def _weight(cfg: ml_collections.ConfigDict, name: str) -> float:
     return weight
 
 
-def _standardise(raw: np.ndarray) -> np.ndarray:
+def standardised(raw: np.ndarray) -> np.ndarray:
     """Zero mean, unit variance per column; constant columns 0; / sqrt(non-constant columns)."""
     mean, std = raw.mean(axis=0), raw.std(axis=0)
     varies = std > 1e-6 * np.abs(raw).max(axis=0, initial=0.0)  # float noise is no variation

@@ -50,6 +50,7 @@ class DataInfo:
     code_sizes: tuple[int, ...] = ()  # [L] codebook size per level of item_codes
     n_users: int = 0  # dense user ids 0..n_users-1 (user-item models have a row per user)
     semantic_ids: Any = None  # tokenize.semantic_ids.SemanticIds (generative models), or None
+    item_vectors: np.ndarray | None = None  # [V, d] float32 standardised own vectors, row 0 = 0
 
     @property
     def vocab_size(self) -> int:
@@ -236,10 +237,16 @@ def side_arrays(config: ml_collections.ConfigDict, info: DataInfo) -> dict:
     """The encoder's genre / year inputs named in model.side_features (module fields). A feature
     the dataset lacks (a `user item item ...` file has neither) is left out with a warning."""
     features = set(config.model.side_features) - {"semantic_ids"}
-    unknown = features - {"genres", "year"}
+    unknown = features - {"genres", "year", "vectors"}
     if unknown:
         raise ConfigError(
-            f"model.side_features has unknown {sorted(unknown)}: use genres, year, semantic_ids."
+            f"model.side_features has unknown {sorted(unknown)}: use genres, year, semantic_ids, "
+            "vectors."
+        )
+    if "vectors" in features and info.item_vectors is None:
+        raise ConfigError(
+            "model.side_features has vectors but no item vectors were loaded: set "
+            "features.vectors_path to your .parquet/.npz/.npy file (data/item_vectors.py)."
         )
     genres = info.item_genres if "genres" in features else None
     years = info.item_year_bucket if "year" in features else None
@@ -253,4 +260,5 @@ def side_arrays(config: ml_collections.ConfigDict, info: DataInfo) -> dict:
         item_genres=None if genres is None else np.asarray(genres, np.float32),
         item_year_bucket=None if years is None else np.asarray(years, np.int32),
         n_year_buckets=1 if years is None else int(np.max(years)) + 1,
+        item_vectors=info.item_vectors if "vectors" in features else None,
     )

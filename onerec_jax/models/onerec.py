@@ -37,6 +37,7 @@ class OneRecItemHead(nn.Module):
     n_year_buckets: int = 1
     item_codes: np.ndarray | None = None  # [V, L] int32 semantic-id codes, or None without them
     code_sizes: tuple[int, ...] = ()  # [L] codebook size per level
+    item_vectors: np.ndarray | None = None  # [V, d] own item vectors (standardised), or None
     fusion: str = "sum"  # "sum" or "concat" (concatenate, then project to dim)
     positions: str = "rotary"  # "rotary", "learned" or "none"
     dim: int = 64
@@ -70,6 +71,10 @@ class OneRecItemHead(nn.Module):
         if self.item_codes is not None:  # one table, level l's codes at rows offset[l]...
             self.code_embedding = self.param(
                 "code_embedding", side, (sum(self.code_sizes), self.dim)
+            )
+        if self.item_vectors is not None:  # a linear map of the item's own vector
+            self.vector_projection = self.param(
+                "vector_projection", side, (self.item_vectors.shape[1], self.dim)
             )
         if self.fusion == "concat":
             self.fuse = nn.Dense(
@@ -125,6 +130,9 @@ class OneRecItemHead(nn.Module):
             rows = jnp.asarray(self.item_codes + offsets)[safe]  # [..., L]
             codes = self.code_embedding[rows].sum(-2)  # [..., D]
             parts.append(codes.astype(self.dtype) * (real & (ids > 0))[..., None])
+        if self.item_vectors is not None:
+            vectors = jnp.asarray(self.item_vectors)[safe]  # [..., d]; row 0 (padding) is 0
+            parts.append((vectors @ self.vector_projection).astype(self.dtype) * real[..., None])
         if self.fusion == "concat":
             return self.fuse(jnp.concatenate(parts, axis=-1))
         return sum(parts[1:], parts[0])

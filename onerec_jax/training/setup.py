@@ -22,7 +22,8 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from onerec_jax.data import item_arrays, pipeline
+from onerec_jax.data import features as item_features
+from onerec_jax.data import item_arrays, item_vectors, pipeline
 from onerec_jax.errors import ConfigError
 from onerec_jax.models import optim, registry
 from onerec_jax.models.base import DataInfo
@@ -31,8 +32,9 @@ from onerec_jax.tokenize.semantic_ids import load_semantic_ids
 from onerec_jax.training.state import TrainState, init_state, train_step
 
 
-def data_info(data, items, max_len: int, semantic_ids: str = "") -> DataInfo:
-    """What models may know about `data`; `semantic_ids`: a tokenize workdir or .npz to load."""
+def data_info(data, items, max_len: int, semantic_ids: str = "", vectors=None) -> DataInfo:
+    """What models may know about `data`; `semantic_ids`: a tokenize workdir or .npz to load;
+    `vectors`: the config's `features` section, to load its own item vectors from."""
     genres = years = codes = sem = None
     sizes = ()
     if items is not None and len(items):
@@ -52,7 +54,17 @@ def data_info(data, items, max_len: int, semantic_ids: str = "") -> DataInfo:
         code_sizes=tuple(int(s) for s in sizes),
         n_users=data.n_users,
         semantic_ids=sem,
+        item_vectors=None if vectors is None else own_vectors(vectors, data),
     )
+
+
+def own_vectors(features: ml_collections.ConfigDict, data) -> np.ndarray:
+    """[V, d] float32: `features.vectors_path`'s item vectors (data/item_vectors.py), each column
+    standardised and the block scaled to a mean squared row norm of 1 (as a feature block)."""
+    block = item_features.standardised(item_vectors.vectors_block(features, data))
+    out = np.zeros((data.n_items + 1, block.shape[1]), np.float32)
+    out[1:] = block
+    return out
 
 
 def _unbox(tree):
@@ -83,7 +95,14 @@ def make_mesh(config: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, tup
 
 def build_model(config: ml_collections.ConfigDict, data, items) -> tuple[DataInfo, Any]:
     """(DataInfo, model object) of `config` on `data`."""
-    info = data_info(data, items, config.data.max_len, config.model.semantic_ids)
+    wants_vectors = "vectors" in tuple(config.model.get("side_features", ()))
+    info = data_info(
+        data,
+        items,
+        config.data.max_len,
+        config.model.semantic_ids,
+        vectors=config.features if wants_vectors else None,
+    )
     return info, registry.build_model(config, info)
 
 
