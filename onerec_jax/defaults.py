@@ -36,6 +36,14 @@ def base_config() -> ml_collections.ConfigDict:
     d.min_user_interactions = 5  # k-core threshold per user (>= 3 for leave-one-out)
     d.min_item_interactions = 0  # k-core threshold per item (0: no item filter, as ML-25M)
     d.max_len = 200  # the model sees at most this many most recent items
+    # Cold start (data/cold_start.py): hold this fraction of the items out of training (the
+    # newest by first appearance, or "random"), and make this fraction of the users new (only
+    # their last new_user_items training interactions kept); 0: off. The evaluator then also
+    # reports cold-target, warm-target and new-user metrics.
+    d.cold_items = 0.0
+    d.cold_items_by = "newest"
+    d.new_users = 0.0
+    d.new_user_items = 3
     d.window_stride = 0  # items between training windows of long sequences (0: max_len)
     # Training windows per user: "latest" (the last max_len + 1 training items: one example per
     # user an epoch, as the public SASRec+ code) or "all" (every window_stride-spaced window).
@@ -72,6 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.semantic_ids = ""  # a `--mode tokenize` workdir (or its .npz): item codes as a feature
     m.fusion = "sum"  # OneRec: fuse side features by "sum" or "concat" (then a projection)
     m.aux_weight = 0.0  # OneRec: weight of the masked-input reconstruction loss (0: off)
+    m.pop_content = False  # popularity: content-predicted popularity for untrained items
     m.aux_mask_prob = 0.2  # OneRec: share of input items masked for that loss
     m.negatives_per_pair = 4  # BPR, NCF: uniform negatives drawn per (user, item) training pair
     m.item_bias = True  # BPR: add a learned per-item bias to the user . item score

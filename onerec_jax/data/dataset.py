@@ -8,7 +8,7 @@ from pathlib import Path
 
 import ml_collections
 
-from onerec_jax.data import download, movielens, records, sequences
+from onerec_jax.data import cold_start, download, movielens, records, sequences
 from onerec_jax.errors import ConfigError, DataFormatError
 
 # Which file of each layout holds the interactions (its identity keys the sequence cache).
@@ -98,6 +98,7 @@ def load_data(
         raise DataFormatError(f"{missing[0]}: file not found. Check --config.data.path.")
     cache_dir = None if cfg.cache_dir == "none" else (cfg.cache_dir or Path(cfg.root) / "cache")
     data = sequences.load_or_build(read, files, sequence_options(cfg), cache_dir)
+    data = cold_start.apply(cfg, data)  # a no-op unless data.cold_items / data.new_users is set
     if with_items and items is None:
         items = movielens.read_dataset(
             source, fmt, cfg.on_bad_rows, cfg.encoding, with_interactions=False

@@ -26,7 +26,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from onerec_jax.data import pipeline
+from onerec_jax.data import item_arrays, pipeline
 from onerec_jax.data.sequences import SequenceData
 from onerec_jax.errors import ConfigError
 from onerec_jax.evaluation import metrics, ranking
@@ -48,6 +48,7 @@ class Evaluator:
         self._valid_users = pipeline.sample_users(
             data.n_users, config.eval.valid_users, config.seed
         )
+        self._train_counts = None  # [V] training interactions per item (segment_metrics)
 
     def _prepare(self, params):
         """What `_rank` needs from the params, computed once per evaluation."""
@@ -109,6 +110,9 @@ class Evaluator:
             "top_items": np.concatenate(tops)[real][by_user],
         }
         result = metrics.metrics_from_ranks(per_user["ranks"])
+        if self._train_counts is None:
+            self._train_counts = item_arrays.train_counts(self.data)
+        result.update(segment_metrics(self.data, split, per_user, self.config, self._train_counts))
         result["seconds"] = time.perf_counter() - start
         return result, per_user
 
@@ -207,6 +211,54 @@ class TopKList(Evaluator):
 
 
 EVALUATORS = {cls.name: cls for cls in (FullRanking, TopKList)}
+
+
+# Segment metrics (`<segment>/<metric>`): the headline ones, with n_users and the 95% half-width.
+SEGMENT_METRICS = ("hr@10", "ndcg@10", "mrr")
+
+
+def segments(
+    data: SequenceData,
+    split: str,
+    users: np.ndarray,
+    config: ml_collections.ConfigDict,
+    counts: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Boolean masks over `users` (dense ids) of the cold-start segments (data/cold_start.py):
+    "cold" (the target has no training interaction: held out by data.cold_items, or absent from
+    training anyway) and "warm" (the rest), when the split has a cold target; "new_users" (at
+    most data.new_user_items training interactions) when data.new_users is set. `counts`: the
+    items' training interactions ([V], item_arrays.train_counts), computed when not given."""
+    out = {}
+    if counts is None:
+        counts = item_arrays.train_counts(data)
+    cold = counts[data.split(split).targets[users]] == 0
+    if cold.any():
+        out["cold"], out["warm"] = cold, ~cold
+    if config.data.get("new_users", 0.0):
+        train_lengths = data.split("train").lengths[users]
+        out["new_users"] = train_lengths <= int(config.data.get("new_user_items", 3))
+    return out
+
+
+def segment_metrics(
+    data: SequenceData,
+    split: str,
+    per_user: dict,
+    config: ml_collections.ConfigDict,
+    counts: np.ndarray | None = None,
+) -> dict[str, float]:
+    """`{"cold/ndcg@10": ..., "cold/n_users": ...}` for every non-empty segment of `segments`."""
+    out = {}
+    for name, mask in segments(data, split, per_user["users"], config, counts).items():
+        out[f"{name}/n_users"] = int(mask.sum())
+        if not mask.any():
+            continue
+        m = metrics.metrics_from_ranks(per_user["ranks"][mask])
+        for key in SEGMENT_METRICS:
+            out[f"{name}/{key}"] = m[key]
+            out[f"{name}/{key}_ci95"] = m[f"{key}_ci95"]
+    return out
 
 
 def make_evaluator(model, data: SequenceData, config: ml_collections.ConfigDict, mesh, rules):

@@ -45,6 +45,9 @@ class RunRow:
     train_seconds: float
     eval_seconds: float
     curve: list[tuple[float, float]]  # (training seconds, validation NDCG@10) per validation
+    # test metrics of the cold-start segments (evaluator.segments): name -> {"n_users", metric:
+    # (mean, 95% half-width)}; empty when the test split had none
+    segments: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -145,7 +148,25 @@ def _read_row(run_dir: Path, name: str) -> RunRow:
         train_seconds=_number(results, "train_seconds"),
         eval_seconds=_number(results, "eval_seconds"),
         curve=_history_curve(results.get("history")),
+        segments=_segments(results.get("test")),
     )
+
+
+def _segments(test) -> dict:
+    """{segment: {"n_users": n, metric: (mean, ci95)}} from results.json's test metrics."""
+    out: dict = {}
+    if not isinstance(test, dict):
+        return out
+    for key, value in test.items():
+        name, _, metric = key.partition("/")
+        if not metric or not isinstance(value, int | float):
+            continue
+        seg = out.setdefault(name, {})
+        if metric == "n_users":
+            seg["n_users"] = int(value)
+        elif any(metric == m for m, _ in TEST_METRICS):
+            seg[metric] = (float(value), float(test.get(f"{key}_ci95", float("nan"))))
+    return {k: v for k, v in out.items() if v.get("n_users")}
 
 
 def _missing_reason(run_dir: Path) -> str:
@@ -304,6 +325,7 @@ def format_report(
             "wall clock since its first line (validation and pauses included; dashed).",
             "",
         ]
+    lines += _segment_section(rows)
     if groups:
         lines += report_seeds.format_seed_section(groups, SEEDS_PNG if SEEDS_PNG in plots else None)
     lines += ["## Runs without usable results", ""]
@@ -313,6 +335,34 @@ def format_report(
     else:
         lines.append("None.")
     return "\n".join(lines) + "\n"
+
+
+def _segment_section(rows: list[RunRow]) -> list[str]:
+    """The test metrics of cold targets, warm targets and new users (data/cold_start.py), for
+    the runs whose test split has such segments."""
+    if not any(r.segments for r in rows):
+        return []
+    lines = [
+        "## Cold start: test metrics by segment",
+        "",
+        "cold: the test target had no training interaction (held out by data.cold_items, or "
+        "absent from training); warm: the rest; new_users: at most data.new_user_items training "
+        "interactions.",
+        "",
+        "| run | segment | users | " + " | ".join(f"test {lb}" for _, lb in TEST_METRICS) + " |",
+        "|---|---|---|" + "---|" * len(TEST_METRICS),
+    ]
+    for r in rows:
+        for name, seg in sorted(r.segments.items()):
+            cells = [
+                f"{seg[m][0]:.4f} +- {seg[m][1]:.4f}" if m in seg else "-" for m, _ in TEST_METRICS
+            ]
+            lines.append(
+                f"| {_cell(r.run, False)} | {name} | {seg['n_users']:,} | "
+                + " | ".join(cells)
+                + " |"
+            )
+    return lines + [""]
 
 
 def write_report(root: str | Path) -> Path:

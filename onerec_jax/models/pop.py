@@ -5,6 +5,12 @@ a user state of 1, so the shared dot-product ranker ranks them and masks each us
 The model sets `trainable = False`: the trainer takes one step that leaves the table unchanged,
 validates and tests, so a popularity run writes the same checkpoints and results.json as any
 other model.
+
+`:popcontent` (popularity by content, the cold-start baseline, data/cold_start.py): items with
+no training interaction get the log-popularity their content predicts, a ridge regression of
+log(1 + count) on the genre multi-hot and release-year bucket one-hot, fitted on the items that
+have training interactions; the others keep their own. Without content the prediction is the
+mean over those items.
 """
 
 from __future__ import annotations
@@ -55,7 +61,43 @@ class PopularityModel(ScoringModel):
 
 
 def build(config: ml_collections.ConfigDict, info: DataInfo) -> ScoringModel:
-    return PopularityModel(Popularity(item_counts=np.asarray(info.item_counts)), config, info)
+    counts = np.asarray(info.item_counts, np.float64)
+    if config.model.get("pop_content", False):
+        counts = np.expm1(content_log_counts(info))  # the module takes log1p again
+    return PopularityModel(Popularity(item_counts=counts), config, info)
+
+
+def content_features(info: DataInfo) -> np.ndarray | None:
+    """[V, F] genre multi-hot and year-bucket one-hot of every item, or None without content."""
+    parts = []
+    if info.item_genres is not None:
+        parts.append(np.asarray(info.item_genres, np.float64))
+    if info.item_year_bucket is not None:
+        years = np.asarray(info.item_year_bucket, np.int64)
+        parts.append(np.eye(int(years.max()) + 1)[years])
+    return np.concatenate(parts, axis=1) if parts else None
+
+
+def content_log_counts(info: DataInfo, alpha: float = 1.0) -> np.ndarray:
+    """[V] log(1 + count) of items with training interactions; for the rest, the ridge
+    prediction from content (fitted on the former), floored at 0. Row 0 (padding) is 0."""
+    from sklearn.linear_model import Ridge
+
+    counts = np.asarray(info.item_counts, np.float64)
+    out = np.log1p(counts)
+    warm = counts > 0
+    warm[0] = False
+    cold = ~warm
+    cold[0] = False
+    if not cold.any() or not warm.any():
+        return out
+    x = content_features(info)
+    if x is None:
+        out[cold] = out[warm].mean()
+    else:
+        ridge = Ridge(alpha=alpha).fit(x[warm], out[warm])
+        out[cold] = np.maximum(ridge.predict(x[cold]), 0.0)
+    return out
 
 
 def config_defaults(c: ml_collections.ConfigDict) -> None:
@@ -63,4 +105,13 @@ def config_defaults(c: ml_collections.ConfigDict) -> None:
     del c
 
 
-register(ModelSpec(name="pop", build=build, variants={"pop": config_defaults}))
+def content_defaults(c: ml_collections.ConfigDict) -> None:
+    """`:popcontent`: popularity, with content-predicted popularity for items never trained on."""
+    c.model.pop_content = True
+
+
+register(
+    ModelSpec(
+        name="pop", build=build, variants={"pop": config_defaults, "popcontent": content_defaults}
+    )
+)
