@@ -40,6 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
     # newest by first appearance, or "random"), and make this fraction of the users new (only
     # their last new_user_items training interactions kept); 0: off. The evaluator then also
     # reports cold-target, warm-target and new-user metrics.
+    d.update_paths = ()  # `--mode update`: folders of later interactions appended (source layout)
     d.cold_items = 0.0
     d.cold_items_by = "newest"
     d.new_users = 0.0

@@ -20,7 +20,7 @@ from onerec_jax import distributed
 from onerec_jax.data import dataset, sequences
 from onerec_jax.errors import UserError
 
-MODES = ("prepare", "train", "eval", "tokenize", "report", "recommend", "serve")
+MODES = ("prepare", "train", "eval", "tokenize", "report", "recommend", "serve", "update")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/ml25m.py[:variant].", lock_config=True
@@ -40,6 +40,18 @@ _EXPLAIN = flags.DEFINE_bool(
 )
 _EXPLAIN_PNG = flags.DEFINE_string(
     "explain_png", None, "--mode recommend: write an attention heatmap of the recent history here."
+)
+_NEW_DATA = flags.DEFINE_string(
+    "new_data", None, "--mode update: a folder of later interactions in the source's layout."
+)
+_UPDATE_WORKDIR = flags.DEFINE_string(
+    "update_workdir", None, "--mode update: where the updated run goes (default <workdir>_update)."
+)
+_UPDATE_STEPS = flags.DEFINE_integer(
+    "update_steps", 0, "--mode update: training steps (0: --update_epochs epochs)."
+)
+_UPDATE_EPOCHS = flags.DEFINE_float(
+    "update_epochs", 1.0, "--mode update: epochs of the combined data when --update_steps is 0."
 )
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "--mode serve: the address to listen on.")
 _PORT = flags.DEFINE_integer("port", 8000, "--mode serve: the TCP port to listen on.")
@@ -208,7 +220,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax and Grain log every step at INFO
     config = _CONFIG.value
-    if config is None and _MODE.value not in ("report", "recommend", "serve"):
+    if config is None and _MODE.value not in ("report", "recommend", "serve", "update"):
         raise app.UsageError("--config is required, e.g. --config configs/demo.py")
     workdir = Path(_WORKDIR.value)
     try:
@@ -232,6 +244,20 @@ def main(argv):
                     explain_png=_EXPLAIN_PNG.value,
                 )
             )
+            return
+        if _MODE.value == "update":  # the trained run's own config.json
+            from onerec_jax import update
+
+            if not _NEW_DATA.value:
+                raise UserError("--mode update needs --new_data FOLDER (later interactions).")
+            results = update.update(
+                workdir,
+                _NEW_DATA.value,
+                out=_UPDATE_WORKDIR.value,
+                steps=_UPDATE_STEPS.value,
+                epochs=_UPDATE_EPOCHS.value,
+            )
+            _print_results(results, Path(results["update"]["workdir"]))
             return
         if _MODE.value == "serve":  # the trained run's own config.json, like recommend
             from onerec_jax import serve

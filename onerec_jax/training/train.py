@@ -49,8 +49,13 @@ class TrainingError(UserError):
     """Training cannot go on (e.g. a non-finite loss); the message says what to change."""
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """Trains `config` in `workdir` (resuming if it holds checkpoints); returns results.json."""
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str | Path, init_params=None
+) -> dict:
+    """Trains `config` in `workdir` (resuming if it holds checkpoints); returns results.json.
+
+    `init_params(setup)`: the params to start from instead of a random initialisation (host
+    arrays of the model's param tree; `--mode update`), when `workdir` holds no checkpoint."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
@@ -64,7 +69,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         ckpt = checkpointing.Checkpointer(workdir / "checkpoints", metric=SELECT_METRIC)
         logger = MetricLogger(workdir, enabled=is_main)
         data_iter = iter(train_batches(setup, config.seed))
-        state, record = _start(setup, ckpt, data_iter, workdir)
+        state, record = _start(setup, ckpt, data_iter, workdir, init_params)
         steps, stopped_early = _train_loop(setup, state, record, data_iter, evaluator, ckpt, logger)
         results = _finish(setup, record, evaluator, ckpt, logger, workdir, steps, stopped_early)
     logger.close()
@@ -72,11 +77,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     return results
 
 
-def _start(setup: TrainSetup, ckpt, data_iter, workdir: Path) -> tuple[TrainState, LoopRecord]:
-    """(state, record) at step 0, or at the latest checkpoint (`data_iter` then set to it)."""
+def _start(
+    setup: TrainSetup, ckpt, data_iter, workdir: Path, init_params=None
+) -> tuple[TrainState, LoopRecord]:
+    """(state, record) at step 0 (params from `init_params(setup)` when given), or at the latest
+    checkpoint (`data_iter` then set to it)."""
     latest = ckpt.latest_step()
     if latest is None:
-        return initial_state(setup, setup.config.seed), LoopRecord()
+        state = initial_state(setup, setup.config.seed)
+        if init_params is not None:  # the optimizer's fresh state depends on shapes only
+            params = jax.device_put(init_params(setup), setup.state_sharding.params)
+            state = TrainState(params=params, opt_state=state.opt_state, step=state.step)
+        return state, LoopRecord()
     params, opt_state, meta = ckpt.restore(
         latest,
         abstract_params=setup.abstract_state.params,
