@@ -97,6 +97,19 @@ class SequenceData:
         return rows, self.items[np.repeat(starts, lengths) + offsets]
 
     @property
+    def has_ratings(self) -> bool:
+        """Whether the source rates its interactions: readers without ratings (the `user item
+        ...` layouts) store 1.0 everywhere, and one value everywhere says nothing either."""
+        return bool(len(self.ratings)) and bool((self.ratings != self.ratings[0]).any())
+
+    def target_ratings(self, name: str) -> np.ndarray:
+        """[n_users] rating of each user's `name` ("valid" or "test") target."""
+        back = {"valid": 2, "test": 1}
+        if name not in back:
+            raise ValueError(f"target_ratings: split {name!r} has no target; use valid or test")
+        return self.ratings[self.offsets[1:] - back[name]]
+
+    @property
     def train(self) -> Split:
         return self.split("train")
 

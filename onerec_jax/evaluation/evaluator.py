@@ -215,6 +215,7 @@ EVALUATORS = {cls.name: cls for cls in (FullRanking, TopKList)}
 
 # Segment metrics (`<segment>/<metric>`): the headline ones, with n_users and the 95% half-width.
 SEGMENT_METRICS = ("hr@10", "ndcg@10", "mrr")
+LIKED, DISLIKED = 4.0, 2.5  # target ratings of the "liked" and "disliked" segments
 
 
 def segments(
@@ -227,7 +228,8 @@ def segments(
     """Boolean masks over `users` (dense ids) of the cold-start segments (data/cold_start.py):
     "cold" (the target has no training interaction: held out by data.cold_items, or absent from
     training anyway) and "warm" (the rest), when the split has a cold target; "new_users" (at
-    most data.new_user_items training interactions) when data.new_users is set. `counts`: the
+    most data.new_user_items training interactions) when data.new_users is set; "liked" (the
+    target rated >= 4) and "disliked" (<= 2.5) when the data has ratings. `counts`: the
     items' training interactions ([V], item_arrays.train_counts), computed when not given."""
     out = {}
     if counts is None:
@@ -238,7 +240,19 @@ def segments(
     if config.data.get("new_users", 0.0):
         train_lengths = data.split("train").lengths[users]
         out["new_users"] = train_lengths <= int(config.data.get("new_user_items", 3))
+    if data.has_ratings:  # preference: was the target liked (>= 4 stars) or disliked (<= 2.5)?
+        rating = data.target_ratings(split)[users]
+        out["liked"], out["disliked"] = rating >= LIKED, rating <= DISLIKED
     return out
+
+
+def graded_ndcg(ranks: np.ndarray, ratings: np.ndarray, top: float, k: int = 10) -> float:
+    """Mean over users of (rating / top) / log2(1 + rank) for targets ranked in the top k, else
+    0: NDCG@k with the target's rating as its gain, normalised by the highest rating `top` (a
+    target rated `top` at rank 1 scores 1, one rated top / 2 at rank 1 scores 0.5)."""
+    ranks = np.asarray(ranks, np.float64)
+    hit = ranks <= k
+    return float(np.mean(np.where(hit, ratings / top / np.log2(1.0 + ranks), 0.0)))
 
 
 def segment_metrics(
@@ -248,8 +262,13 @@ def segment_metrics(
     config: ml_collections.ConfigDict,
     counts: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """`{"cold/ndcg@10": ..., "cold/n_users": ...}` for every non-empty segment of `segments`."""
+    """`{"cold/ndcg@10": ..., "cold/n_users": ...}` for every non-empty segment of `segments`,
+    and `graded_ndcg@10` (the target's rating as gain) on rated data."""
     out = {}
+    if data.has_ratings:
+        ratings = data.target_ratings(split)[per_user["users"]]
+        top = float(data.ratings.max())
+        out["graded_ndcg@10"] = graded_ndcg(per_user["ranks"], ratings, top)
     for name, mask in segments(data, split, per_user["users"], config, counts).items():
         out[f"{name}/n_users"] = int(mask.sum())
         if not mask.any():

@@ -166,6 +166,12 @@ def _segments(test) -> dict:
             seg["n_users"] = int(value)
         elif any(metric == m for m, _ in TEST_METRICS):
             seg[metric] = (float(value), float(test.get(f"{key}_ci95", float("nan"))))
+    graded = test.get("graded_ndcg@10")
+    if isinstance(graded, int | float) and isinstance(test.get("n_users"), int | float):
+        out["all, rating as gain"] = {
+            "n_users": int(test["n_users"]),
+            "ndcg@10": (float(graded), float("nan")),
+        }
     return {k: v for k, v in out.items() if v.get("n_users")}
 
 
@@ -337,28 +343,31 @@ def format_report(
     return "\n".join(lines) + "\n"
 
 
+def _mean_ci(mean: float, ci: float) -> str:
+    return f"{mean:.4f}" if math.isnan(ci) else f"{mean:.4f} +- {ci:.4f}"
+
+
 def _segment_section(rows: list[RunRow]) -> list[str]:
     """The test metrics of cold targets, warm targets and new users (data/cold_start.py), for
     the runs whose test split has such segments."""
     if not any(r.segments for r in rows):
         return []
     lines = [
-        "## Cold start: test metrics by segment",
+        "## Test metrics by segment",
         "",
         "cold: the test target had no training interaction (held out by data.cold_items, or "
         "absent from training); warm: the rest; new_users: at most data.new_user_items training "
-        "interactions.",
+        "interactions; liked / disliked: the test target was rated >= 4 / <= 2.5; all, rating as "
+        "gain: NDCG@10 with the target's rating / the highest rating as its gain.",
         "",
-        "| run | segment | users | " + " | ".join(f"test {lb}" for _, lb in TEST_METRICS) + " |",
-        "|---|---|---|" + "---|" * len(TEST_METRICS),
+        "| run: segment | users | " + " | ".join(f"test {lb}" for _, lb in TEST_METRICS) + " |",
+        "|---|---|" + "---|" * len(TEST_METRICS),
     ]
     for r in rows:
         for name, seg in sorted(r.segments.items()):
-            cells = [
-                f"{seg[m][0]:.4f} +- {seg[m][1]:.4f}" if m in seg else "-" for m, _ in TEST_METRICS
-            ]
+            cells = [_mean_ci(*seg[m]) if m in seg else "-" for m, _ in TEST_METRICS]
             lines.append(
-                f"| {_cell(r.run, False)} | {name} | {seg['n_users']:,} | "
+                f"| {_cell(f'{r.run}: {name}', False)} | {seg['n_users']:,} | "
                 + " | ".join(cells)
                 + " |"
             )

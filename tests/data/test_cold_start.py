@@ -1,6 +1,8 @@
 """Cold-start protocols (data/cold_start.py), the evaluator's segments and popularity by
 content, on hand-made data checked by hand."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -98,8 +100,28 @@ def test_segments_and_their_metrics_by_hand():
     masks = evaluator.segments(held, "valid", np.array([0, 1]), c)
     assert masks["new_users"].tolist() == [False, True]  # train lengths 3 and 1
     assert "cold" in masks  # user 1's validation target 6 is held out
-    # nothing cold: no cold/warm segments
-    assert evaluator.segments(data, "test", np.arange(3), base_config()) == {}
+    # nothing cold: no cold/warm segments; the test targets are rated 4, 8, 12: all "liked"
+    masks = evaluator.segments(data, "test", np.arange(3), base_config())
+    assert sorted(masks) == ["disliked", "liked"] and masks["liked"].all()
+    unrated = dataclasses.replace(data, ratings=np.ones(13, np.float32))  # a `user item` file
+    no_protocol = base_config()
+    assert not unrated.has_ratings
+    assert evaluator.segments(unrated, "test", np.arange(3), no_protocol) == {}
+
+
+def test_preference_segments_and_graded_ndcg_by_hand():
+    data = dataclasses.replace(
+        _data(), ratings=np.array([0, 0, 0, 1, 5, 0, 0, 2, 4.5, 0, 0, 3, 2.5], np.float32)
+    )
+    assert data.target_ratings("test").tolist() == [5, 4.5, 2.5]
+    assert data.target_ratings("valid").tolist() == [1, 2, 3]
+    per_user = {"users": np.arange(3), "ranks": np.array([1.0, 3.0, 20.0])}
+    out = evaluator.segment_metrics(data, "test", per_user, base_config())
+    assert out["liked/n_users"] == 2 and out["disliked/n_users"] == 1
+    assert out["liked/ndcg@10"] == pytest.approx((1 + 1 / np.log2(4)) / 2)
+    assert out["disliked/ndcg@10"] == 0.0
+    # rating / 5 / log2(1 + rank) for ranks within 10: 5/5/1 + 4.5/5/2 + 0 (rank 20), over 3
+    assert out["graded_ndcg@10"] == pytest.approx((1.0 + 0.45) / 3)
 
 
 def test_popularity_by_content_by_hand():

@@ -163,6 +163,13 @@ def test_table_shows_intervals_and_bolds_the_best_of_each_column(root):
     assert real[7] == f"**{v['ndcg@10']:.4f} (step 8 of 8)**"
     assert real[8] == f"{saved['params']:,}"
     assert "rows differ in data or protocol" in text  # demo and ml-latest-small side by side
+    # the demo's ratings give liked / disliked segments and the graded NDCG@10 (evaluator.py)
+    seg = _table_rows(text.split("## Test metrics by segment")[1])
+    liked = seg["sasrec: liked"]
+    assert liked[1] == f"{t['liked/n_users']:,}"
+    assert liked[3] == f"{t['liked/ndcg@10']:.4f} +- {t['liked/ndcg@10_ci95']:.4f}"
+    graded = seg["sasrec: all, rating as gain"]
+    assert graded[3] == f"{t['graded_ndcg@10']:.4f}" and graded[2] == "-"
 
 
 def test_runs_without_results_are_listed_with_their_reason(root):
