@@ -82,6 +82,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.fusion = "sum"  # OneRec: fuse side features by "sum" or "concat" (then a projection)
     m.aux_weight = 0.0  # OneRec: weight of the masked-input reconstruction loss (0: off)
     m.pop_content = False  # popularity: content-predicted popularity for untrained items
+    # SASRec / OneRec item head: a rating head beside the next-item head (layers.RatingHead),
+    # trained on the targets' ratings: loss = next-item + rating_weight x squared error (0: off)
+    m.rating_weight = 0.0
     m.aux_mask_prob = 0.2  # OneRec: share of input items masked for that loss
     m.negatives_per_pair = 4  # BPR, NCF: uniform negatives drawn per (user, item) training pair
     m.item_bias = True  # BPR: add a learned per-item bias to the user . item score
@@ -172,6 +175,8 @@ def base_config() -> ml_collections.ConfigDict:
     # rank any model's targets within its top-k list
     e.evaluator = ""
     e.valid_users = 0  # validate on this many users (a fixed random sample; 0: all); test: all
+    # with a rating head: rank by next-item logit + rating_alpha x predicted rating (0: logit)
+    e.rating_alpha = 0.0
 
     c.features = f = ml_collections.ConfigDict()
     # Item feature matrix for the tokenizers (data/features.py): blocks, each standardised and

@@ -173,7 +173,7 @@ class Recommender:
 
             def scores(params, inputs, items):
                 return model.score_chunk(
-                    params, model.user_state(params, {"inputs": inputs}), items
+                    params, model.ranking_state(params, {"inputs": inputs}), items
                 )
 
             self._scores = jax.jit(scores)

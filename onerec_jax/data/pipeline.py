@@ -181,21 +181,24 @@ def train_dataset(
     process_index: int | None = None,
     process_count: int | None = None,
     worker_count: int = 0,
+    with_ratings: bool = False,
 ) -> grain.IterDataset:
     """This process's training batches (`batch_size` is global), `num_epochs=None` = forever.
 
     Windows as `training_windows(data, max_len, stride, latest_only)`.
 
     Each batch: `inputs`, `targets` [b, W] int32, `mask` [b, W] bool (True on real targets),
-    `user` [b] int32, with b = batch_size // process_count and W = max_len, or the width of the
+    `user` [b] int32 (`with_ratings`: `target_ratings` [b, W] float32, each target's rating),
+    with b = batch_size // process_count and W = max_len, or the width of the
     batch's bucket when `bucket_boundaries` is given (e.g. (16, 32, 64, 128, 200)). Each epoch
     is a fresh shuffle cut into whole global batches (the < batch_size remainder is dropped).
     """
 
     def windows():
+        rows = functools.partial(window_rows, ratings=data.ratings) if with_ratings else window_rows
         return (
             training_windows(data, max_len=max_len, stride=stride, latest_only=latest_only),
-            window_rows,
+            rows,
         )
 
     return _training_dataset(

@@ -73,14 +73,20 @@ def left_padded(
 
 
 def window_rows(
-    items: np.ndarray, windows: Windows, ids: np.ndarray, width: int
+    items: np.ndarray, windows: Windows, ids: np.ndarray, width: int, ratings=None
 ) -> dict[str, np.ndarray]:
-    """The training rows of windows `ids`, left-padded to `width` (>= each window's length)."""
+    """The training rows of windows `ids`, left-padded to `width` (>= each window's length);
+    with `ratings` ([n_interactions], SequenceData.ratings) also each target's rating."""
     lo, length = windows.lo[ids], windows.length[ids]
     inputs, mask = left_padded(items, lo, length, width)
     targets, _ = left_padded(items, lo + 1, length, width)
     # inputs, targets, mask: [rows, width]; user: [rows]
-    return {"inputs": inputs, "targets": targets, "mask": mask, "user": windows.user[ids]}
+    out = {"inputs": inputs, "targets": targets, "mask": mask, "user": windows.user[ids]}
+    if ratings is not None:  # [rows, width] float32, 0 on padding
+        offset = np.arange(width) - (width - length)[:, None]
+        gathered = np.take(ratings, (lo + 1)[:, None] + np.maximum(offset, 0), mode="clip")
+        out["target_ratings"] = np.where(offset >= 0, gathered, 0.0).astype(np.float32)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -143,13 +143,13 @@ class FullRanking(Evaluator):
         if model.dot_product_scores:  # states [B, D] against the item table, computed once
             # The table may carry padding rows (split over the mesh): rank the real items only.
             self._ranker = ranking.make_ranker(mesh, n_items=data.n_items, rules=rules, **options)
-            self._scorer_params = jax.jit(model.item_table)
+            self._scorer_params = jax.jit(model.ranking_table)
         else:  # the model scores item chunks itself (e.g. NCF's MLP)
             self._ranker = ranking.make_ranker_with(
                 model.score_chunk, data.n_items, mesh, **options
             )
             self._scorer_params = lambda params: params
-        self._user_state = jax.jit(ranking.in_row_blocks(model.user_state, sizes["state_rows"]))
+        self._user_state = jax.jit(ranking.in_row_blocks(model.ranking_state, sizes["state_rows"]))
 
     def _prepare(self, params):
         return params, self._scorer_params(params)

@@ -51,6 +51,7 @@ class DataInfo:
     n_users: int = 0  # dense user ids 0..n_users-1 (user-item models have a row per user)
     semantic_ids: Any = None  # tokenize.semantic_ids.SemanticIds (generative models), or None
     item_vectors: np.ndarray | None = None  # [V, d] float32 standardised own vectors, row 0 = 0
+    rating_mean: float = 0.0  # mean training rating (the rating head's offset)
 
     @property
     def vocab_size(self) -> int:
@@ -148,7 +149,7 @@ class ScoringModel(Model):
         chunk by chunk through it (evaluation/ranking.py `rank_and_topk_with`), with history
         masking still done by the shared ranker.
         """
-        rows = vocab_parallel.take_rows(self.item_table(params), item_ids)  # [C, D]
+        rows = vocab_parallel.take_rows(self.ranking_table(params), item_ids)  # [C, D]
         return jnp.einsum(
             "bd,cd->bc",
             state,
@@ -162,10 +163,10 @@ class ScoringModel(Model):
         eval.chunk_size (models/full_ranking.py; ties go to the lower id)."""
         k = int(k or self.config.eval.k)
         chunk = full_ranking.block_sizes(self.config.eval)["chunk_size"]
-        state = self.user_state(params, batch)
+        state = self.ranking_state(params, batch)
         targets = jnp.zeros(history.shape[:1], jnp.int32)  # no target: only the list is used
         if self.dot_product_scores:
-            table = self.item_table(params)
+            table = self.ranking_table(params)
             out = full_ranking.rank_and_topk(
                 state, table, targets, history, k=k, chunk_size=chunk, n_items=self.info.n_items
             )
@@ -217,7 +218,79 @@ class ScoringModel(Model):
             vocab_size=self.info.vocab_size,
         )
         loss = total / jnp.maximum(count, 1.0)
-        return loss, {"loss": loss, "tokens": count}
+        if not self.has_rating_head:
+            return loss, {"loss": loss, "tokens": count}
+        # the second objective: squared error of the targets' predicted ratings (issue 16)
+        predicted = self.target_ratings(params, hidden, table, batch["targets"])
+        err = jnp.where(batch["mask"], (predicted - batch["target_ratings"]) ** 2, 0.0)
+        rating_mse = jnp.sum(err) / jnp.maximum(count, 1.0)
+        total_loss = loss + self.rating_weight * rating_mse
+        return total_loss, {
+            "loss": total_loss,
+            "next_item_loss": loss,
+            "rating_mse": rating_mse,
+            "tokens": count,
+        }
+
+    # -------------------------------------------------------------- the rating head (issue 16)
+
+    @property
+    def rating_weight(self) -> float:
+        return float(self.config.model.get("rating_weight", 0.0))
+
+    @property
+    def has_rating_head(self) -> bool:
+        """model.rating_weight > 0 on a module with a rating head (SASRec, OneRec item head)."""
+        return self.rating_weight > 0 and hasattr(self.module, "rating_parts")
+
+    def rating_parts(self, params):
+        """(P [D, D], b [rows]) of the module's layers.RatingHead."""
+        return self.module.apply({"params": params}, method="rating_parts")
+
+    def target_ratings(self, params, state, table, items) -> jax.Array:
+        """[...] predicted ratings of `items` [...] for states `state` [..., D] (the item
+        embeddings read from `table`): (state P) . e + b[item] + the training mean."""
+        p, b = self.rating_parts(params)
+        rows = vocab_parallel.take_rows(table, items).astype(jnp.float32)
+        bias = vocab_parallel.take_rows(b[:, None], items)[..., 0]
+        projected = jnp.einsum("...d,de->...e", state.astype(jnp.float32), p)
+        return jnp.sum(projected * rows, axis=-1) + bias + self.info.rating_mean
+
+    def predict_ratings(self, params, batch, items: jax.Array) -> jax.Array:
+        """[B, C] predicted ratings of `items` [C] after each user's history in `batch`."""
+        if not self.has_rating_head:
+            raise ConfigError(
+                "this model has no rating head: train it with --config.model.rating_weight > 0."
+            )
+        state = self.user_state(params, batch)  # [B, D]
+        table = self.item_table(params)
+        ids = jnp.broadcast_to(items, (state.shape[0], items.shape[0]))
+        return self.target_ratings(params, state[:, None, :], table, ids)
+
+    def _rating_alpha(self) -> float:
+        return float(self.config.eval.get("rating_alpha", 0.0)) if self.has_rating_head else 0.0
+
+    def ranking_state(self, params, batch) -> jax.Array:
+        """The user state the catalogue is ranked by: `user_state`, or with eval.rating_alpha
+        and a rating head [h + alpha h P, alpha], so that state . `ranking_table` rows =
+        logit + alpha x (predicted rating - mean)."""
+        state = self.user_state(params, batch)
+        alpha = self._rating_alpha()
+        if not alpha:
+            return state
+        p, _ = self.rating_parts(params)
+        mixed = state + alpha * jnp.einsum("bd,de->be", state.astype(jnp.float32), p).astype(
+            state.dtype
+        )
+        return jnp.concatenate([mixed, jnp.full((state.shape[0], 1), alpha, state.dtype)], -1)
+
+    def ranking_table(self, params) -> jax.Array:
+        """`item_table`, with eval.rating_alpha and a rating head its rows [e, b]."""
+        table = self.item_table(params)
+        if not self._rating_alpha():
+            return table
+        _, b = self.rating_parts(params)
+        return jnp.concatenate([table, b[: table.shape[0], None].astype(table.dtype)], -1)
 
 
 def check_user_item(config: ml_collections.ConfigDict, info: DataInfo) -> None:

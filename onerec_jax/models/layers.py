@@ -50,6 +50,28 @@ def rotary(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> jax.Ar
     return out.astype(x.dtype)
 
 
+class RatingHead(nn.Module):
+    """The rating a user would give an item (issue 16's second objective), bilinear in the user
+    state h [..., D] and the item's embedding e [..., D]: r = (h P) . e + b[item] + mean.
+
+    Bilinear so that ranking by `logit + alpha x rating` stays one dot product per item:
+    h . e + alpha ((h P) . e + b) = [h + alpha h P, alpha] . [e, b] (ScoringModel.ranking_state).
+    `P` starts at zero and `b` at zero: the first prediction is the training mean.
+    """
+
+    vocab_rows: int  # item-table rows (padding rows included)
+
+    @nn.compact
+    def __call__(self, dim: int):
+        """(P [D, D], b [vocab_rows])."""
+        zeros = nn.initializers.zeros
+        p = self.param(
+            "projection", nn.with_logical_partitioning(zeros, ("embed", "mlp")), (dim, dim)
+        )
+        b = self.param("bias", nn.with_logical_partitioning(zeros, ("vocab",)), (self.vocab_rows,))
+        return p, b
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention; optional rotary positions on queries and keys.
 

@@ -46,6 +46,7 @@ class OneRecItemHead(nn.Module):
     mlp_dim: int = 128
     dropout: float = 0.1
     dtype: jnp.dtype = jnp.float32
+    rating_head: bool = False  # a RatingHead beside the next-item head (model.rating_weight > 0)
 
     def setup(self):
         init = nn.with_logical_partitioning(
@@ -76,6 +77,8 @@ class OneRecItemHead(nn.Module):
             self.vector_projection = self.param(
                 "vector_projection", side, (self.item_vectors.shape[1], self.dim)
             )
+        if self.rating_head:  # rows as the id table's: every row item_table can return
+            self.rating = layers.RatingHead(vocab_parallel.padded_rows(self.vocab_size + 1))
         if self.fusion == "concat":
             self.fuse = nn.Dense(
                 self.dim,
@@ -140,6 +143,8 @@ class OneRecItemHead(nn.Module):
     def __call__(self, inputs, *, train: bool, last_only: bool = False):
         """inputs [B, L] left-padded item ids (may hold the mask token) -> hidden [B, L, D]
         ([B, 1, D] with `last_only`: the last slot alone, one query in the last block)."""
+        if self.rating_head and self.is_initializing():
+            self.rating(self.dim)  # creates the rating head's params with the rest
         length = inputs.shape[1]
         positions = layers.positions_from_end(length)
         x = self.embed_items(inputs)  # [B, L, D]
@@ -168,6 +173,10 @@ class OneRecItemHead(nn.Module):
             return self.embed_items(jnp.arange(self.vocab_size))
         fused = self._fuse([table.astype(self.dtype)], jnp.arange(table.shape[0]))
         return nn.with_logical_constraint(fused, ("vocab", "embed"))
+
+    def rating_parts(self):
+        """(P [D, D], b [id-table rows]) of the rating head (layers.RatingHead)."""
+        return self.rating(self.dim)
 
 
 class OneRecItemModel(ScoringModel):
@@ -226,6 +235,7 @@ def build(config: ml_collections.ConfigDict, info: DataInfo) -> ScoringModel:
         mlp_dim=m.mlp_dim,
         dropout=m.dropout,
         dtype=compute_dtype(config.train.compute_dtype),
+        rating_head=m.get("rating_weight", 0.0) > 0,
     )
     return OneRecItemModel(module, config, info)
 

@@ -28,6 +28,7 @@ class SASRec(nn.Module):
     attn_bias: bool = True  # biases on the attention projections
     positions: str = "start"  # learned positions counted from the first item or from the "end"
     dtype: jnp.dtype = jnp.float32
+    rating_head: bool = False  # a RatingHead beside the next-item head (model.rating_weight > 0)
 
     def setup(self):
         std = self.init_std if self.init_std > 0 else self.dim**-0.5
@@ -62,10 +63,14 @@ class SASRec(nn.Module):
         ]
         self.final_norm = nn.LayerNorm(dtype=self.dtype, epsilon=self.norm_eps)
         self.dropout_layer = nn.Dropout(self.dropout)
+        if self.rating_head:
+            self.rating = layers.RatingHead(vocab_parallel.padded_rows(self.vocab_size))
 
     def __call__(self, inputs, *, train: bool, last_only: bool = False):
         """inputs [B, L] left-padded item ids -> hidden [B, L, D] ([B, 1, D] with `last_only`:
         the last slot's state alone, its last block computing that one query)."""
+        if self.rating_head and self.is_initializing():
+            self.rating(self.dim)  # creates the rating head's params with the rest
         length = inputs.shape[1]
         positions = layers.positions_from_end(length)  # [L]; rotary-free blocks ignore them
         if self.positions == "start":  # [B, L]: 0 at each row's first real item
@@ -94,6 +99,10 @@ class SASRec(nn.Module):
     def item_table(self):
         return self.item_embedding.embedding  # [V (+ padding rows), D], shared with the input
 
+    def rating_parts(self):
+        """(P [D, D], b [V (+ padding rows)]) of the rating head (layers.RatingHead)."""
+        return self.rating(self.dim)
+
 
 def _zero_padding_row(init):
     """`init` with row 0 (the padding item) set to zero, as torch's `padding_idx` does."""
@@ -121,6 +130,7 @@ def build(config: ml_collections.ConfigDict, info: DataInfo) -> ScoringModel:
         attn_bias=m.attn_bias,
         positions=m.position_origin,
         dtype=compute_dtype(config.train.compute_dtype),
+        rating_head=m.get("rating_weight", 0.0) > 0,
     )
     return ScoringModel(module, config, info)
 

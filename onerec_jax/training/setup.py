@@ -55,7 +55,20 @@ def data_info(data, items, max_len: int, semantic_ids: str = "", vectors=None) -
         n_users=data.n_users,
         semantic_ids=sem,
         item_vectors=None if vectors is None else own_vectors(vectors, data),
+        rating_mean=_train_rating_mean(data),
     )
+
+
+def _train_rating_mean(data) -> float:
+    """Mean rating of the training interactions (0 without ratings)."""
+    split = data.train
+    mask = np.zeros(len(data.ratings), bool)
+    lengths = split.lengths
+    rows = np.repeat(split.starts, lengths) + (
+        np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    )
+    mask[rows] = True
+    return float(data.ratings[mask].mean()) if mask.any() and data.has_ratings else 0.0
 
 
 def own_vectors(features: ml_collections.ConfigDict, data) -> np.ndarray:
@@ -164,6 +177,16 @@ def make_setup(
     with `mesh` and `rules` in effect (`sharding.use_mesh`)."""
     c = config
     info, model = build_model(c, data, items)
+    if c.model.get("rating_weight", 0.0) > 0 and not data.has_ratings:
+        raise ConfigError(
+            f"model.rating_weight={c.model.rating_weight}: this data has no ratings (its layout "
+            "stores none, or one value everywhere); the rating head needs them. Set it to 0."
+        )
+    if c.model.get("rating_weight", 0.0) > 0 and not getattr(model, "has_rating_head", False):
+        raise ConfigError(
+            f"model.rating_weight: model {c.model.name!r} has no rating head (sasrec and onerec "
+            "have one)."
+        )
     if _batch_kind(c)[1]:
         examples = pipeline.target_examples(
             data, max_len=c.data.max_len, session_items=c.model.session_items
@@ -262,7 +285,8 @@ def train_batches(setup: TrainSetup, seed: int):
         return pipeline.generative_train_dataset(
             data, codes, session_items=c.model.session_items, per_target=per_target, **options
         )
-    return pipeline.train_dataset(data, **options)
+    rated = bool(getattr(setup.model, "has_rating_head", False))
+    return pipeline.train_dataset(data, with_ratings=rated, **options)
 
 
 def _windows(c: ml_collections.ConfigDict) -> dict[str, Any]:
