@@ -49,10 +49,48 @@ class Evaluator:
             data.n_users, config.eval.valid_users, config.seed
         )
         self._train_counts = None  # [V] training interactions per item (segment_metrics)
+        self._predict_target = None  # jitted rating-head prediction (`_rating_metrics`)
 
     def _prepare(self, params):
         """What `_rank` needs from the params, computed once per evaluation."""
         return params
+
+    def _rating_metrics(self, params, split: str, users: np.ndarray) -> dict[str, float]:
+        """The rating head as a reward model: RMSE of the predicted rating of each user's
+        `split` target against the true one, beside the baseline that predicts each user's mean
+        training rating (the training mean for a user without one)."""
+        if self._predict_target is None:
+            model = self.model
+
+            def predict(params, inputs, targets):
+                state = model.user_state(params, {"inputs": inputs})
+                return model.target_ratings(params, state, model.item_table(params), targets)
+
+            self._predict_target = jax.jit(predict)
+        data, max_len = self.data, self.config.data.max_len
+        part = data.split(split)
+        predicted = []
+        for lo in range(0, len(users), 256):
+            rows = users[lo : lo + 256]
+            n = len(rows)
+            rows = np.pad(rows, (0, 256 - n), mode="edge")  # one shape: one compilation
+            inputs = np.zeros((len(rows), max_len), np.int32)
+            for i, u in enumerate(rows):
+                seq = data.items[part.starts[u] : part.ends[u]][-max_len:]
+                inputs[i, max_len - len(seq) :] = seq
+            out = self._predict_target(params, inputs, part.targets[rows].astype(np.int32))
+            predicted.append(np.asarray(out)[:n])
+        predicted = np.concatenate(predicted)
+        truth = data.target_ratings(split)[users]
+        train = data.split("train")
+        sums = (
+            np.add.reduceat(data.ratings, data.offsets[:-1])
+            - data.ratings[data.offsets[1:] - 1]
+            - data.ratings[data.offsets[1:] - 2]
+        )  # each user's training ratings
+        user_mean = sums[users] / np.maximum(train.lengths[users], 1)
+        rmse = lambda x: float(np.sqrt(np.mean((x - truth) ** 2)))  # noqa: E731
+        return {"rating_rmse": rmse(predicted), "rating_rmse_user_mean": rmse(user_mean)}
 
     def _history_width(self, split: str, longest: int) -> int:
         """The width of a batch's seen-item histories ([B, H]) given its longest history."""
@@ -113,6 +151,8 @@ class Evaluator:
         if self._train_counts is None:
             self._train_counts = item_arrays.train_counts(self.data)
         result.update(segment_metrics(self.data, split, per_user, self.config, self._train_counts))
+        if getattr(self.model, "has_rating_head", False):
+            result.update(self._rating_metrics(params, split, per_user["users"]))
         result["seconds"] = time.perf_counter() - start
         return result, per_user
 

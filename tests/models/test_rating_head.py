@@ -113,6 +113,20 @@ def test_training_with_a_rating_head_end_to_end(tmp_path_factory):
     mse = [m["train/rating_mse"] for m in logged if "train/rating_mse" in m]
     assert len(mse) == 4 and 0.3 < mse[0] < 3.0  # the head trains on the batches' ratings
     assert {"liked/ndcg@10", "disliked/ndcg@10", "graded_ndcg@10"} <= set(results["test"])
+    # the reward-model metrics: the per-user-mean baseline worked out by hand
+    from onerec_jax.data import dataset
+
+    data, _ = dataset.load_data(c.data, with_items=False)
+    means = np.array(
+        [
+            data.ratings[a : b - 2].mean()
+            for a, b in zip(data.offsets[:-1], data.offsets[1:], strict=True)
+        ]
+    )
+    truth = data.ratings[data.offsets[1:] - 1]
+    want = np.sqrt(np.mean((means - truth) ** 2))
+    assert results["test"]["rating_rmse_user_mean"] == pytest.approx(want, rel=1e-5)
+    assert 0.3 < results["test"]["rating_rmse"] < 3.0
     c2 = apply_variant(base_config(), "bpr")
     c2.data = c.data
     c2.model.rating_weight = 0.5
