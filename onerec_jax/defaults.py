@@ -231,6 +231,16 @@ def base_config() -> ml_collections.ConfigDict:
     tk.spread_last_level = True
     tk.seed = 0  # tokenizer seed
 
+    c.align = a = ml_collections.ConfigDict()
+    # `--mode align` (align.py): DPO on the policy's own candidates, rewarded by a rating head
+    a.beta = 0.1  # DPO temperature
+    a.candidates = 20  # top items of the policy per user, from which chosen / rejected are picked
+    a.iterations = 2  # rounds of (candidates, rewards, pairs, training)
+    a.steps = 0  # optimizer steps per iteration (0: one pass over the users with a pair)
+    a.batch_size = 128  # pairs per step (and the next-item batch is train.batch_size windows)
+    a.learning_rate = 1e-4
+    a.next_item_weight = 1.0  # the next-item loss mixed into every step (0: DPO alone)
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (-1, 1, 1)  # devices over (data, fsdp, model); one -1 is filled in
     c.mesh.num_devices = 0  # use the first N devices (0: all of them)

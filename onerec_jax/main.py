@@ -20,7 +20,7 @@ from onerec_jax import distributed
 from onerec_jax.data import dataset, sequences
 from onerec_jax.errors import UserError
 
-MODES = ("prepare", "train", "eval", "tokenize", "report", "recommend", "serve", "update")
+MODES = ("prepare", "train", "eval", "tokenize", "report", "recommend", "serve", "update", "align")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/ml25m.py[:variant].", lock_config=True
@@ -52,6 +52,12 @@ _UPDATE_STEPS = flags.DEFINE_integer(
 )
 _UPDATE_EPOCHS = flags.DEFINE_float(
     "update_epochs", 1.0, "--mode update: epochs of the combined data when --update_steps is 0."
+)
+_REWARD_WORKDIR = flags.DEFINE_string(
+    "reward_workdir", None, "--mode align: a run with a rating head (default: --workdir's own)."
+)
+_ALIGN_WORKDIR = flags.DEFINE_string(
+    "align_workdir", None, "--mode align: where the aligned run goes (default <workdir>_aligned)."
 )
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "--mode serve: the address to listen on.")
 _PORT = flags.DEFINE_integer("port", 8000, "--mode serve: the TCP port to listen on.")
@@ -220,7 +226,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax and Grain log every step at INFO
     config = _CONFIG.value
-    if config is None and _MODE.value not in ("report", "recommend", "serve", "update"):
+    if config is None and _MODE.value not in ("report", "recommend", "serve", "update", "align"):
         raise app.UsageError("--config is required, e.g. --config configs/demo.py")
     workdir = Path(_WORKDIR.value)
     try:
@@ -244,6 +250,14 @@ def main(argv):
                     explain_png=_EXPLAIN_PNG.value,
                 )
             )
+            return
+        if _MODE.value == "align":  # the policy run's own config.json
+            from onerec_jax import align
+
+            results = align.align(
+                workdir, reward_workdir=_REWARD_WORKDIR.value, out=_ALIGN_WORKDIR.value
+            )
+            _print_results(results, Path(_ALIGN_WORKDIR.value or f"{workdir}_aligned"))
             return
         if _MODE.value == "update":  # the trained run's own config.json
             from onerec_jax import update

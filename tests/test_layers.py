@@ -30,6 +30,7 @@ LAYERS = {
     "onerec_jax.serve": 6,  # over recommend (same layer)
     "onerec_jax.explain": 6,  # under recommend (same layer)
     "onerec_jax.update": 6,  # over runs and training
+    "onerec_jax.align": 6,  # over runs, training and evaluation
     "onerec_jax.distributed": 6,
     "onerec_jax.main": 7,
 }
