@@ -329,9 +329,11 @@ def side_arrays(config: ml_collections.ConfigDict, info: DataInfo) -> dict:
             "model.side_features: this dataset has no item %s; the model reads without them.",
             " or ".join(lacking),
         )
-    return dict(
+    out = dict(
         item_genres=None if genres is None else np.asarray(genres, np.float32),
         item_year_bucket=None if years is None else np.asarray(years, np.int32),
         n_year_buckets=1 if years is None else int(np.max(years)) + 1,
-        item_vectors=info.item_vectors if "vectors" in features else None,
     )
+    if "vectors" in features:  # only the OneRec item head reads them (a module field)
+        out["item_vectors"] = info.item_vectors
+    return out

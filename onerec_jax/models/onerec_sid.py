@@ -14,12 +14,18 @@ from __future__ import annotations
 
 import ml_collections
 
+from onerec_jax.errors import ConfigError
 from onerec_jax.models import generative
 from onerec_jax.models.base import DataInfo, side_arrays
 from onerec_jax.models.registry import register
 
 
 def build(config: ml_collections.ConfigDict, info: DataInfo) -> generative.GenerativeModel:
+    if "vectors" in tuple(config.model.side_features):
+        raise ConfigError(
+            "model.side_features 'vectors' is read by the OneRec item head (:onerec) only; for "
+            "the decoder, put your vectors in the tokenizer's features (features.blocks)."
+        )
     return generative.build(
         config,
         info,
