@@ -1,6 +1,10 @@
 """`--mode align`: preference alignment with DPO, as OneRec's Iterative Preference Alignment.
 
-    python -m onerec_jax.main --mode align --workdir runs/onerec [--reward_workdir runs/reward]
+    python -m onerec_jax.main --mode align --workdir runs/onerec [--reward_workdir runs/reward] \
+        [--config configs/ml_latest_small.py --config.align.beta=0.2 ...]
+
+With `--config`, its `align` section is used (beta, candidates, iterations, ...); without, the
+policy run's own (the defaults of defaults.py).
 
 The policy is a trained scoring run (the OneRec item head or SASRec: issue 16 starts alignment
 from the item head while the generative recipe is open). The reward model is a run with a
@@ -191,8 +195,10 @@ def align(
     *,
     reward_workdir: str | Path | None = None,
     out: str | Path | None = None,
+    settings: ml_collections.ConfigDict | None = None,
 ) -> dict:
-    """`--mode align` (the module docstring); returns the aligned run's results.json."""
+    """`--mode align` (the module docstring); returns the aligned run's results.json.
+    `settings`: the `align` config section to use (default: the policy run's own)."""
     workdir = Path(workdir).expanduser()
     out = Path(out).expanduser() if out else workdir.with_name(workdir.name + "_aligned")
     if out.resolve() == workdir.resolve():
@@ -214,8 +220,10 @@ def align(
     if not policy.data.has_ratings:
         raise UserError("--mode align learns from ratings; this data has none.")
     _same_data(policy, reward)
-    cfg = policy.config.align
     config = policy.config
+    if settings is not None:
+        config.align = ml_collections.ConfigDict(settings.to_dict())
+    cfg = config.align
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(config.to_json_best_effort(indent=2))
     aligner = Aligner(policy, reward, cfg)

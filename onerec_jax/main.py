@@ -255,7 +255,10 @@ def main(argv):
             from onerec_jax import align
 
             results = align.align(
-                workdir, reward_workdir=_REWARD_WORKDIR.value, out=_ALIGN_WORKDIR.value
+                workdir,
+                reward_workdir=_REWARD_WORKDIR.value,
+                out=_ALIGN_WORKDIR.value,
+                settings=None if config is None else config.align,
             )
             _print_results(results, Path(_ALIGN_WORKDIR.value or f"{workdir}_aligned"))
             return

@@ -14,8 +14,9 @@
    fresh initialisation's row (its side features and semantic-id codes, where the model reads
    them, are the new data's);
 3. trains `--update_steps` steps (default: `--update_epochs` epochs of the combined data's
-   windows) with a fresh optimizer state, no warmup, and the run's own schedule shape over those
-   steps, validating at the end, then tests; the result is a normal run in `--update_workdir`
+   windows, rounded to whole epochs, at least 1) with a fresh optimizer state, no warmup, and
+   the run's own schedule shape over those steps, validating at the end, then tests; the
+   result is a normal run in `--update_workdir`
    (default: `<workdir>_update`) that `--mode eval / recommend / serve` read like any other.
 The trained run is never written to. New users need no table (sequence models read the history);
 models with a per-user table (BPR, NCF) are refused: train them again.
