@@ -127,6 +127,17 @@ def test_training_with_a_rating_head_end_to_end(tmp_path_factory):
     want = np.sqrt(np.mean((means - truth) ** 2))
     assert results["test"]["rating_rmse_user_mean"] == pytest.approx(want, rel=1e-5)
     assert 0.3 < results["test"]["rating_rmse"] < 3.0
+    # --mode align on this run (its own rating head as the reward): one short iteration
+    from onerec_jax import align
+    from onerec_jax.recommend import Recommender
+
+    settings = base_config().align
+    settings.update(iterations=1, steps=1, candidates=5)
+    aligned = align.align(workdir, out=workdir.parent / "aligned", settings=settings)
+    (it,) = aligned["align"]["iterations"]
+    assert it["pairs"] > 0 and it["reward_chosen"] > it["reward_rejected"]
+    assert "liked/ndcg@10" in aligned["test"] and aligned["steps"] == 1
+    assert len(Recommender.from_run(workdir.parent / "aligned").recommend_for_user(1, 3)) == 3
     c2 = apply_variant(base_config(), "bpr")
     c2.data = c.data
     c2.model.rating_weight = 0.5
