@@ -82,6 +82,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.fusion = "sum"  # OneRec: fuse side features by "sum" or "concat" (then a projection)
     m.aux_weight = 0.0  # OneRec: weight of the masked-input reconstruction loss (0: off)
     m.pop_content = False  # popularity: content-predicted popularity for untrained items
+    # OneRec item head: rank items without a training interaction by their side features alone
+    m.cold_content_only = False
     # SASRec / OneRec item head: a rating head beside the next-item head (layers.RatingHead),
     # trained on the targets' ratings: loss = next-item + rating_weight x squared error (0: off)
     m.rating_weight = 0.0

@@ -182,6 +182,20 @@ class OneRecItemHead(nn.Module):
 class OneRecItemModel(ScoringModel):
     """Next-item loss plus the optional masked-input reconstruction loss."""
 
+    def ranking_table(self, params):
+        """`ScoringModel.ranking_table`; with model.cold_content_only (and sum fusion) the rows
+        of items no training interaction reached are their side features alone: such an id row
+        was only ever a softmax negative, pushed down, and would bury the item's content."""
+        table = super().ranking_table(params)
+        if not self.config.model.get("cold_content_only", False) or self.module.fusion != "sum":
+            return table
+        rows, dim = table.shape[0], self.module.dim
+        untrained = np.zeros(rows, np.float32)
+        counts = np.asarray(self.info.item_counts)[:rows]
+        untrained[1 : len(counts)] = counts[1:] == 0
+        ids = params["id_embedding"]["embedding"][:rows].astype(table.dtype)
+        return table.at[:, :dim].add(-jnp.asarray(untrained)[:, None] * ids)
+
     def loss(self, params, batch, rng):
         loss, metrics = super().loss(params, batch, rng)
         m = self.config.model

@@ -15,6 +15,7 @@ from onerec_jax.errors import ConfigError
 from onerec_jax.evaluation import evaluator
 from onerec_jax.models import pop
 from onerec_jax.models.base import DataInfo
+from onerec_jax.models.registry import build_model
 
 
 def _data():
@@ -140,3 +141,20 @@ def test_popularity_by_content_by_hand():
     params = nn.meta.unbox(model.init(jax.random.key(0), {"inputs": np.zeros((1, 4), np.int32)}))
     table = np.asarray(model.item_table(params))
     np.testing.assert_allclose(table[:, 0], pop.content_log_counts(info), rtol=1e-5)  # alpha 1
+
+
+def test_item_head_ranks_untrained_items_by_content_alone():
+    c = apply_variant(base_config(), "onerec")
+    c.model.update(dim=8, num_layers=1, num_heads=1, mlp_dim=8, cold_content_only=True)
+    genres = np.eye(3, dtype=np.float32)[[0, 0, 1, 2, 1, 0]]
+    counts = np.array([0, 5, 0, 2, 0, 1])  # items 2 and 4 never trained on
+    info = DataInfo(n_items=5, max_len=4, item_counts=counts, item_genres=genres)
+    model = build_model(c, info)
+    params = nn.meta.unbox(model.init(jax.random.key(0), {"inputs": np.zeros((1, 4), np.int32)}))
+    full = np.asarray(model.item_table(params))
+    ids = np.asarray(params["id_embedding"]["embedding"])[: len(full)]
+    ranked = np.asarray(model.ranking_table(params))
+    np.testing.assert_allclose(ranked[[2, 4]], full[[2, 4]] - ids[[2, 4]], atol=1e-6)
+    np.testing.assert_allclose(ranked[[0, 1, 3, 5]], full[[0, 1, 3, 5]], atol=1e-6)
+    c.model.cold_content_only = False
+    np.testing.assert_array_equal(build_model(c, info).ranking_table(params), full)
