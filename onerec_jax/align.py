@@ -37,12 +37,13 @@ import ml_collections
 import numpy as np
 import optax
 
+from onerec_jax.data.training_examples import prefix_inputs
 from onerec_jax.errors import UserError
 from onerec_jax.evaluation.evaluator import make_evaluator
 from onerec_jax.models import registry
 from onerec_jax.models.base import ScoringModel
 from onerec_jax.parallel import sharding
-from onerec_jax.runs import load_run
+from onerec_jax.runs import derived_run_dir, load_run
 from onerec_jax.training import checkpointing, train
 from onerec_jax.training.logger import MetricLogger
 
@@ -79,12 +80,7 @@ def catalogue_log_probs(model: ScoringModel, params, inputs: jax.Array) -> jax.A
 
 def _inputs(data, users: np.ndarray, max_len: int) -> np.ndarray:
     """[U, max_len] left-padded training parts of `users` (what the policy reads)."""
-    part = data.train
-    out = np.zeros((len(users), max_len), np.int32)
-    for i, u in enumerate(users):
-        seq = data.items[part.starts[u] : part.ends[u]][-max_len:]
-        out[i, max_len - len(seq) :] = seq
-    return out
+    return prefix_inputs(data, "train", users, max_len)
 
 
 def _history(data, users: np.ndarray) -> np.ndarray:
@@ -200,11 +196,7 @@ def align(
     """`--mode align` (the module docstring); returns the aligned run's results.json.
     `settings`: the `align` config section to use (default: the policy run's own)."""
     workdir = Path(workdir).expanduser()
-    out = Path(out).expanduser() if out else workdir.with_name(workdir.name + "_aligned")
-    if out.resolve() == workdir.resolve():
-        raise UserError("--align_workdir must differ from --workdir: the policy run is kept.")
-    if (out / "results.json").exists():
-        raise UserError(f"{out} already holds an aligned run; pass another --align_workdir.")
+    out = derived_run_dir(workdir, out, "_aligned", "--align_workdir", "aligned")
     policy = load_run(workdir)
     if (
         not isinstance(policy.model, ScoringModel)
@@ -295,7 +287,11 @@ def align(
         "history": [[step, seconds, val["ndcg@10"]]],
         "val": val,
         "test": test,
-        "align": {"iterations": history, "final_liked_share": final["liked_share"]},
+        "align": {
+            "workdir": str(out),
+            "iterations": history,
+            "final_liked_share": final["liked_share"],
+        },
     }
     if jax.process_index() == 0:
         (out / "results.json").write_text(json.dumps(results, indent=2, default=float))

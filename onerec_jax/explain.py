@@ -36,6 +36,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
+from onerec_jax.data.training_examples import power_of_two_width
 from onerec_jax.errors import UserError
 
 
@@ -65,7 +66,7 @@ def occlusion_drops(scores_fn, history: np.ndarray, items: np.ndarray, max_len: 
     scores of `items` [C] after each input row; drop[c, j] = score of item c after the whole
     history minus after the history without movie `positions[j]`."""
     inputs, positions = occlusion_inputs(history, max_len)
-    rows = 1 << max(0, int(np.ceil(np.log2(len(inputs)))))  # a power of two: few compilations
+    rows = power_of_two_width(len(inputs))  # few distinct shapes, few compilations
     padded = np.concatenate([inputs, np.repeat(inputs[:1], rows - len(inputs), axis=0)])
     scores = np.asarray(jax.device_get(scores_fn(padded)), np.float64)[: len(inputs)]
     return (scores[0][None, :] - scores[1:]).T, positions

@@ -260,7 +260,7 @@ def main(argv):
                 out=_ALIGN_WORKDIR.value,
                 settings=None if config is None else config.align,
             )
-            _print_results(results, Path(_ALIGN_WORKDIR.value or f"{workdir}_aligned"))
+            _print_results(results, Path(results["align"]["workdir"]))
             return
         if _MODE.value == "update":  # the trained run's own config.json
             from onerec_jax import update

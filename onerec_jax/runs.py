@@ -84,6 +84,17 @@ def load_run(workdir: str | Path) -> TrainedRun:
     return run
 
 
+def derived_run_dir(workdir: Path, out, suffix: str, flag: str, kind: str) -> Path:
+    """The folder of a run made from the trained run in `workdir` (`--mode update`, `align`):
+    `out`, or `<workdir><suffix>`; never `workdir` itself nor a folder holding such a run."""
+    out = Path(out).expanduser() if out else workdir.with_name(workdir.name + suffix)
+    if out.resolve() == workdir.resolve():
+        raise UserError(f"{flag} must differ from --workdir: the trained run is kept.")
+    if (out / "results.json").exists():
+        raise UserError(f"{out} already holds an {kind} run; pass another {flag}.")
+    return out
+
+
 def collab_item_table(collab_workdir: str, data: SequenceData, items: ItemInfo) -> np.ndarray:
     """Rows 1..n_items of the item table of `collab_workdir`'s best checkpoint: the features'
     'collab' block (`features.collab_workdir`), for a run trained on this same `data`."""

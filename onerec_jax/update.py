@@ -35,7 +35,7 @@ import numpy as np
 
 from onerec_jax.errors import UserError
 from onerec_jax.models import registry
-from onerec_jax.runs import load_run
+from onerec_jax.runs import derived_run_dir, load_run
 from onerec_jax.training import train
 
 
@@ -98,11 +98,7 @@ def update(
 ) -> dict:
     """`--mode update` (the module docstring); returns the updated run's results.json."""
     workdir = Path(workdir).expanduser()
-    out = Path(out).expanduser() if out else workdir.with_name(workdir.name + "_update")
-    if out.resolve() == workdir.resolve():
-        raise UserError("--update_workdir must differ from --workdir: the trained run is kept.")
-    if (out / "results.json").exists():
-        raise UserError(f"{out} already holds an updated run; pass another --update_workdir.")
+    out = derived_run_dir(workdir, out, "_update", "--update_workdir", "updated")
     new_data = Path(new_data).expanduser()
     if not new_data.is_dir():
         raise UserError(f"--new_data={new_data}: not a directory of new interactions.")

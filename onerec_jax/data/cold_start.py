@@ -53,12 +53,6 @@ def cold_item_mask(data: SequenceData, fraction: float, by: str = "newest", seed
     return cold
 
 
-def _train_positions(data: SequenceData) -> np.ndarray:
-    """[n_interactions] bool: the interaction is in its user's training part."""
-    ends = np.repeat(data.offsets[1:], np.diff(data.offsets))
-    return np.arange(len(data.items)) < ends - 2
-
-
 def _select(data: SequenceData, keep: np.ndarray, options: dict, dropped_key: str):
     """`data` with only the interactions in `keep`; users left with < 3 (no training
     interaction) are dropped and counted in `options[dropped_key]`."""
@@ -83,7 +77,7 @@ def _select(data: SequenceData, keep: np.ndarray, options: dict, dropped_key: st
 
 def hold_out_items(data: SequenceData, cold: np.ndarray) -> SequenceData:
     """`data` without the `cold` [V] items in any training part."""
-    keep = ~(cold[data.items] & _train_positions(data))
+    keep = ~(cold[data.items] & data.train_mask())
     return _select(data, keep, {"cold_items_held_out": int(cold.sum())}, "cold_users_dropped")
 
 

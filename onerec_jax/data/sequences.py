@@ -96,6 +96,12 @@ class SequenceData:
         offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         return rows, self.items[np.repeat(starts, lengths) + offsets]
 
+    def train_mask(self) -> np.ndarray:
+        """[n_interactions] bool: the interaction is in its user's training part (all but the
+        last two)."""
+        ends = np.repeat(self.offsets[1:], np.diff(self.offsets))
+        return np.arange(len(self.items)) < ends - 2
+
     @property
     def has_ratings(self) -> bool:
         """Whether the source rates its interactions: readers without ratings (the `user item

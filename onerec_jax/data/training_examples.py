@@ -72,6 +72,15 @@ def left_padded(
     return np.where(valid, gathered, 0).astype(np.int32), valid
 
 
+def prefix_inputs(data: SequenceData, split: str, users: np.ndarray, max_len: int) -> np.ndarray:
+    """[U, max_len] int32: the last max_len items of each user's `split` prefix, left-padded
+    (what a model reads for that split's target)."""
+    part = data.split(split)
+    ends = part.ends[users]
+    length = np.minimum(ends - part.starts[users], max_len)
+    return left_padded(data.items, ends - length, length, max_len)[0]
+
+
 def window_rows(
     items: np.ndarray, windows: Windows, ids: np.ndarray, width: int, ratings=None
 ) -> dict[str, np.ndarray]:

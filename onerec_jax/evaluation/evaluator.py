@@ -28,6 +28,7 @@ from jax.experimental import multihost_utils
 
 from onerec_jax.data import item_arrays, pipeline
 from onerec_jax.data.sequences import SequenceData
+from onerec_jax.data.training_examples import prefix_inputs
 from onerec_jax.errors import ConfigError
 from onerec_jax.evaluation import metrics, ranking
 from onerec_jax.parallel import sharding
@@ -74,10 +75,7 @@ class Evaluator:
             rows = users[lo : lo + 256]
             n = len(rows)
             rows = np.pad(rows, (0, 256 - n), mode="edge")  # one shape: one compilation
-            inputs = np.zeros((len(rows), max_len), np.int32)
-            for i, u in enumerate(rows):
-                seq = data.items[part.starts[u] : part.ends[u]][-max_len:]
-                inputs[i, max_len - len(seq) :] = seq
+            inputs = prefix_inputs(data, split, rows, max_len)
             out = self._predict_target(params, inputs, part.targets[rows].astype(np.int32))
             predicted.append(np.asarray(out)[:n])
         predicted = np.concatenate(predicted)

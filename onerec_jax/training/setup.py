@@ -61,13 +61,7 @@ def data_info(data, items, max_len: int, semantic_ids: str = "", vectors=None) -
 
 def _train_rating_mean(data) -> float:
     """Mean rating of the training interactions (0 without ratings)."""
-    split = data.train
-    mask = np.zeros(len(data.ratings), bool)
-    lengths = split.lengths
-    rows = np.repeat(split.starts, lengths) + (
-        np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    )
-    mask[rows] = True
+    mask = data.train_mask()
     return float(data.ratings[mask].mean()) if mask.any() and data.has_ratings else 0.0
 
 
