@@ -130,6 +130,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Generative models: each level's softmax over the codes that continue the prefix to some item
     # (as constrained beam search decodes); False: over the level's whole codebook.
     lo.valid_codes_only = True
+    # Generative, with valid_codes_only: the codes of items without a training interaction (cold
+    # items) are negatives of that softmax (True), or left out of it (False), so training never
+    # pushes down the codes a cold item will be generated with.
+    lo.untrained_negatives = True
     lo.n_negatives = 256  # sampled softmax: shared sampled negatives per step
     lo.sampler = "uniform"  # sampled softmax: "uniform" or "popularity" (training counts)
     lo.in_batch = True  # sampled softmax: other positions' targets are negatives too
@@ -172,6 +176,11 @@ def base_config() -> ml_collections.ConfigDict:
     # fills every top-k list (a narrower beam can return fewer than eval.k items)
     e.beam = 0
     e.rerank_weight = 0.0  # generative: beam items by code log-prob + this x dense log-prob
+    # generative: at most this share of each top-K list (TIGER's epsilon) goes to items without
+    # a training interaction (cold items), each scored by the log-probability of its content
+    # codes; they compete with the beam's items by score. 0: beam search alone (cold items
+    # only where the beam reaches them).
+    e.cold_share = 0.0
     # how targets are ranked (evaluation/evaluator.py EVALUATORS): "" the model's own
     # (full_ranking for scoring models, topk_list for generative ones), or "topk_list" to
     # rank any model's targets within its top-k list

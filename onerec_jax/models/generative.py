@@ -21,7 +21,7 @@ from absl import logging
 from onerec_jax.errors import ConfigError
 from onerec_jax.models import losses, seq2seq
 from onerec_jax.models.base import DataInfo, Model, item_log_probs
-from onerec_jax.models.beam_search import beam_search
+from onerec_jax.models.beam_search import beam_search, seen_mask
 from onerec_jax.models.precision import compute_dtype
 from onerec_jax.models.registry import CODE_WINDOWS, GENERATIVE, ModelSpec
 
@@ -31,7 +31,7 @@ class GenerativeModel(Model):
     constrained beam search (`generate`). Registered with kind GENERATIVE and CODE_WINDOWS
     batches (models/registry.py); a new user is served from their items (TIGER hashes user 0)."""
 
-    constant_names = ("valid", "next_prefix", "item_log_probs")  # prefix tables, logQ
+    constant_names = ("valid", "next_prefix", "loss_valid", "item_log_probs")  # tables, logQ
 
     def __init__(self, module, config: ml_collections.ConfigDict, info: DataInfo):
         super().__init__(module, config, info)
@@ -64,6 +64,18 @@ class GenerativeModel(Model):
         # Train as we decode: each level's softmax over the codes valid after the prefix, and
         # beam search normalised the same way (loss.valid_codes_only).
         self.valid_only = bool(config.loss.valid_codes_only)
+        # The valid codes the loss normalises over: every item's (the beam's tables), or, with
+        # loss.untrained_negatives=False, only those of items with a training interaction.
+        counts = np.asarray(info.item_counts)
+        self.loss_valid = self.valid
+        if not config.loss.get("untrained_negatives", True):
+            self.loss_valid = jnp.asarray(trained_valid(sem, counts > 0))
+        # Cold items (no training interaction) take at most eval.cold_share of each list, each
+        # scored by its content codes (`_with_cold`).
+        self.cold_share = float(config.eval.get("cold_share", 0.0))
+        if not 0.0 <= self.cold_share <= 1.0:
+            raise ConfigError(f"eval.cold_share={self.cold_share}: use a share in [0, 1].")
+        self.cold_items = np.flatnonzero(counts[1:] == 0).astype(np.int32) + 1  # [N] dense ids
         # A dense item head on the encoder's slot states, trained jointly (loss.dense_weight),
         # re-ranks the beam's items: score = code log-probability + rerank_weight x the dense
         # head's log-probability of the item (eval.rerank_weight; OneRec and LIGER both join a
@@ -102,7 +114,7 @@ class GenerativeModel(Model):
         prefix = jnp.zeros(target_codes.shape[:-1], jnp.int32)  # [B, P, M] prefix ids
         blocks = []
         for level, size in enumerate(self.code_sizes):
-            ok = self.valid[level, :, :size][prefix]  # [B, P, M, C_l]
+            ok = self.loss_valid[level, :, :size][prefix]  # [B, P, M, C_l]
             lo = int(self.offsets[level])
             blocks.append(jnp.pad(ok, [(0, 0)] * 3 + [(lo, total - lo - size)]))
             code = jnp.clip(target_codes[..., level], 0, size - 1)
@@ -240,12 +252,71 @@ class GenerativeModel(Model):
         `static_argnames=("k", "beam")`."""
         variables, context = self._encoded(params, batch)
         chosen = jnp.zeros((batch["inputs"].shape[0], 0), jnp.int32)
-        items, scores = self._search(
-            variables, context, chosen, history, beam=beam or self.beam, k=k or self.k
-        )
+        if not (self.cold_share and len(self.cold_items)):
+            items, scores = self._search(
+                variables, context, chosen, history, beam=beam or self.beam, k=k or self.k
+            )
+        else:  # the beam fills the list with warm items; cold ones compete by their codes
+            seen = history if history.dtype == jnp.bool_ else seen_mask(history, self.info.n_items)
+            is_cold = np.zeros(self.info.n_items + 1, bool)
+            is_cold[self.cold_items] = True
+            items, scores = self._search(
+                variables, context, chosen, seen | is_cold, beam=beam or self.beam, k=k or self.k
+            )
+            items, scores = self._with_cold(variables, context, seen, items, scores)
         if self.rerank_weight:
             items, scores = self._rerank(variables, context[2][:, 0], items, scores)
         return items, scores
+
+    def cold_scores(self, variables, context, seen, chunk: int = 128):
+        """[B, N] the log-probability of each cold item's L content codes (`self.cold_items`;
+        the collision token, which only numbers the items sharing them, left out), each level
+        normalised as beam search does; -inf where `seen` ([B, n_items + 1] bool). Teacher-forced
+        over [B, chunk, L] decoder inputs at a time."""
+        levels = self.depth - 1
+        sem = self.info.semantic_ids
+        codes_all = np.maximum(sem.codes, 0)
+        # each item's prefix id before each level (level 0: the empty prefix)
+        prefixes = np.concatenate([np.zeros((1, len(codes_all)), np.int32), sem.item_prefixes()])
+        offsets = np.asarray(self.offsets[:levels])
+        b = seen.shape[0]
+        out = []
+        for start in range(0, len(self.cold_items), chunk):
+            items = self.cold_items[start : start + chunk]
+            codes = codes_all[items, :levels]  # [c, L]
+            tokens = np.concatenate(
+                [
+                    np.full((len(items), 1), seq2seq.BOS),
+                    codes[:, :-1] + offsets[:-1] + seq2seq.FIRST_CODE,
+                ],
+                axis=1,
+            ).astype(np.int32)
+            tokens = jnp.broadcast_to(jnp.asarray(tokens)[None], (b, *tokens.shape))  # [B, c, L]
+            logits, _ = self.module.apply(variables, *context, tokens, method=self.module.decode)
+            total = jnp.zeros((b, len(items)), jnp.float32)
+            for level in range(levels):
+                lo, size = int(self.offsets[level]), self.code_sizes[level]
+                level_logits = logits[:, :, level, lo : lo + size]  # [B, c, C_l]
+                if self.valid_only:  # over the codes valid after the item's prefix
+                    allowed = self.valid[level, :, :size][jnp.asarray(prefixes[level, items])]
+                    level_logits = jnp.where(allowed[None], level_logits, -jnp.inf)
+                logp = jax.nn.log_softmax(level_logits, axis=-1)  # [B, c, C_l]
+                total = total + logp[:, np.arange(len(items)), codes[:, level]]
+            out.append(total)
+        scores = jnp.concatenate(out, axis=1)
+        return jnp.where(seen[:, self.cold_items], -jnp.inf, scores)
+
+    def _with_cold(self, variables, context, seen, items, scores):
+        """The beam's list of warm items [B, K] with the best cold items (by `cold_scores`)
+        competing for at most ceil(cold_share x K) of its slots, merged by score (TIGER's
+        cold-start retrieval, its epsilon = eval.cold_share)."""
+        k = items.shape[1]
+        n = min(len(self.cold_items), max(1, int(np.ceil(self.cold_share * k))))
+        cold_scores, pick = jax.lax.top_k(self.cold_scores(variables, context, seen), n)
+        cold_items = jnp.asarray(self.cold_items)[pick]  # [B, n]
+        merged, order = jax.lax.top_k(jnp.concatenate([scores, cold_scores], axis=1), k)
+        chosen = jnp.take_along_axis(jnp.concatenate([items, cold_items], axis=1), order, axis=1)
+        return jnp.where(merged > -jnp.inf, chosen, 0), merged
 
     def _rerank(self, variables, state, items, scores):
         """The beam's items re-ordered by code log-probability + rerank_weight x the dense
@@ -296,6 +367,21 @@ class GenerativeModel(Model):
             chosen = jnp.concatenate([chosen, code_tokens[top[:, 0]]], axis=1)
             history = jnp.concatenate([history, top], axis=1)
         return jnp.stack(items, 1), jnp.stack(scores, 1)
+
+
+def trained_valid(sem, trained: np.ndarray) -> np.ndarray:
+    """The stacked `valid` table of `sem.prefix_tables()` (same prefix ids) keeping only the
+    codes that lead to items with `trained` [V] True: the loss's softmax with
+    loss.untrained_negatives=False."""
+    valid, _ = sem.prefix_tables().stacked()
+    out = np.zeros_like(valid)
+    rows = np.flatnonzero(np.asarray(trained)[1:])  # rows of item_codes (item = row + 1)
+    codes = sem.item_codes[rows]
+    prefixes = sem.item_prefixes()[:, rows + 1]  # [L, n]
+    for level in range(codes.shape[1]):
+        prefix = np.zeros(len(rows), np.int64) if level == 0 else prefixes[level - 1]
+        out[level, prefix, codes[:, level]] = True
+    return out
 
 
 def config_defaults(c: ml_collections.ConfigDict) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 
 import jax
@@ -382,3 +384,106 @@ def test_incremental_decoding_equals_rereading_the_prefix(variant, model_fields)
         np.testing.assert_array_equal(
             np.asarray(out[True, "session"][0]), np.asarray(out[False, "session"][0])
         )
+
+
+def _with_cold(info: DataInfo, cold) -> DataInfo:
+    counts = np.ones(info.n_items + 1)
+    counts[0], counts[np.asarray(cold)] = 0, 0
+    return dataclasses.replace(info, item_counts=counts)
+
+
+@pytest.mark.parametrize("valid_only", [True, False])
+def test_cold_items_compete_by_their_content_codes(valid_only):
+    """eval.cold_share: items without a training interaction are scored by the log-probability
+    of their L content codes (by hand below: one decoder pass per item, each level's softmax
+    over the codes valid after its prefix, or the whole level), and take at most ceil(share x K)
+    slots; the other slots hold the best unseen warm items (an exhaustive beam here)."""
+    data = planted()
+    sem = random_codes(N_ITEMS, 2, 4, 0)  # 2 levels of 4 codes: <= 16 prefixes, beam 20
+    cold = np.array([2, 5, 9, 13, 17, 20])
+    c = tiny("tiger")
+    c.loss.valid_codes_only = valid_only
+    c.eval.update(beam=N_ITEMS, k=10, cold_share=0.25)  # ceil(2.5) = 3 cold slots at most
+    model = build_model(c, _with_cold(info_for(data, sem, 5), cold))
+    np.testing.assert_array_equal(model.cold_items, cold)
+    ds = generative_train_dataset(data, sem.codes, max_len=5, batch_size=8, seed=0)
+    batch = {k: jnp.asarray(v) for k, v in next(iter(ds)).items()}
+    params = unboxed(model.init(jax.random.key(2), batch))
+    inputs = {"inputs": batch["inputs"], "user": batch["user"]}
+    hist = jnp.asarray(np.stack([data.sequence(u)[:4] for u in range(8)]), jnp.int32)
+    items, scores = jax.jit(model.generate)(params, inputs, hist)
+
+    # every unseen item's full-id log-probability from an exhaustive beam without cold slots
+    model.cold_share = 0.0
+    all_items, all_scores = jax.jit(model.generate, static_argnames=("k", "beam"))(
+        params, inputs, hist, k=N_ITEMS, beam=N_ITEMS
+    )
+    variables, context = model._encoded(params, inputs)
+    sizes, offsets = sem.codebook_sizes, np.cumsum((0, *sem.codebook_sizes[:-1]))
+    n_cold_lists = 0
+    for b in range(8):
+        seen = set(np.asarray(hist[b]).tolist())
+        warm = {
+            int(i): float(s)
+            for i, s in zip(np.asarray(all_items[b]), np.asarray(all_scores[b]), strict=True)
+            if i > 0 and i not in cold
+        }
+        by_hand = {}
+        for item in cold:
+            if item in seen:
+                continue
+            codes = sem.codes[item]
+            dec = jnp.asarray([[[1, codes[0] + offsets[0] + 2]]], jnp.int32)  # BOS, code 0
+            ctx = jax.tree.map(lambda x, b=b: x[b : b + 1], context)
+            logits, _ = model.module.apply(variables, *ctx, dec, method=model.module.decode)
+            logits = np.asarray(logits[0, 0], np.float64)
+            total = 0.0
+            for level in range(2):
+                cols = np.arange(sizes[level])
+                if valid_only:
+                    same = (sem.codes[1:, :level] == codes[:level]).all(1)
+                    cols = np.unique(sem.codes[1:][same, level])
+                z = logits[level, offsets[level] + cols]
+                logz = z.max() + np.log(np.exp(z - z.max()).sum())
+                total += z[list(cols).index(codes[level])] - logz
+            by_hand[int(item)] = total
+        best_cold = sorted(by_hand.items(), key=lambda kv: -kv[1])[:3]
+        want = sorted([*warm.items(), *best_cold], key=lambda kv: -kv[1])[:10]
+        got_items, got_scores = np.asarray(items[b]), np.asarray(scores[b], np.float64)
+        np.testing.assert_array_equal(got_items, [i for i, _ in want])
+        np.testing.assert_allclose(got_scores, [s for _, s in want], rtol=1e-5, atol=1e-5)
+        assert not seen & set(got_items.tolist())
+        n_cold_lists += bool(set(got_items.tolist()) & set(cold.tolist()))
+    assert n_cold_lists > 0  # the cold slots were used somewhere
+
+
+def test_untrained_items_leave_the_loss_softmax():
+    """loss.untrained_negatives=False: the loss's valid codes after each prefix are those of the
+    items with a training interaction (brute force over every code tuple)."""
+    data = planted()
+    sem = random_codes(N_ITEMS, 2, 4, 0)
+    cold = np.array([1, 4, 8, 11, 16])
+    c = tiny("tiger")
+    c.loss.untrained_negatives = False
+    model = build_model(c, _with_cold(info_for(data, sem, 5), cold))
+    loss_valid, valid = np.asarray(model.loss_valid), np.asarray(model.valid)
+    tables = sem.prefix_tables()
+    warm_codes = np.delete(sem.codes, np.concatenate([[0], cold]), axis=0)
+    checked = 0
+    for level, size in enumerate(sem.codebook_sizes):
+        for prefix_codes in itertools.product(*[range(s) for s in sem.codebook_sizes[:level]]):
+            node = 0
+            for lvl, code in enumerate(prefix_codes):  # the prefix's id in the full tables
+                node = tables.next_prefix[lvl][node, code] if node >= 0 else -1
+            if node < 0:
+                continue
+            for code in range(size):
+                want = (
+                    (warm_codes[:, :level] == prefix_codes).all(1) & (warm_codes[:, level] == code)
+                ).any()
+                assert loss_valid[level, node, code] == want
+                checked += 1
+    assert checked > 0 and (loss_valid <= valid).all() and (loss_valid != valid).any()
+    c.loss.untrained_negatives = True  # the default: every item's codes
+    same = build_model(c, _with_cold(info_for(data, sem, 5), cold))
+    np.testing.assert_array_equal(np.asarray(same.loss_valid), valid)
