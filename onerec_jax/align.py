@@ -7,9 +7,10 @@ With `--config`, its `align` section is used (beta, candidates, iterations, ...)
 policy run's own (the defaults of defaults.py).
 
 The policy is a trained scoring run (the OneRec item head or SASRec: issue 16 starts alignment
-from the item head while the generative recipe is open). The reward model is a run with a
-rating head (`model.rating_weight` > 0): `--reward_workdir`, or the policy's own run when it has
-one; it must be trained on the same data. Each iteration (`align.iterations`):
+from the item head while the generative recipe is open). The reward model, `--reward_workdir`,
+is a `--mode reward` run (models/reward.py: biased matrix factorisation of the training
+ratings) or a run with a rating head (`model.rating_weight` > 0; by default the policy's own);
+it must be fit on the same data. Each iteration (`align.iterations`):
 1. every training user's history (the training part: validation and test items unseen) gets the
    policy's current top `align.candidates` unseen items;
 2. the reward model predicts the user's rating of each; the best and the worst form the
@@ -41,7 +42,9 @@ from onerec_jax.data.training_examples import prefix_inputs
 from onerec_jax.errors import UserError
 from onerec_jax.evaluation.evaluator import make_evaluator
 from onerec_jax.models import registry
+from onerec_jax.models import reward as reward_lib
 from onerec_jax.models.base import ScoringModel
+from onerec_jax.models.reward import RewardModel
 from onerec_jax.parallel import sharding
 from onerec_jax.runs import derived_run_dir, load_run
 from onerec_jax.training import checkpointing, train
@@ -98,18 +101,25 @@ class Aligner:
     """The jitted pieces of alignment for one (policy, reward) pair of runs on the same data."""
 
     def __init__(self, policy, reward, cfg: ml_collections.ConfigDict):
-        self.policy, self.reward, self.cfg = policy, reward, cfg
+        """`reward`: a `models.reward.RewardModel`, or a loaded run with a rating head."""
+        self.policy, self.cfg = policy, cfg
         model = policy.model
         self.tx = optax.adam(float(cfg.learning_rate))
         k = int(cfg.candidates)
         self._topk = jax.jit(lambda p, x, h: model.topk(p, {"inputs": x}, h, k=k))
-        rmodel = reward.model
+        if isinstance(reward, RewardModel):
+            self.rewards = reward.predict  # (users [U], items [U, N]) -> [U, N]
+        else:
+            rmodel, rlen = reward.model, reward.config.data.max_len
 
-        def rewards(p, x, items):  # [U, N] predicted ratings of the candidates
-            state = rmodel.user_state(p, {"inputs": x})
-            return rmodel.target_ratings(p, state[:, None, :], rmodel.item_table(p), items)
+            def head(p, x, items):  # [U, N] the rating head's predictions
+                state = rmodel.user_state(p, {"inputs": x})
+                return rmodel.target_ratings(p, state[:, None, :], rmodel.item_table(p), items)
 
-        self._rewards = jax.jit(rewards)
+            jitted = jax.jit(head)
+            self.rewards = lambda rows, items: np.asarray(
+                jitted(reward.params, _inputs(policy.data, rows, rlen), items)
+            )
         self._log_probs = jax.jit(lambda p, x: catalogue_log_probs(model, p, x))
         beta, weight = float(cfg.beta), float(cfg.next_item_weight)
 
@@ -149,7 +159,6 @@ class Aligner:
         """Candidates, rewards and (chosen, rejected) pairs of `users`, with the reference's
         log-probabilities of both; plus the iteration's reward statistics."""
         data, max_len = self.policy.data, self.policy.config.data.max_len
-        rdata_len = self.reward.config.data.max_len
         out = {k: [] for k in ("inputs", "chosen", "rejected", "ref_chosen", "ref_rejected")}
         stats = {"reward_chosen": [], "reward_rejected": [], "liked_share": []}
         for lo in range(0, len(users), batch):
@@ -158,7 +167,7 @@ class Aligner:
             items, _ = self._topk(params, x, _history(data, rows))
             items = np.asarray(items)
             valid = items > 0
-            r = np.asarray(self._rewards(self.reward.params, _inputs(data, rows, rdata_len), items))
+            r = np.asarray(self.rewards(rows, items))
             chosen, rejected, keep = make_pairs(items, r, valid)
             ref = np.asarray(self._log_probs(ref_params, x))
             idx = np.arange(len(rows))
@@ -176,14 +185,30 @@ class Aligner:
         return pairs, summary
 
 
-def _same_data(policy, reward) -> None:
-    if (policy.data.n_items != reward.data.n_items) or not np.array_equal(
-        policy.data.item_ids, reward.data.item_ids
-    ):
+def _same_data(policy, item_ids: np.ndarray, n_users: int) -> None:
+    if not np.array_equal(policy.data.item_ids, item_ids) or policy.data.n_users != n_users:
         raise UserError(
-            "--reward_workdir was trained on other items than the policy: train the reward "
-            "model (a run with --config.model.rating_weight > 0) on the same data."
+            "--reward_workdir was fit on other data than the policy: fit the reward model "
+            "(--mode reward, or a run with --config.model.rating_weight > 0) on the same data."
         )
+
+
+def load_reward(policy, reward_workdir: str | Path | None, workdir: Path):
+    """The reward of `--mode align`: a `--mode reward` run's RewardModel, or a run (the
+    policy's own by default) with a rating head."""
+    if reward_workdir and reward_lib.is_reward_run(reward_workdir):
+        model = RewardModel.load(Path(reward_workdir) / reward_lib.REWARD_FILE)
+        _same_data(policy, model.item_ids, len(model.user_bias))
+        return model
+    reward = load_run(reward_workdir) if reward_workdir else policy
+    if not getattr(reward.model, "has_rating_head", False):
+        raise UserError(
+            f"{reward_workdir or workdir}: no reward model. Fit one (--mode reward --workdir DIR) "
+            "or train a run with a rating head (--config.model.rating_weight=1.0), and pass it "
+            "as --reward_workdir."
+        )
+    _same_data(policy, reward.data.item_ids, reward.data.n_users)
+    return reward
 
 
 def align(
@@ -203,15 +228,9 @@ def align(
         or registry.model_spec(policy.config).reads_user_ids
     ):
         raise UserError("--mode align starts from a sequence scoring run (onerec or sasrec).")
-    reward = load_run(reward_workdir) if reward_workdir else policy
-    if not getattr(reward.model, "has_rating_head", False):
-        raise UserError(
-            f"{reward_workdir or workdir}: no rating head to reward with. Train a reward model "
-            "(--config.model.rating_weight=1.0) and pass it as --reward_workdir."
-        )
     if not policy.data.has_ratings:
         raise UserError("--mode align learns from ratings; this data has none.")
-    _same_data(policy, reward)
+    reward = load_reward(policy, reward_workdir, workdir)
     config = policy.config
     if settings is not None:
         config.align = ml_collections.ConfigDict(settings.to_dict())

@@ -243,7 +243,8 @@ def base_config() -> ml_collections.ConfigDict:
     tk.seed = 0  # tokenizer seed
 
     c.align = a = ml_collections.ConfigDict()
-    # `--mode align` (align.py): DPO on the policy's own candidates, rewarded by a rating head
+    # `--mode align` (align.py): DPO on the policy's own candidates, rewarded by a reward model
+    # (`--mode reward`, models/reward.py) or a rating head
     a.beta = 0.1  # DPO temperature
     a.candidates = 20  # top items of the policy per user, from which chosen / rejected are picked
     a.iterations = 2  # rounds of (candidates, rewards, pairs, training)
@@ -251,6 +252,17 @@ def base_config() -> ml_collections.ConfigDict:
     a.batch_size = 128  # pairs per step (and the next-item batch is train.batch_size windows)
     a.learning_rate = 1e-4
     a.next_item_weight = 1.0  # the next-item loss mixed into every step (0: DPO alone)
+
+    c.reward = r = ml_collections.ConfigDict()
+    # `--mode reward` (models/reward.py): biased matrix factorisation of the training ratings,
+    # the reward model of `--mode align`. Tuned on the dev set's validation RMSE.
+    r.dim = 32  # user and item factors (0: mu + user bias + item bias alone)
+    r.l2 = 0.1  # weight of the squared norm of the parameters each rating uses
+    r.learning_rate = 0.01  # Adam
+    r.batch_size = 4096  # ratings per step
+    r.epochs = 100  # at most; the epoch of the best validation RMSE is kept
+    r.patience = 5  # epochs without a better validation RMSE before stopping
+    r.init_std = 0.01  # normal(std) initial factors
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (-1, 1, 1)  # devices over (data, fsdp, model); one -1 is filled in

@@ -20,7 +20,18 @@ from onerec_jax import distributed
 from onerec_jax.data import dataset, sequences
 from onerec_jax.errors import UserError
 
-MODES = ("prepare", "train", "eval", "tokenize", "report", "recommend", "serve", "update", "align")
+MODES = (
+    "prepare",
+    "train",
+    "eval",
+    "tokenize",
+    "report",
+    "recommend",
+    "serve",
+    "update",
+    "align",
+    "reward",
+)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/ml25m.py[:variant].", lock_config=True
@@ -54,7 +65,9 @@ _UPDATE_EPOCHS = flags.DEFINE_float(
     "update_epochs", 1.0, "--mode update: epochs of the combined data when --update_steps is 0."
 )
 _REWARD_WORKDIR = flags.DEFINE_string(
-    "reward_workdir", None, "--mode align: a run with a rating head (default: --workdir's own)."
+    "reward_workdir",
+    None,
+    "--mode align: a --mode reward run, or a run with a rating head (default: --workdir's own).",
 )
 _ALIGN_WORKDIR = flags.DEFINE_string(
     "align_workdir", None, "--mode align: where the aligned run goes (default <workdir>_aligned)."
@@ -304,6 +317,17 @@ def main(argv):
             out = modes.evaluate(config, workdir)
             if _is_main():
                 _print_eval(out, workdir)
+        elif _MODE.value == "reward":
+            from onerec_jax.models import reward
+
+            results = reward.fit_run(config, workdir)
+            val, test = results["val"], results["test"]
+            print(
+                f"reward model: validation RMSE {val['rmse']:.4f} (user mean "
+                f"{val['rmse_user_mean']:.4f}, global mean {val['rmse_global_mean']:.4f}); test "
+                f"RMSE {test['rmse']:.4f} (user mean {test['rmse_user_mean']:.4f}); best epoch "
+                f"{results['best_epoch']} of {results['epochs']}; in {workdir / reward.REWARD_FILE}"
+            )
         elif _MODE.value == "tokenize":
             from onerec_jax import modes
             from onerec_jax.tokenize import quality, run, semantic_ids

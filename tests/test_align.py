@@ -12,6 +12,7 @@ from onerec_jax import align
 from onerec_jax.data.sequences import SequenceData
 from onerec_jax.defaults import apply_variant, base_config
 from onerec_jax.errors import UserError
+from onerec_jax.models import reward as reward_lib
 from onerec_jax.models.base import DataInfo
 from onerec_jax.models.registry import build_model
 from onerec_jax.runs import TrainedRun
@@ -136,3 +137,29 @@ def test_align_needs_a_reward_model(tmp_path):
     with pytest.raises(UserError, match="must differ"):
         align.align(tmp_path, out=tmp_path)
     assert isinstance(base_config().align, ml_collections.ConfigDict)
+
+
+def test_pairs_from_a_fitted_reward_model(tmp_path):
+    """A `--mode reward` model (models/reward.py) rewards the candidates: fit on the planted
+    ratings, it prefers the liked items; `load_reward` reads its file and refuses other data."""
+    rng = np.random.default_rng(0)
+    data = _planted_data(rng)
+    cfg = base_config().reward
+    cfg.update(dim=4, epochs=40, patience=40, learning_rate=0.05)
+    fitted, _ = reward_lib.fit(data, cfg)
+    mesh = jax.sharding.Mesh(
+        np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "model")
+    )
+    pc, pmodel, pparams = _model(0.0)
+    policy = TrainedRun(pc, data, None, pmodel, pparams, 1, mesh, ())
+    fitted.save(tmp_path / reward_lib.REWARD_FILE)
+    loaded = align.load_reward(policy, tmp_path, tmp_path)
+    aligner = align.Aligner(policy, loaded, pc.align)
+    pairs, stats = aligner.pairs(pparams, jax.device_get(pparams), np.arange(data.n_users))
+    assert (pairs["chosen"] <= LIKED).mean() > 0.95
+    assert (pairs["rejected"] > LIKED).mean() > 0.95
+    assert stats["reward_chosen"] > 4.0 and stats["reward_rejected"] < 2.0
+    other = _planted_data(rng, n_users=150)  # other users: the reward's rows do not match
+    stranger = TrainedRun(pc, other, None, pmodel, pparams, 1, mesh, ())
+    with pytest.raises(UserError, match="other data"):
+        align.load_reward(stranger, tmp_path, tmp_path)
