@@ -1,0 +1,62 @@
+"""Cold-start metrics of a trained run, re-evaluated under other ranking settings on its best
+checkpoint: `eval.cold_share` for generative models (cold items by their content codes) and
+`model.cold_content_only` for the OneRec item head (BENCHMARKS.md "Cold start").
+
+  python benchmarks/cold_start_eval.py --workdir runs/cold_sid --cold_share 0,0.1,0.2,0.5
+  python benchmarks/cold_start_eval.py --workdir runs/cold_onerec --cold_content_only
+
+All / cold / warm targets of every setting on validation (writes
+<workdir>/cold_start_eval.json). Choose the setting on validation, then read test once for it:
+`--cold_share 0.1 --splits valid,test`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from absl import app, flags, logging
+
+from onerec_jax.evaluation.evaluator import make_evaluator
+from onerec_jax.runs import load_run
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A trained run (with data.cold_items set).")
+_SHARES = flags.DEFINE_list("cold_share", [], "eval.cold_share values (generative models).")
+_SPLITS = flags.DEFINE_list("splits", ["valid"], "Splits to evaluate (test: once, when chosen).")
+_CONTENT = flags.DEFINE_bool(
+    "cold_content_only", False, "Also evaluate with model.cold_content_only=True (item head)."
+)
+KEYS = ("ndcg@10", "hr@10", "mrr", "cold/n_users", "cold/ndcg@10", "cold/hr@10", "cold/mrr")
+KEYS += ("warm/ndcg@10", "lists_short", "lists_invalid", "lists_duplicate")
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    run = load_run(_WORKDIR.value)
+    settings = [] if _SHARES.value else [("as trained", {})]
+    settings += [(f"cold_share={s}", {"cold_share": float(s)}) for s in _SHARES.value]
+    if _CONTENT.value:
+        settings.append(("cold_content_only", {"cold_content_only": True}))
+    out = {}
+    for name, change in settings:
+        if "cold_share" in change:
+            run.model.cold_share = change["cold_share"]  # read when generating
+        if "cold_content_only" in change:
+            run.config.model.cold_content_only = True  # read when ranking
+        evaluator = make_evaluator(run.model, run.data, run.config, run.mesh, run.rules)
+        for split in _SPLITS.value:
+            start = time.perf_counter()
+            metrics, _ = evaluator.evaluate(run.params, split)
+            row = {k: float(metrics[k]) for k in KEYS if k in metrics}
+            row["seconds"] = time.perf_counter() - start
+            out[f"{name}/{split}"] = row
+            cells = ", ".join(f"{k} {v:.4f}" for k, v in row.items())
+            print(f"{name} {split}: {cells}", flush=True)
+    (Path(_WORKDIR.value) / "cold_start_eval.json").write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("workdir")
+    app.run(main)
