@@ -2,7 +2,8 @@
 checkpoint: `eval.cold_share` for generative models (cold items by their content codes) and
 `model.cold_content_only` for the OneRec item head (BENCHMARKS.md "Cold start").
 
-  python benchmarks/cold_start_eval.py --workdir runs/cold_sid --cold_share 0,0.1,0.2,0.5
+  python benchmarks/cold_start_eval.py --workdir runs/cold_sid --cold_share 0.1,0.2 \
+      --cold_bonus 0,4,8,16
   python benchmarks/cold_start_eval.py --workdir runs/cold_onerec --cold_content_only
 
 All / cold / warm targets of every setting on validation (writes
@@ -23,6 +24,7 @@ from onerec_jax.runs import load_run
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained run (with data.cold_items set).")
 _SHARES = flags.DEFINE_list("cold_share", [], "eval.cold_share values (generative models).")
+_BONUS = flags.DEFINE_list("cold_bonus", ["0"], "eval.cold_bonus values, with each cold_share.")
 _SPLITS = flags.DEFINE_list("splits", ["valid"], "Splits to evaluate (test: once, when chosen).")
 _CONTENT = flags.DEFINE_bool(
     "cold_content_only", False, "Also evaluate with model.cold_content_only=True (item head)."
@@ -36,13 +38,17 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     run = load_run(_WORKDIR.value)
     settings = [] if _SHARES.value else [("as trained", {})]
-    settings += [(f"cold_share={s}", {"cold_share": float(s)}) for s in _SHARES.value]
+    settings += [
+        (f"cold_share={s} cold_bonus={b}", {"cold_share": float(s), "cold_bonus": float(b)})
+        for s in _SHARES.value
+        for b in _BONUS.value
+    ]
     if _CONTENT.value:
         settings.append(("cold_content_only", {"cold_content_only": True}))
     out = {}
     for name, change in settings:
-        if "cold_share" in change:
-            run.model.cold_share = change["cold_share"]  # read when generating
+        if "cold_share" in change:  # read when generating
+            run.model.cold_share, run.model.cold_bonus = change["cold_share"], change["cold_bonus"]
         if "cold_content_only" in change:
             run.config.model.cold_content_only = True  # read when ranking
         evaluator = make_evaluator(run.model, run.data, run.config, run.mesh, run.rules)

@@ -181,6 +181,9 @@ def base_config() -> ml_collections.ConfigDict:
     # codes; they compete with the beam's items by score. 0: beam search alone (cold items
     # only where the beam reaches them).
     e.cold_share = 0.0
+    # generative, with cold_share: added to each cold item's log-probability before the merge
+    # (a decoder trained on warm items scores cold codes far below warm ones; chosen on validation)
+    e.cold_bonus = 0.0
     # how targets are ranked (evaluation/evaluator.py EVALUATORS): "" the model's own
     # (full_ranking for scoring models, topk_list for generative ones), or "topk_list" to
     # rank any model's targets within its top-k list

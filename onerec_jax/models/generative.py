@@ -76,6 +76,9 @@ class GenerativeModel(Model):
         if not 0.0 <= self.cold_share <= 1.0:
             raise ConfigError(f"eval.cold_share={self.cold_share}: use a share in [0, 1].")
         self.cold_items = np.flatnonzero(counts[1:] == 0).astype(np.int32) + 1  # [N] dense ids
+        # added to a cold item's log-probability before it competes with the beam's: a decoder
+        # trained on warm items gives cold codes far lower log-probabilities than warm ones
+        self.cold_bonus = float(config.eval.get("cold_bonus", 0.0))
         # A dense item head on the encoder's slot states, trained jointly (loss.dense_weight),
         # re-ranks the beam's items: score = code log-probability + rerank_weight x the dense
         # head's log-probability of the item (eval.rerank_weight; OneRec and LIGER both join a
@@ -308,11 +311,12 @@ class GenerativeModel(Model):
 
     def _with_cold(self, variables, context, seen, items, scores):
         """The beam's list of warm items [B, K] with the best cold items (by `cold_scores`)
-        competing for at most ceil(cold_share x K) of its slots, merged by score (TIGER's
-        cold-start retrieval, its epsilon = eval.cold_share)."""
+        competing for at most ceil(cold_share x K) of its slots, merged by score + eval.cold_bonus
+        (TIGER's cold-start retrieval, its epsilon = eval.cold_share)."""
         k = items.shape[1]
         n = min(len(self.cold_items), max(1, int(np.ceil(self.cold_share * k))))
         cold_scores, pick = jax.lax.top_k(self.cold_scores(variables, context, seen), n)
+        cold_scores = cold_scores + self.cold_bonus  # -inf (seen) stays -inf
         cold_items = jnp.asarray(self.cold_items)[pick]  # [B, n]
         merged, order = jax.lax.top_k(jnp.concatenate([scores, cold_scores], axis=1), k)
         chosen = jnp.take_along_axis(jnp.concatenate([items, cold_items], axis=1), order, axis=1)

@@ -392,18 +392,19 @@ def _with_cold(info: DataInfo, cold) -> DataInfo:
     return dataclasses.replace(info, item_counts=counts)
 
 
-@pytest.mark.parametrize("valid_only", [True, False])
-def test_cold_items_compete_by_their_content_codes(valid_only):
+@pytest.mark.parametrize("valid_only,bonus", [(True, 0.0), (False, 0.0), (True, 1.5)])
+def test_cold_items_compete_by_their_content_codes(valid_only, bonus):
     """eval.cold_share: items without a training interaction are scored by the log-probability
     of their L content codes (by hand below: one decoder pass per item, each level's softmax
     over the codes valid after its prefix, or the whole level), and take at most ceil(share x K)
-    slots; the other slots hold the best unseen warm items (an exhaustive beam here)."""
+    slots, their scores raised by eval.cold_bonus; the other slots hold the best unseen warm
+    items (an exhaustive beam here)."""
     data = planted()
     sem = random_codes(N_ITEMS, 2, 4, 0)  # 2 levels of 4 codes: <= 16 prefixes, beam 20
     cold = np.array([2, 5, 9, 13, 17, 20])
     c = tiny("tiger")
     c.loss.valid_codes_only = valid_only
-    c.eval.update(beam=N_ITEMS, k=10, cold_share=0.25)  # ceil(2.5) = 3 cold slots at most
+    c.eval.update(beam=N_ITEMS, k=10, cold_share=0.25, cold_bonus=bonus)  # <= 3 cold slots
     model = build_model(c, _with_cold(info_for(data, sem, 5), cold))
     np.testing.assert_array_equal(model.cold_items, cold)
     ds = generative_train_dataset(data, sem.codes, max_len=5, batch_size=8, seed=0)
@@ -446,7 +447,7 @@ def test_cold_items_compete_by_their_content_codes(valid_only):
                 z = logits[level, offsets[level] + cols]
                 logz = z.max() + np.log(np.exp(z - z.max()).sum())
                 total += z[list(cols).index(codes[level])] - logz
-            by_hand[int(item)] = total
+            by_hand[int(item)] = total + bonus
         best_cold = sorted(by_hand.items(), key=lambda kv: -kv[1])[:3]
         want = sorted([*warm.items(), *best_cold], key=lambda kv: -kv[1])[:10]
         got_items, got_scores = np.asarray(items[b]), np.asarray(scores[b], np.float64)
