@@ -318,9 +318,10 @@ def main(argv):
             if _is_main():
                 _print_eval(out, workdir)
         elif _MODE.value == "reward":
+            from onerec_jax import modes
             from onerec_jax.models import reward
 
-            results = reward.fit_run(config, workdir)
+            results = modes.reward(config, workdir)
             val, test = results["val"], results["test"]
             print(
                 f"reward model: validation RMSE {val['rmse']:.4f} (user mean "

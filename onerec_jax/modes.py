@@ -8,6 +8,7 @@ modules below never start a mode.
 from __future__ import annotations
 
 import copy
+import json
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from onerec_jax import defaults, runs
 from onerec_jax.data import dataset
 from onerec_jax.errors import UserError
 from onerec_jax.evaluation.evaluator import make_evaluator
+from onerec_jax.models import reward as reward_lib
 from onerec_jax.tokenize import semantic_ids
 from onerec_jax.training import train as training
 
@@ -79,3 +81,29 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     evaluator = make_evaluator(run.model, data, config, run.mesh, run.rules)
     test, _ = evaluator.evaluate(run.params, "test")
     return {"best_step": run.best_step, "test": test}
+
+
+def reward(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """`--mode reward`: fit models/reward.py on the config's data, write `reward.npz` and
+    `results.json` (validation and test RMSE against the baselines) into `workdir`."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    data, _ = training.load_data(config)
+    start = time.perf_counter()
+    model, history = reward_lib.fit(data, config.reward, seed=int(config.seed))
+    seconds = time.perf_counter() - start
+    model.save(workdir / reward_lib.REWARD_FILE)
+    results = {
+        "model": "reward",
+        "reward": config.reward.to_dict(),
+        "seed": int(config.seed),
+        "best_epoch": int(min(history, key=lambda h: h[2])[0]),
+        "epochs": len(history),
+        "train_seconds": seconds,
+        "history": history,
+        "val": reward_lib.rmse_report(model, data, "valid"),
+        "test": reward_lib.rmse_report(model, data, "test"),
+    }
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    (workdir / reward_lib.RESULTS_FILE).write_text(json.dumps(results, indent=2))
+    return results

@@ -20,10 +20,8 @@ The per-user bias is most of what a rating predictor gains over the global mean 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import jax
@@ -224,34 +222,6 @@ def fit(data: SequenceData, cfg: ml_collections.ConfigDict, seed: int = 0):
             if since >= int(cfg.patience):
                 break
     return best, history
-
-
-def fit_run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """`--mode reward`: fit on the config's data, write `reward.npz` and `results.json`
-    (validation and test RMSE against the baselines) into `workdir`."""
-    from onerec_jax.training import train as training
-
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    data, _ = training.load_data(config)
-    start = time.perf_counter()
-    model, history = fit(data, config.reward, seed=int(config.seed))
-    seconds = time.perf_counter() - start
-    model.save(workdir / REWARD_FILE)
-    results = {
-        "model": "reward",
-        "reward": config.reward.to_dict(),
-        "seed": int(config.seed),
-        "best_epoch": int(min(history, key=lambda h: h[2])[0]),
-        "epochs": len(history),
-        "train_seconds": seconds,
-        "history": history,
-        "val": rmse_report(model, data, "valid"),
-        "test": rmse_report(model, data, "test"),
-    }
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    (workdir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
-    return results
 
 
 def is_reward_run(workdir: str | Path) -> bool:

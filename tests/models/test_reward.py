@@ -106,7 +106,7 @@ def test_fit_refuses_unrated_data_and_bad_settings():
 
 
 def test_mode_reward_writes_the_model_and_its_results(tmp_path):
-    """`--mode reward` (main.py -> reward.fit_run) on a ratings.csv: reward.npz and a
+    """`--mode reward` (main.py -> modes.reward) on a ratings.csv: reward.npz and a
     results.json with validation and test RMSE beside the baselines."""
     data, _ = _planted(n_users=120, n_items=30, length=12)
     users = np.repeat(np.arange(1, data.n_users + 1), 12)
