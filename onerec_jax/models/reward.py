@@ -35,6 +35,7 @@ from onerec_jax.errors import ConfigError, UserError
 
 REWARD_FILE = "reward.npz"
 RESULTS_FILE = "results.json"
+_ARRAYS = ("user_bias", "item_bias", "user_vectors", "item_vectors", "item_ids")  # in reward.npz
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,16 +68,7 @@ class RewardModel:
                 np.savez(
                     f,
                     mu=np.float64(self.mu),
-                    **{
-                        k: getattr(self, k)
-                        for k in (
-                            "user_bias",
-                            "item_bias",
-                            "user_vectors",
-                            "item_vectors",
-                            "item_ids",
-                        )
-                    },
+                    **{k: getattr(self, k) for k in _ARRAYS},
                 )
             os.replace(tmp, path)
         except BaseException:
@@ -90,16 +82,7 @@ class RewardModel:
             with np.load(path, allow_pickle=False) as z:
                 return cls(
                     mu=float(z["mu"]),
-                    **{
-                        k: z[k]
-                        for k in (
-                            "user_bias",
-                            "item_bias",
-                            "user_vectors",
-                            "item_vectors",
-                            "item_ids",
-                        )
-                    },
+                    **{k: z[k] for k in _ARRAYS},
                 )
         except (OSError, KeyError, ValueError) as e:
             raise UserError(
