@@ -93,6 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.l2 = 0.0  # BPR, NCF: weight of the L2 penalty on the embedding rows a training pair uses
     m.mlp_layers = (64, 32, 16)  # NCF: widths of the MLP tower's ReLU layers, first on the concat
     m.ncf_towers = "both"  # NCF: "both" (NeuMF), "gmf" or "mlp" (one tower alone: the ablation)
+    m.ncf_loss = "bce"  # NCF: "bce" (the paper's pointwise loss) or "bpr" (pairwise, as BPR)
     m.mask_prob = 0.2  # BERT4Rec: share of real items masked for the cloze loss (>= 1 each)
     m.last_item_share = 0.1  # BERT4Rec: share of training sequences with only the last masked
     # Generative models (tiger, onerec_sid): encoder-decoder over semantic ids

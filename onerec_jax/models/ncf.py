@@ -6,9 +6,10 @@
 
 Trained like the paper, with binary cross-entropy on every (window owner, target item) pair of
 the training windows and `model.negatives_per_pair` items drawn uniformly from the rest of the
-catalogue as its negatives:
+catalogue as its negatives (`model.ncf_loss="bce"`):
 
   softplus(-score(u, i)) + sum_j softplus(score(u, j))
+  or, with `model.ncf_loss="bpr"`, BPR's pairwise  mean_j softplus(score(u, j) - score(u, i))
   + model.l2 * (|u|^2 + |i|^2 + mean_j |j|^2)      (both towers' embedding rows the pair uses)
 
 averaged over the valid pairs.
@@ -143,8 +144,10 @@ class NCF(ScoringModel):
         items = jnp.concatenate([targets[..., None], negatives], axis=-1)  # [B, L, 1 + n]
         users = batch["user"][:, None, None]  # [B, 1, 1]: the window's owner at every position
         logits = self.module.apply({"params": params}, users, items)  # [B, L, 1 + n]
-        # -log sigmoid(x) = softplus(-x) and -log(1 - sigmoid(x)) = softplus(x), both stable.
-        row = jax.nn.softplus(-logits[..., 0]) + jnp.sum(jax.nn.softplus(logits[..., 1:]), -1)
+        if self.config.model.ncf_loss == "bpr":  # mean_j -log sigmoid(s_i - s_j), as BPR
+            row = jnp.mean(jax.nn.softplus(logits[..., 1:] - logits[..., :1]), axis=-1)
+        else:  # -log sigmoid(x) = softplus(-x) and -log(1 - sigmoid(x)) = softplus(x), stable
+            row = jax.nn.softplus(-logits[..., 0]) + jnp.sum(jax.nn.softplus(logits[..., 1:]), -1)
         if self.config.model.l2:
             user_sq, item_sq = self.module.apply(
                 {"params": params}, users[..., 0], items, method="embedding_sq_norms"
@@ -161,6 +164,8 @@ def build(config: ml_collections.ConfigDict, info: DataInfo) -> ScoringModel:
     m = config.model
     if m.ncf_towers not in ("both", "gmf", "mlp"):
         raise ConfigError(f"model.ncf_towers={m.ncf_towers!r}: use 'both', 'gmf' or 'mlp'.")
+    if m.ncf_loss not in ("bce", "bpr"):
+        raise ConfigError(f"model.ncf_loss={m.ncf_loss!r}: use 'bce' (the paper's) or 'bpr'.")
     module = NeuMF(
         n_users=info.n_users,
         vocab_size=info.vocab_size,

@@ -56,8 +56,9 @@ def _numpy_logits(params, users, items, towers="both"):
     return out
 
 
-def test_loss_matches_numpy():
-    model = _model(negatives_per_pair=2, l2=0.03)
+@pytest.mark.parametrize("loss_name", ["bce", "bpr"])
+def test_loss_matches_numpy(loss_name):
+    model = _model(negatives_per_pair=2, l2=0.03, ncf_loss=loss_name)
     params = _params(model)
     batch = {
         "user": jnp.array([5, 2], jnp.int32),
@@ -85,7 +86,11 @@ def test_loss_matches_numpy():
             assert i not in js
             s_pos = _numpy_logits(params, u, i)
             s_neg = _numpy_logits(params, u, js)
-            bce = -np.log(1 / (1 + np.exp(-s_pos))) - np.sum(np.log(1 - 1 / (1 + np.exp(-s_neg))))
+            if loss_name == "bce":
+                sig_pos, sig_neg = 1 / (1 + np.exp(-s_pos)), 1 / (1 + np.exp(-s_neg))
+                fit = -np.log(sig_pos) - np.sum(np.log(1 - sig_neg))
+            else:  # BPR: the mean over negatives of -log sigmoid(s_pos - s_neg)
+                fit = np.mean(-np.log(1 / (1 + np.exp(-(s_pos - s_neg)))))
             reg = (
                 sq("user_gmf", u)
                 + sq("user_mlp", u)
@@ -93,7 +98,7 @@ def test_loss_matches_numpy():
                 + sq("item_mlp", i)
                 + np.mean(sq("item_gmf", js) + sq("item_mlp", js))
             )
-            rows.append(bce + 0.03 * reg)
+            rows.append(fit + 0.03 * reg)
     np.testing.assert_allclose(float(loss), np.mean(rows), rtol=1e-5)
     assert float(metrics["tokens"]) == 5
 
@@ -166,3 +171,10 @@ def test_end_to_end_run_trains_and_writes_results(tmp_path):
     assert saved["params"] == tables + mlp
     assert saved["test"]["n_users"] == 2000 and 0 <= saved["test"]["ndcg@10"] <= 1
     assert results["test"] == pytest.approx(saved["test"])
+
+
+def test_unknown_loss_is_one_clear_error():
+    from onerec_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ncf_loss='hinge'"):
+        _model(ncf_loss="hinge")
