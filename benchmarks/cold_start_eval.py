@@ -25,6 +25,7 @@ from absl import app, flags, logging
 from onerec_jax.data.training_examples import prefix_inputs
 from onerec_jax.evaluation import metrics
 from onerec_jax.evaluation.evaluator import make_evaluator
+from onerec_jax.models.full_ranking import tie_rank
 from onerec_jax.runs import load_run
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained run (with data.cold_items set).")
@@ -61,13 +62,12 @@ def among_cold(run, split: str, batch: int = 64) -> dict:
         inputs = prefix_inputs(data, split, rows, run.config.data.max_len)
         seen = np.zeros((len(rows), data.n_items + 1), bool)
         seen[:, 0] = True
-        for i, u in enumerate(rows):
-            seen[i, data.items[part.starts[u] : part.ends[u]]] = True
+        seen[data.prefix_items(split, rows)] = True
         out = np.asarray(scores(run.params, {"inputs": inputs, "user": rows}, seen))
         for i, u in enumerate(rows):
             target = out[i, column[int(part.targets[u])]]
             rest = out[i][np.isfinite(out[i])]
-            ranks.append(1 + (rest > target).sum() + 0.5 * ((rest == target).sum() - 1))
+            ranks.append(tie_rank((rest > target).sum(), (rest == target).sum() - 1))
     found = metrics.metrics_from_ranks(np.asarray(ranks, np.float64))
     chance = metrics.metrics_from_ranks(np.arange(1, len(column) + 1, dtype=np.float64))
     return {"n_users": len(users), "n_cold": len(column)} | {

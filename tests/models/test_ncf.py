@@ -9,6 +9,7 @@ import pytest
 from test_pop import tiny_config
 
 from onerec_jax.defaults import apply_variant, base_config
+from onerec_jax.errors import ConfigError
 from onerec_jax.evaluation import ranking
 from onerec_jax.models import losses
 from onerec_jax.models.base import DataInfo
@@ -174,7 +175,5 @@ def test_end_to_end_run_trains_and_writes_results(tmp_path):
 
 
 def test_unknown_loss_is_one_clear_error():
-    from onerec_jax.errors import ConfigError
-
     with pytest.raises(ConfigError, match="ncf_loss='hinge'"):
         _model(ncf_loss="hinge")
