@@ -70,11 +70,47 @@ def train_and_evaluate(
         logger = MetricLogger(workdir, enabled=is_main)
         data_iter = iter(train_batches(setup, config.seed))
         state, record = _start(setup, ckpt, data_iter, workdir, init_params)
-        steps, stopped_early = _train_loop(setup, state, record, data_iter, evaluator, ckpt, logger)
-        results = _finish(setup, record, evaluator, ckpt, logger, workdir, steps, stopped_early)
+        pop_val = popularity_validation(setup, mesh, rules)
+        steps, stopped_early = _train_loop(
+            setup, state, record, data_iter, evaluator, ckpt, logger, pop_val
+        )
+        results = _finish(
+            setup, record, evaluator, ckpt, logger, workdir, steps, stopped_early, pop_val
+        )
     logger.close()
     ckpt.close()
     return results
+
+
+def popularity_validation(setup: TrainSetup, mesh, rules) -> float | None:
+    """Validation NDCG@10 of popularity (models/pop.py) on this run's data and evaluation
+    settings: the level below which a run has not started learning (`patience` then waits
+    `train.patience_below_popularity` validations). None when that is off or nothing is trained."""
+    c = setup.config
+    if int(c.train.get("patience_below_popularity", 0)) <= 0 or not setup.model.trainable:
+        return None
+    from onerec_jax.models import pop  # noqa: PLC0415  (only runs that use it pay the import)
+
+    pc = c.copy_and_resolve_references()
+    with pc.unlocked():
+        pc.model.pop_content = False
+        pc.eval.evaluator = ""  # popularity's own: a full ranking of the catalogue
+    model = pop.build(pc, setup.info)
+    inputs = jnp.zeros((2, int(c.data.max_len)), jnp.int32)
+    params = _unbox(model.init(jax.random.key(0), {"inputs": inputs}))
+    val, _ = make_evaluator(model, setup.data, pc, mesh, rules).evaluate(params, "valid")
+    logging.info("popularity's validation NDCG@10: %.4f", val["ndcg@10"])
+    return float(val["ndcg@10"])
+
+
+def stop_patience(c: ml_collections.ConfigDict, best: float, pop_val: float | None) -> int:
+    """The validations without improvement that stop a run whose best validation is `best`:
+    `train.patience`, or the larger `train.patience_below_popularity` while `best` has not beaten
+    popularity's `pop_val` (None: no such check)."""
+    patience = int(c.train.patience)
+    if pop_val is None or best > pop_val:
+        return patience
+    return max(patience, int(c.train.get("patience_below_popularity", 0)))
 
 
 def _start(
@@ -109,10 +145,18 @@ class _Window:
 
 
 def _train_loop(
-    setup: TrainSetup, state: TrainState, record: LoopRecord, data_iter, evaluator, ckpt, logger
+    setup: TrainSetup,
+    state: TrainState,
+    record: LoopRecord,
+    data_iter,
+    evaluator,
+    ckpt,
+    logger,
+    pop_val: float | None = None,
 ) -> tuple[int, bool]:
     """Trains `state` up to `total_steps` or early stopping, validating and checkpointing every
-    `eval_every` steps (`record` follows); returns (steps taken in all, stopped early)."""
+    `eval_every` steps (`record` follows); returns (steps taken in all, stopped early).
+    `pop_val`: popularity's validation NDCG@10 (`stop_patience`)."""
     c = setup.config
     rng = jax.random.key(c.seed)
     step = int(state.step)
@@ -125,7 +169,8 @@ def _train_loop(
     min_steps = int(c.train.get("min_epochs", 0)) * setup.steps_per_epoch
 
     def should_stop(step: int) -> bool:  # (never before a first validation: patience 0 trains)
-        return bool(record.history) and record.bad_evals >= c.train.patience and step >= min_steps
+        patience = stop_patience(c, record.best, pop_val)
+        return bool(record.history) and record.bad_evals >= patience and step >= min_steps
 
     stopped_early = should_stop(step)  # a finished run stays finished
     while step < setup.total_steps and not stopped_early:
@@ -184,6 +229,7 @@ def _finish(
     workdir: Path,
     steps: int,
     stopped_early: bool,
+    pop_val: float | None = None,
 ) -> dict:
     """Tests the best validated checkpoint once; writes and returns results.json."""
     ckpt.wait()
@@ -210,6 +256,8 @@ def _finish(
         "best_step": best_step,
         "steps": steps,
         "stopped_early": stopped_early,
+        # popularity's validation NDCG@10 (train.patience_below_popularity), null when not computed
+        "popularity_val_ndcg@10": pop_val,
         "params": _count_params(params),
         "train_seconds": record.train_seconds,
         "eval_seconds": record.eval_seconds + test["seconds"],

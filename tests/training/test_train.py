@@ -218,13 +218,43 @@ def test_early_stopping_waits_for_min_epochs(root, tmp_path, min_epochs, steps):
     """Patience 0 stops at the first validation unless train.min_epochs has not passed: at batch
     512 the demo's 2,000 users make 3 steps an epoch, so 2 epochs are 6 steps."""
     config = tiny_config(
-        root, batch_size=512, num_steps=12, eval_every_steps=2, patience=0, min_epochs=min_epochs
+        root,
+        batch_size=512,
+        num_steps=12,
+        eval_every_steps=2,
+        patience=0,
+        min_epochs=min_epochs,
+        patience_below_popularity=0,
     )
     config.mesh.num_devices = 1
     jax.clear_caches()
     results = train.train_and_evaluate(config, tmp_path)
     assert results["stopped_early"] and results["steps"] == steps
     assert [h[0] for h in results["history"]] == list(range(2, steps + 1, 2))
+    assert results["popularity_val_ndcg@10"] is None
+
+
+@pytest.mark.parametrize(("pop_val", "stopped", "steps"), [(-1.0, True, 2), (2.0, False, 12)])
+def test_early_stopping_waits_while_below_popularity(
+    root, tmp_path, monkeypatch, pop_val, stopped, steps
+):
+    """Patience 0 stops at the first validation once it beats popularity's (here forced to -1);
+    below it (forced to 2, above any NDCG) patience_below_popularity = 100 validations apply, so
+    the 12 steps run out first."""
+    config = tiny_config(
+        root,
+        batch_size=512,
+        num_steps=12,
+        eval_every_steps=2,
+        patience=0,
+        patience_below_popularity=100,
+    )
+    config.mesh.num_devices = 1
+    monkeypatch.setattr(train, "popularity_validation", lambda *a: pop_val)
+    jax.clear_caches()
+    results = train.train_and_evaluate(config, tmp_path)
+    assert results["stopped_early"] is stopped and results["steps"] == steps
+    assert results["popularity_val_ndcg@10"] == pop_val
 
 
 def test_a_vocab_split_checkpoint_evaluates_unsplit_and_the_reverse(root, tmp_path):
