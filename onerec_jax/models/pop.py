@@ -23,6 +23,7 @@ import numpy as np
 
 from onerec_jax.models.base import DataInfo, ScoringModel
 from onerec_jax.models.registry import ModelSpec, register
+from onerec_jax.parallel import vocab_parallel
 
 
 class Popularity(nn.Module):
@@ -30,14 +31,17 @@ class Popularity(nn.Module):
 
     def setup(self):
         counts = np.asarray(self.item_counts, np.float32)
+        rows = vocab_parallel.padded_rows(len(counts))  # splits evenly over the mesh
 
         def init(rng, shape):
-            del rng  # the table is the data's, not random
-            return jnp.log1p(jnp.asarray(counts)).reshape(shape)
+            del rng  # the table is the data's, not random; rows past V are never ranked
+            padded = np.zeros(shape[0], np.float32)
+            padded[: len(counts)] = counts
+            return jnp.log1p(jnp.asarray(padded)).reshape(shape)
 
         self.log_counts = self.param(
-            "log_counts", nn.with_logical_partitioning(init, ("vocab", None)), (len(counts), 1)
-        )  # [V, 1]
+            "log_counts", nn.with_logical_partitioning(init, ("vocab", None)), (rows, 1)
+        )  # [V rounded up to the vocab shards, 1]
 
     def __call__(self, inputs, *, train: bool):
         """inputs [B, L] -> [B, 1] ones: every user's state is the same."""
