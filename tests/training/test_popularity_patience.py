@@ -40,6 +40,13 @@ def _config(**train):
     return c
 
 
+def _popularity_validation(c):
+    mesh, rules = train.make_mesh(c)
+    with sharding.use_mesh(mesh, rules):
+        setup = train.make_setup(c, _data(), None, mesh, rules)
+        return train.popularity_validation(setup, mesh, rules)
+
+
 def test_popularity_validation_by_hand():
     """Scores log(1 + count), each user's validation prefix masked, ties count half:
     user 0 (seen 1, 2): target 3 is first of 3, 4, 5 -> rank 1;
@@ -47,22 +54,14 @@ def test_popularity_validation_by_hand():
     user 2 (seen 2): target 1 is first -> rank 1;
     user 3 (seen 1): target 4 is below 2 and 3, tied with 5 -> rank 3.5.
     NDCG@10 = mean(1 / log2(1 + rank))."""
-    data, c = _data(), _config()
-    mesh, rules = train.make_mesh(c)
-    with sharding.use_mesh(mesh, rules):
-        setup = train.make_setup(c, data, None, mesh, rules)
-        got = train.popularity_validation(setup, mesh, rules)
+    got = _popularity_validation(_config())
     want = np.mean([1.0, 1 / math.log2(3.5), 1.0, 1 / math.log2(4.5)])
     assert got == pytest.approx(want, abs=1e-6)
     assert want == pytest.approx(0.75353, abs=1e-5)
 
 
 def test_popularity_validation_off():
-    data, c = _data(), _config(patience_below_popularity=0)
-    mesh, rules = train.make_mesh(c)
-    with sharding.use_mesh(mesh, rules):
-        setup = train.make_setup(c, data, None, mesh, rules)
-        assert train.popularity_validation(setup, mesh, rules) is None
+    assert _popularity_validation(_config(patience_below_popularity=0)) is None
 
 
 @pytest.mark.parametrize(

@@ -213,22 +213,21 @@ def test_non_finite_loss_stops_with_a_clear_error(root, tmp_path):
     assert (state_dir / "checkpoints" / "12").exists()
 
 
+def _patience_zero_run(root, tmp_path, **train_overrides) -> dict:
+    """results.json of 12 steps at batch 512 (3 steps an epoch), validating every 2, patience 0."""
+    config = tiny_config(
+        root, batch_size=512, num_steps=12, eval_every_steps=2, patience=0, **train_overrides
+    )
+    config.mesh.num_devices = 1
+    jax.clear_caches()
+    return train.train_and_evaluate(config, tmp_path)
+
+
 @pytest.mark.parametrize(("min_epochs", "steps"), [(0, 2), (2, 6)])
 def test_early_stopping_waits_for_min_epochs(root, tmp_path, min_epochs, steps):
     """Patience 0 stops at the first validation unless train.min_epochs has not passed: at batch
     512 the demo's 2,000 users make 3 steps an epoch, so 2 epochs are 6 steps."""
-    config = tiny_config(
-        root,
-        batch_size=512,
-        num_steps=12,
-        eval_every_steps=2,
-        patience=0,
-        min_epochs=min_epochs,
-        patience_below_popularity=0,
-    )
-    config.mesh.num_devices = 1
-    jax.clear_caches()
-    results = train.train_and_evaluate(config, tmp_path)
+    results = _patience_zero_run(root, tmp_path, min_epochs=min_epochs, patience_below_popularity=0)
     assert results["stopped_early"] and results["steps"] == steps
     assert [h[0] for h in results["history"]] == list(range(2, steps + 1, 2))
     assert results["popularity_val_ndcg@10"] is None
@@ -241,18 +240,8 @@ def test_early_stopping_waits_while_below_popularity(
     """Patience 0 stops at the first validation once it beats popularity's (here forced to -1);
     below it (forced to 2, above any NDCG) patience_below_popularity = 100 validations apply, so
     the 12 steps run out first."""
-    config = tiny_config(
-        root,
-        batch_size=512,
-        num_steps=12,
-        eval_every_steps=2,
-        patience=0,
-        patience_below_popularity=100,
-    )
-    config.mesh.num_devices = 1
     monkeypatch.setattr(train, "popularity_validation", lambda *a: pop_val)
-    jax.clear_caches()
-    results = train.train_and_evaluate(config, tmp_path)
+    results = _patience_zero_run(root, tmp_path, patience_below_popularity=100)
     assert results["stopped_early"] is stopped and results["steps"] == steps
     assert results["popularity_val_ndcg@10"] == pop_val
 
