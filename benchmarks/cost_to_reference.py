@@ -8,6 +8,11 @@ CPU-seconds C it took to reach it) and each of our runs (a workdir with results.
 process CPU-seconds at our first validation scoring >= V, and that as a fraction of C; then the
 means. The issue's goal is a fraction <= 0.5.
 
+With several reference seeds it also compares against the pooled reference: the mean of their
+best validations, reached for the mean of their CPU-seconds to best, and counts the runs and
+pairs that reach the target at all and within half the CPU-seconds (a run that never reaches it
+counts against, not out of, those counts; the mean fraction is over the runs that reached it).
+
 Our CPU-seconds at each validation come from results.json's history (4th column, runs from
 2026-12-06 on). Older runs lack it: their CPU-seconds at a validation are estimated as
 cpu_seconds x (wall-clock seconds since the first metrics.jsonl line / the run's last line),
@@ -80,12 +85,47 @@ def main(argv: list[str] | None = None) -> None:
                 f"| {path.stem} | {target:.4f} | {cost:,.0f} | {name} | {reached:,.0f} | "
                 f"{reached / cost:.2f} |"
             )
+    pairs = len(refs) * len(ours)
     if fractions:
-        sd = statistics.stdev(fractions) if len(fractions) > 1 else 0.0
         print(
             f"\nfraction of the reference's CPU-seconds, mean +- sd over {len(fractions)} "
-            f"pairs: {statistics.mean(fractions):.2f} +- {sd:.2f}"
+            f"pairs that reached it: {_mean_sd(fractions)}"
         )
+    print(
+        f"pairs reaching the reference's best: {len(fractions)} of {pairs}; within half its "
+        f"CPU-seconds: {sum(f <= 0.5 for f in fractions)} of {pairs}"
+    )
+    if len(refs) > 1 and ours:
+        pooled(refs, ours)
+
+
+def _mean_sd(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} +- {sd:.2f}"
+
+
+def pooled(refs: list[dict], ours: dict) -> None:
+    """Our runs against the reference seeds' mean best validation and mean CPU-s to it."""
+    target = statistics.mean(ref["valid"]["ndcg@10"] for ref in refs)
+    cost = statistics.mean(ref["cpu_seconds_to_best"] for ref in refs)
+    print(
+        f"\npooled reference ({len(refs)} seeds): best val NDCG@10 {target:.4f} "
+        f"(sd {statistics.stdev(ref['valid']['ndcg@10'] for ref in refs):.4f}), CPU-s to best "
+        f"{cost:,.0f}"
+    )
+    fractions = []
+    for run, (curve, _) in ours.items():
+        reached = first_reaching(curve, target)
+        if reached is None:
+            print(f"- {run}: not reached (best {max(s for _, s in curve):.4f})")
+            continue
+        fractions.append(reached / cost)
+        print(f"- {run}: {reached:,.0f} CPU-s, fraction {reached / cost:.2f}")
+    line = f"runs reaching it: {len(fractions)} of {len(ours)}; within half: "
+    line += f"{sum(f <= 0.5 for f in fractions)} of {len(ours)}"
+    if fractions:
+        line += f"; fraction {_mean_sd(fractions)}"
+    print(line)
 
 
 if __name__ == "__main__":

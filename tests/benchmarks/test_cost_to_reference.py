@@ -49,3 +49,20 @@ def test_recorded_and_estimated_cpu_curves(tmp_path, capsys):
     ref.write_text(json.dumps({"valid": {"ndcg@10": 0.07}, "cpu_seconds_to_best": 100.0}))
     cost.main(["--runs", str(new), "--reference", str(ref)])
     assert "not reached (best 0.0500)" in capsys.readouterr().out
+
+
+def test_pooled_reference_and_counts(tmp_path, capsys):
+    fast = _run(tmp_path / "fast", [[5, 1.0, 0.04, 30.0], [10, 2.0, 0.06, 50.0]], 50.0)
+    slow = _run(tmp_path / "slow", [[5, 1.0, 0.03, 40.0], [10, 2.0, 0.045, 90.0]], 90.0)
+    refs = []
+    for i, (v, c) in enumerate([(0.05, 100.0), (0.04, 60.0)]):
+        refs.append(tmp_path / f"ref{i}.json")
+        refs[-1].write_text(json.dumps({"valid": {"ndcg@10": v}, "cpu_seconds_to_best": c}))
+    cost.main(["--runs", str(fast), str(slow), "--reference", *map(str, refs)])
+    out = capsys.readouterr().out
+    # Pairs: fast reaches 0.05 at 50 (0.50) and 0.04 at 30 (0.50); slow misses 0.05 and reaches
+    # 0.04 at 90 (1.50). Pooled: target 0.045, cost 80; fast at 50 (0.62), slow at 90 (1.12).
+    assert "pairs reaching the reference's best: 3 of 4; within half its CPU-seconds: 2 of 4" in out
+    assert "best val NDCG@10 0.0450 (sd 0.0071), CPU-s to best 80" in out
+    assert "fast: 50 CPU-s, fraction 0.62" in out and "slow: 90 CPU-s, fraction 1.12" in out
+    assert "runs reaching it: 2 of 2; within half: 0 of 2; fraction 0.88 +- 0.35" in out
