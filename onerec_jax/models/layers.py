@@ -78,7 +78,9 @@ class SelfAttention(nn.Module):
     `kv`: keys and values from another sequence of the same length (default: `x`), as the
     public SASRec's block, whose queries alone are normalised. `use_bias`: biases on the four
     projections (torch's MultiheadAttention has them). `out_init_std` > 0: normal(std) output
-    projection instead of fan-in scaling.
+    projection instead of fan-in scaling. `qkv_init`: "fan_in" (normal, std dim**-0.5) or
+    "torch" (MultiheadAttention's Xavier-uniform over its packed [3 dim, dim] in-projection:
+    uniform, std (2 dim)**-0.5).
     """
 
     num_heads: int
@@ -87,6 +89,7 @@ class SelfAttention(nn.Module):
     dtype: Dtype = jnp.float32
     use_bias: bool = False
     out_init_std: float = 0.0
+    qkv_init: str = "fan_in"
 
     @nn.compact
     def __call__(self, x, mask, positions, *, train: bool, kv=None, kv_positions=None):
@@ -102,8 +105,19 @@ class SelfAttention(nn.Module):
         head_dim = dim // self.num_heads
         shape = (dim, self.num_heads, head_dim)
 
+        names = ("embed", "heads", "kv")
+        if self.qkv_init == "torch":  # fan_avg over (dim, 3 dim): variance 1 / (2 dim)
+            init = nn.initializers.variance_scaling(
+                0.5, "fan_in", "uniform", in_axis=0, out_axis=(1, 2)
+            )
+            qkv_init = nn.with_logical_partitioning(init, names)
+        elif self.qkv_init == "fan_in":
+            qkv_init = dense_init(names)
+        else:
+            raise ValueError(f"model.qkv_init={self.qkv_init!r}: use 'fan_in' or 'torch'")
+
         def proj(name, inputs):  # [B, L, D] -> [B, L, H, Dh]
-            kernel = self.param(name, dense_init(("embed", "heads", "kv")), shape)
+            kernel = self.param(name, qkv_init, shape)
             out = jnp.einsum("bld,dhk->blhk", inputs, kernel.astype(self.dtype))
             if self.use_bias:
                 bias_init = nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv"))
@@ -178,6 +192,7 @@ class Block(nn.Module):
     norm_eps: float = 1e-6
     attn_bias: bool = False
     init_std: float = 0.0  # > 0: normal(std) feed-forward and attention-output kernels
+    qkv_init: str = "fan_in"  # SelfAttention's query/key/value kernels: "fan_in" or "torch"
 
     @nn.compact
     def __call__(self, x, mask, positions, *, train: bool, last_only: bool = False):
@@ -191,6 +206,7 @@ class Block(nn.Module):
             self.dtype,
             use_bias=self.attn_bias,
             out_init_std=self.init_std,
+            qkv_init=self.qkv_init,
             name="attn",
         )
         ffn = FeedForward(

@@ -26,6 +26,7 @@ class SASRec(nn.Module):
     init_std: float = 0.02  # normal(std) embeddings and kernels (0: dim**-0.5 / fan-in)
     norm_eps: float = 1e-8  # LayerNorm epsilon
     attn_bias: bool = True  # biases on the attention projections
+    qkv_init: str = "fan_in"  # query/key/value kernels: fan-in normal or "torch" (Xavier-uniform)
     positions: str = "start"  # learned positions counted from the first item or from the "end"
     dtype: jnp.dtype = jnp.float32
     rating_head: bool = False  # a RatingHead beside the next-item head (model.rating_weight > 0)
@@ -57,6 +58,7 @@ class SASRec(nn.Module):
                 norm_eps=self.norm_eps,
                 attn_bias=self.attn_bias,
                 init_std=self.init_std,
+                qkv_init=self.qkv_init,
                 name=f"block_{i}",
             )
             for i in range(self.num_layers)
@@ -128,6 +130,7 @@ def build(config: ml_collections.ConfigDict, info: DataInfo) -> ScoringModel:
         init_std=m.init_std,
         norm_eps=m.norm_eps,
         attn_bias=m.attn_bias,
+        qkv_init=m.get("qkv_init", "fan_in"),
         positions=m.position_origin,
         dtype=compute_dtype(config.train.compute_dtype),
         rating_head=m.get("rating_weight", 0.0) > 0,

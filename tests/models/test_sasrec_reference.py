@@ -10,6 +10,7 @@ same items at the same distance from the first item must give the same hidden st
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from onerec_jax.defaults import apply_variant, base_config
 from onerec_jax.models.base import DataInfo
@@ -89,3 +90,26 @@ def test_init_is_normal_002_with_a_zero_padding_row():
     kernel = np.asarray(params["block_0"]["ffn"]["up"]["kernel"])
     assert 0.015 < kernel.std() < 0.025
     np.testing.assert_array_equal(params["block_0"]["attn"]["query_bias"], 0.0)
+
+
+def test_qkv_init_torch_matches_multihead_attention_bounds():
+    """model.qkv_init="torch": torch's MultiheadAttention initialises its packed [3 dim, dim]
+    in-projection Xavier-uniform, bound sqrt(6 / (dim + 3 dim)) = sqrt(3 / (2 dim)); at dim 256
+    that is 0.07655 and the std bound / sqrt(3) = 0.04419, whatever the head count."""
+    import jax.numpy as jnp
+
+    from onerec_jax.models import layers
+
+    x, mask = jnp.zeros((1, 3, 256)), jnp.ones((1, 1, 3, 3), bool)
+    for heads in (1, 4):
+        attn = layers.SelfAttention(heads, qkv_init="torch")
+        params = attn.init(jax.random.key(0), x, mask, jnp.arange(3), train=False)["params"]
+        for name in ("query", "key", "value"):
+            kernel = np.asarray(jax.tree.leaves(params[name])[0])
+            assert kernel.shape == (256, heads, 256 // heads)
+            assert np.abs(kernel).max() <= (3 / 512) ** 0.5
+            np.testing.assert_allclose(kernel.std(), (3 / 512) ** 0.5 / 3**0.5, rtol=0.02)
+    with pytest.raises(ValueError, match="qkv_init='xavier'"):
+        layers.SelfAttention(1, qkv_init="xavier").init(
+            jax.random.key(0), x, mask, jnp.arange(3), train=False
+        )
