@@ -96,8 +96,6 @@ def test_qkv_init_torch_matches_multihead_attention_bounds():
     """model.qkv_init="torch": torch's MultiheadAttention initialises its packed [3 dim, dim]
     in-projection Xavier-uniform, bound sqrt(6 / (dim + 3 dim)) = sqrt(3 / (2 dim)); at dim 256
     that is 0.07655 and the std bound / sqrt(3) = 0.04419, whatever the head count."""
-    import jax.numpy as jnp
-
     from onerec_jax.models import layers
 
     x, mask = jnp.zeros((1, 3, 256)), jnp.ones((1, 1, 3, 3), bool)
