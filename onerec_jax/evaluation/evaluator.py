@@ -165,10 +165,11 @@ class FullRanking(Evaluator):
 
     def __init__(self, model, data, config, mesh, rules):
         super().__init__(model, data, config, mesh, rules)
-        if not hasattr(model, "user_state"):
+        if not getattr(model, "ranks_all_items", hasattr(model, "user_state")):
             raise ConfigError(
                 f"eval.evaluator='full_ranking' scores every item through a user state, which "
-                f"model {config.model.name!r} does not have: use eval.evaluator='topk_list'."
+                f"model {config.model.name!r} does not have (a generative model has one only "
+                "with a dense head, loss.dense_weight > 0): use eval.evaluator='topk_list'."
             )
         e = config.eval
         sizes = ranking.cpu_block_sizes(config, mesh)

@@ -325,7 +325,7 @@ class GenerativeModel(Model):
     def _rerank(self, variables, state, items, scores):
         """The beam's items re-ordered by code log-probability + rerank_weight x the dense
         head's log-softmax over all items (state [B, D] the last slot's); empty slots last."""
-        table = self.module.apply(variables, method=self.module.item_vectors)  # [V, D]
+        table = self.item_table(variables["params"])  # [V, D]
         logits = (state @ table.T).astype(jnp.float32).at[:, 0].set(-jnp.inf)  # [B, V]
         dense = (
             jnp.take_along_axis(logits, items, axis=1) - jax.nn.logsumexp(logits, axis=1)[:, None]
@@ -335,6 +335,30 @@ class GenerativeModel(Model):
         return jnp.where(
             combined > -jnp.inf, jnp.take_along_axis(items, order, axis=1), 0
         ), combined
+
+    @property
+    def ranks_all_items(self) -> bool:
+        """True when a dense head is trained (loss.dense_weight > 0): `eval.evaluator=
+        full_ranking` then ranks the whole catalogue by it alone (`user_state` . `item_table`),
+        the encoder's quality without the beam's recall."""
+        return self.dense_weight > 0
+
+    dot_product_scores = True  # the dense head scores items by state . item vector
+
+    def user_state(self, params, batch) -> jax.Array:
+        """[B, D] the last slot's encoder state, which the dense head scores items with (a
+        batch without "user", a new user, is hashed as user 0)."""
+        if "user" not in batch:
+            batch = {**batch, "user": jnp.zeros(batch["inputs"].shape[:1], jnp.int32)}
+        return self._encoded(params, batch)[1][2][:, 0]
+
+    ranking_state = user_state
+
+    def item_table(self, params) -> jax.Array:
+        """[V, D] the dense head's item vectors (`EncoderDecoder.item_vectors`)."""
+        return self.module.apply({"params": params}, method=self.module.item_vectors)
+
+    ranking_table = item_table
 
     def topk(self, params, batch, history, k: int | None = None):
         """`generate`: k=None gives the evaluation list (eval.k items from a beam of eval.beam);

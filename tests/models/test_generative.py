@@ -14,11 +14,14 @@ import pytest
 
 from onerec_jax import modes
 from onerec_jax.data.pipeline import generative_train_dataset
+from onerec_jax.data.training_examples import prefix_inputs
 from onerec_jax.defaults import apply_variant, base_config
 from onerec_jax.errors import ConfigError
+from onerec_jax.evaluation.evaluator import make_evaluator
 from onerec_jax.models.base import DataInfo
 from onerec_jax.models.registry import build_model
 from onerec_jax.models.seq2seq import level_columns
+from onerec_jax.parallel import sharding
 from onerec_jax.recommend import Recommender, recommendations_text
 from onerec_jax.tokenize.semantic_ids import random_codes
 from tests.data.test_pipeline import make_data
@@ -324,6 +327,46 @@ def test_dense_head_loss_and_rerank_by_hand():
         np.testing.assert_array_equal(np.asarray(items[b]), ri[order])
         np.testing.assert_allclose(np.asarray(scores[b]), combined[order], rtol=1e-5, atol=1e-5)
     assert not np.array_equal(np.asarray(items), np.asarray(raw_items))  # the order did change
+
+
+def test_dense_head_ranks_the_whole_catalogue_by_hand():
+    """eval.evaluator=full_ranking on a model with a dense head ranks every unseen item by the
+    last slot's state . the item vectors: rank = 1 + #unseen items scoring higher, by hand."""
+    data = planted(n_users=24)
+    sem = random_codes(N_ITEMS, 2, 4, 0)
+    c = tiny("onerec_sid_dense", num_experts=0)
+    c.eval.update(evaluator="full_ranking", batch_size=8, valid_users=0)
+    model = build_model(c, info_for(data, sem, 5))
+    mesh = sharding.make_mesh(c.mesh.shape, jax.devices()[:1])
+    rules = sharding.rules_from_config(c.mesh.rules)
+    with sharding.use_mesh(mesh, rules):
+        ds = generative_train_dataset(data, sem.codes, max_len=5, batch_size=8, seed=0)
+        batch = {k: jnp.asarray(v) for k, v in next(iter(ds)).items()}
+        params = unboxed(model.init(jax.random.key(0), batch))
+        result, per_user = make_evaluator(model, data, c, mesh, rules).evaluate(params, "test")
+    users = np.arange(data.n_users)
+    inputs = prefix_inputs(data, "test", users, 5)
+    state = np.asarray(
+        _last_state(model, params, {"inputs": jnp.asarray(inputs), "user": jnp.asarray(users)}),
+        float,
+    )
+    table = np.asarray(model.module.apply({"params": params}, method=model.module.item_vectors))
+    scores = state @ table.T  # [U, V]
+    rows, seen = data.prefix_items("test", users)
+    scores[rows, seen] = -np.inf
+    scores[:, 0] = -np.inf
+    targets = data.split("test").targets
+    want = 1 + (scores > scores[users, targets][:, None]).sum(1)
+    np.testing.assert_array_equal(per_user["users"], users)
+    np.testing.assert_allclose(per_user["ranks"], want)
+    assert result["ndcg@10"] == pytest.approx(
+        np.mean(np.where(want <= 10, 1 / np.log2(want + 1), 0.0)), rel=1e-6
+    )
+    # Without a dense head there is nothing to rank the catalogue with.
+    c = tiny("onerec_sid")
+    c.eval.evaluator = "full_ranking"
+    with pytest.raises(ConfigError, match="loss.dense_weight"):
+        make_evaluator(build_model(c, info_for(data, sem, 5)), data, c, mesh, rules)
 
 
 def _bos(batch):
