@@ -251,25 +251,25 @@ class GenerativeModel(Model):
         `history` ([B, H] item ids or a [B, n_items + 1] seen mask) by the sum of code
         log-probabilities, from a beam of `beam` (default eval.beam) prefixes per level. Prefixes
         whose items the user has all seen take no beam slot, so `beam >= K` fills the K slots
-        whenever the user has K unseen items; otherwise the rest is item 0, score -inf. Jit with
-        `static_argnames=("k", "beam")`."""
+        whenever the user has K unseen items; otherwise the rest is item 0, score -inf. With a
+        re-ranker (eval.rerank_weight) the search's best max(K, beam) items are re-ranked and the
+        first K kept. Jit with `static_argnames=("k", "beam")`."""
+        k, beam = k or self.k, beam or self.beam
+        # With a re-ranker, a beam wider than the list gives it `beam` candidates to choose from.
+        n = max(k, beam) if self.rerank_weight else k
         variables, context = self._encoded(params, batch)
         chosen = jnp.zeros((batch["inputs"].shape[0], 0), jnp.int32)
         if not (self.cold_share and len(self.cold_items)):
-            items, scores = self._search(
-                variables, context, chosen, history, beam=beam or self.beam, k=k or self.k
-            )
+            items, scores = self._search(variables, context, chosen, history, beam=beam, k=n)
         else:  # the beam fills the list with warm items; cold ones compete by their codes
             seen = history if history.dtype == jnp.bool_ else seen_mask(history, self.info.n_items)
             is_cold = np.zeros(self.info.n_items + 1, bool)
             is_cold[self.cold_items] = True
-            items, scores = self._search(
-                variables, context, chosen, seen | is_cold, beam=beam or self.beam, k=k or self.k
-            )
-            items, scores = self._with_cold(variables, context, seen, items, scores)
+            items, scores = self._search(variables, context, chosen, seen | is_cold, beam=beam, k=n)
+            items, scores = self._with_cold(variables, context, seen, items, scores, k)
         if self.rerank_weight:
             items, scores = self._rerank(variables, context[2][:, 0], items, scores)
-        return items, scores
+        return items[:, :k], scores[:, :k]
 
     def cold_scores(self, variables, context, seen, chunk: int = 128):
         """[B, N] the log-probability of each cold item's L content codes (`self.cold_items`;
@@ -309,16 +309,18 @@ class GenerativeModel(Model):
         scores = jnp.concatenate(out, axis=1)
         return jnp.where(seen[:, self.cold_items], -jnp.inf, scores)
 
-    def _with_cold(self, variables, context, seen, items, scores):
-        """The beam's list of warm items [B, K] with the best cold items (by `cold_scores`)
-        competing for at most ceil(cold_share x K) of its slots, merged by score + eval.cold_bonus
-        (TIGER's cold-start retrieval, its epsilon = eval.cold_share)."""
-        k = items.shape[1]
+    def _with_cold(self, variables, context, seen, items, scores, k: int):
+        """The beam's list of warm items [B, N] with the best cold items (by `cold_scores`)
+        competing for at most ceil(cold_share x k) of its slots (k the list's length, N >= k
+        with a re-ranker), merged by score + eval.cold_bonus (TIGER's cold-start retrieval, its
+        epsilon = eval.cold_share)."""
         n = min(len(self.cold_items), max(1, int(np.ceil(self.cold_share * k))))
         cold_scores, pick = jax.lax.top_k(self.cold_scores(variables, context, seen), n)
         cold_scores = cold_scores + self.cold_bonus  # -inf (seen) stays -inf
         cold_items = jnp.asarray(self.cold_items)[pick]  # [B, n]
-        merged, order = jax.lax.top_k(jnp.concatenate([scores, cold_scores], axis=1), k)
+        merged, order = jax.lax.top_k(
+            jnp.concatenate([scores, cold_scores], axis=1), items.shape[1]
+        )
         chosen = jnp.take_along_axis(jnp.concatenate([items, cold_items], axis=1), order, axis=1)
         return jnp.where(merged > -jnp.inf, chosen, 0), merged
 

@@ -327,6 +327,21 @@ def test_dense_head_loss_and_rerank_by_hand():
         np.testing.assert_array_equal(np.asarray(items[b]), ri[order])
         np.testing.assert_allclose(np.asarray(scores[b]), combined[order], rtol=1e-5, atol=1e-5)
     assert not np.array_equal(np.asarray(items), np.asarray(raw_items))  # the order did change
+    # A beam wider than the list: the search's best 16 items are re-ranked, the first 5 kept.
+    generate = jax.jit(model.generate, static_argnames=("k", "beam"))
+    wide_items, wide_scores = generate(params, batch, hist, k=16, beam=16)  # weight 0 here
+    model.rerank_weight = 2.0
+    top, top_scores = jax.jit(model.generate, static_argnames=("k", "beam"))(
+        params, batch, hist, k=5, beam=16
+    )
+    assert top.shape == (len(last), 5)
+    for b in range(len(last)):
+        wi, ws = np.asarray(wide_items[b]), np.asarray(wide_scores[b], float)
+        assert (wi > 0).all()
+        combined = ws + 2.0 * dense[b, wi]
+        order = np.argsort(-combined, kind="stable")[:5]
+        np.testing.assert_array_equal(np.asarray(top[b]), wi[order])
+        np.testing.assert_allclose(np.asarray(top_scores[b]), combined[order], rtol=1e-5, atol=1e-5)
 
 
 def test_dense_head_ranks_the_whole_catalogue_by_hand():
