@@ -99,6 +99,16 @@ def build_features(
             names,
         )
         raws["interactions"] = raw_block("interactions", cfg, data, items)
+    if list(raws) == ["interactions"]:
+        untrained = int((raws["interactions"][:, -1] > 0).sum())  # the "no training user" flag
+        if untrained > 1:
+            logging.warning(
+                "%d items have no training interaction: with the 'interactions' block alone they "
+                "share one feature row, so their semantic ids differ only by the collision token "
+                "and carry nothing of their content. For cold start, add content blocks, e.g. "
+                "features.blocks=('genres', 'year', 'title', 'interactions').",
+                untrained,
+            )
     parts, spans, start = [], [], 0
     for name, raw in raws.items():
         _check_finite(raw, name, "in its input (e.g. a NaN genome relevance): fix the data files")

@@ -1,5 +1,6 @@
 """The item feature matrix: hand-made items checked by hand or against numpy references."""
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -298,6 +299,18 @@ def test_interactions_block_matches_a_numpy_tfidf_and_svd_of_training_users_only
     raw = features.raw_block("interactions", _cfg(["interactions"], interactions_dim=2), data, None)
     signs = np.sign((raw * reference).sum(axis=0))
     np.testing.assert_allclose(raw * signs, reference, atol=1e-9)
+
+
+def test_interactions_alone_warns_when_untrained_items_share_a_row(caplog):
+    data = _interaction_data()  # item 6 alone has no training interaction: no shared row
+    features.build_features(_cfg(["interactions"]), data, None)
+    assert "no training interaction" not in caplog.text
+    items = data.items.copy()
+    items[data.offsets[2] - 1] = 7  # user 1's test item: a second untrained item
+    data = dataclasses.replace(data, items=items, item_ids=np.arange(8) * 10)
+    out = features.build_features(_cfg(["interactions"]), data, None)
+    np.testing.assert_array_equal(out.matrix[6], out.matrix[7])
+    assert "2 items have no training interaction" in caplog.text and "cold start" in caplog.text
 
 
 def test_missing_blocks_are_skipped_and_no_content_falls_back_to_interactions(caplog):
