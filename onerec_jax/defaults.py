@@ -302,6 +302,8 @@ GENERATIVE_ABLATIONS = {
     "random": {"tokenize.method": "random"},  # random codes: a control without semantics
     "collab": {"features.blocks": ("collab",)},  # needs features.collab_workdir (a SASRec run)
     "mixed": {"features.blocks": ("genres", "year", "title", "tags", "collab")},
+    # codes from each item's training users (TF-IDF + SVD; no model needed): collaborative codes
+    "interactions": {"features.blocks": ("interactions",)},
     "k32": {"tokenize.codebook_size": 32},
     "k64": {"tokenize.codebook_size": 64},
     "nomoe": {"model.num_experts": 0},  # dense decoder feed-forward
