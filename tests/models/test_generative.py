@@ -330,10 +330,8 @@ def test_dense_head_loss_and_rerank_by_hand():
     # A beam wider than the list: the search's best 16 items are re-ranked, the first 5 kept.
     generate = jax.jit(model.generate, static_argnames=("k", "beam"))
     wide_items, wide_scores = generate(params, batch, hist, k=16, beam=16)  # weight 0 here
-    model.rerank_weight = 2.0
-    top, top_scores = jax.jit(model.generate, static_argnames=("k", "beam"))(
-        params, batch, hist, k=5, beam=16
-    )
+    model.rerank_weight = 2.0  # another k: a new trace, which reads the weight
+    top, top_scores = generate(params, batch, hist, k=5, beam=16)
     assert top.shape == (len(last), 5)
     for b in range(len(last)):
         wi, ws = np.asarray(wide_items[b]), np.asarray(wide_scores[b], float)
