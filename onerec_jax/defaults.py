@@ -229,6 +229,12 @@ def base_config() -> ml_collections.ConfigDict:
     f.genome_missing = "mean"  # items without a genome vector: "mean" or "zero" (+ a flag column)
     f.collab_workdir = ""  # collab block: a trained run whose best checkpoint's item table is read
     f.interactions_dim = 64  # truncated-SVD components of the items' training-user TF-IDF
+    # Items without a training interaction (cold items) have no 'interactions' row of their own:
+    # these content blocks predict one for them (ridge regression fitted on the items that have
+    # training users), so their codes sit among the warm items of similar content. () : they all
+    # share one row. The generative variants set it to the dataset's content blocks.
+    f.cold_blocks = ()
+    f.cold_ridge = 1.0  # the ridge regression's L2 penalty (on standardised content)
     # "vectors" block and item-head side feature: your own item vectors (data/item_vectors.py)
     f.vectors_path = ""  # .parquet (id column + list or numeric columns), .npz (ids, vectors), .npy
     f.vectors_id_column = ""  # Parquet id column ("": movieId, item_id, itemId, item or id)
@@ -302,8 +308,12 @@ GENERATIVE_ABLATIONS = {
     "random": {"tokenize.method": "random"},  # random codes: a control without semantics
     "collab": {"features.blocks": ("collab",)},  # needs features.collab_workdir (a SASRec run)
     "mixed": {"features.blocks": ("genres", "year", "title", "tags", "collab")},
-    # codes from each item's training users (TF-IDF + SVD; no model needed): collaborative codes
-    "interactions": {"features.blocks": ("interactions",)},
+    # The generative default's codes come from each item's training users (the 'interactions'
+    # block), cold items' rows predicted from content. These two are what it replaced / refined:
+    # codes from item content alone (the default before 2026-12-07; tags skipped where absent)
+    "content": {"features.blocks": ("genres", "year", "title", "tags")},
+    # the training users alone: cold items share one row (only the collision token separates them)
+    "interactions": {"features.blocks": ("interactions",), "features.cold_blocks": ()},
     "k32": {"tokenize.codebook_size": 32},
     "k64": {"tokenize.codebook_size": 64},
     "nomoe": {"model.num_experts": 0},  # dense decoder feed-forward

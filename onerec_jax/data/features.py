@@ -14,7 +14,10 @@ and all zeros):
           caller's `collab_table` (runs.collab_item_table): data code never loads a model
   interactions  collaborative embeddings with no model: TF-IDF of each item's training users
           (the train split only: no validation or test item is read) -> truncated SVD to
-          `interactions_dim` components, plus a "no training user" column
+          `interactions_dim` components, plus a "no training user" column. Items without a
+          training user share one row, unless `cold_blocks` names content blocks: then a ridge
+          regression (penalty `cold_ridge`) from those blocks, standardised, fitted on the items
+          with training users, predicts their rows (the flag column is then 0 for every item)
   vectors your own item vectors (a text or image encoder's) from `vectors_path`, keyed by item id
           (data/item_vectors.py: layouts, checks, `vectors_missing`)
 
@@ -39,6 +42,7 @@ from absl import logging
 from scipy import sparse
 from sklearn.decomposition import PCA, TruncatedSVD
 from sklearn.feature_extraction.text import TfidfTransformer, TfidfVectorizer
+from sklearn.linear_model import Ridge
 
 from onerec_jax.data import item_arrays, item_vectors
 from onerec_jax.data.records import ItemInfo
@@ -81,6 +85,7 @@ def build_features(
       DataFormatError: a block holds NaN or infinite values.
     """
     names = _block_names(cfg)
+    cold_names = _cold_block_names(cfg)
     missing = cfg.get("missing", "skip")
     if missing not in ("skip", "error"):
         raise ConfigError(f"features.missing={missing!r}: use 'skip' or 'error'.")
@@ -99,14 +104,18 @@ def build_features(
             names,
         )
         raws["interactions"] = raw_block("interactions", cfg, data, items)
+    if "interactions" in raws and cold_names:
+        raws["interactions"] = _cold_rows_from_content(
+            raws["interactions"], cold_names, cfg, data, items
+        )
     if list(raws) == ["interactions"]:
         untrained = int((raws["interactions"][:, -1] > 0).sum())  # the "no training user" flag
         if untrained > 1:
             logging.warning(
                 "%d items have no training interaction: with the 'interactions' block alone they "
                 "share one feature row, so their semantic ids differ only by the collision token "
-                "and carry nothing of their content. For cold start, add content blocks, e.g. "
-                "features.blocks=('genres', 'year', 'title', 'interactions').",
+                "and carry nothing of their content. For cold start, name content blocks that "
+                "predict their rows, e.g. features.cold_blocks=('genres', 'year', 'title').",
                 untrained,
             )
     parts, spans, start = [], [], 0
@@ -162,6 +171,68 @@ def _block_names(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
     for name in names:  # checked before any block is built (collab restores a checkpoint)
         _weight(cfg, name)
     return names
+
+
+def _cold_block_names(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+    blocks = cfg.get("cold_blocks", ())
+    if isinstance(blocks, str):  # "genres,year" from a command line
+        blocks = [b.strip() for b in blocks.split(",") if b.strip()]
+    names = tuple(blocks)
+    bad = [b for b in names if b not in BLOCKS or b in ("collab", "interactions")]
+    if bad:
+        content = tuple(b for b in BLOCKS if b not in ("collab", "interactions"))
+        raise ConfigError(
+            f"features.cold_blocks: {bad[0]!r} cannot describe an item without training users; "
+            f"use content blocks: {content}."
+        )
+    if len(set(names)) != len(names):
+        raise ConfigError(f"features.cold_blocks={names}: list each block once.")
+    if names and not float(cfg.get("cold_ridge", 1.0)) > 0:
+        raise ConfigError(f"features.cold_ridge={cfg.cold_ridge}: use a penalty > 0.")
+    return names
+
+
+def _cold_rows_from_content(
+    raw: np.ndarray,
+    names: tuple[str, ...],
+    cfg: ml_collections.ConfigDict,
+    data: SequenceData,
+    items: ItemInfo,
+) -> np.ndarray:
+    """`raw` (the interactions block) with its cold rows (flag column set) replaced by a ridge
+    regression's prediction from the content blocks `names`, fitted on the warm rows."""
+    cold = raw[:, -1] > 0
+    if not cold.any() or cold.all():
+        return raw
+    parts = []
+    for name in names:
+        try:
+            parts.append(standardised(raw_block(name, cfg, data, items)))
+        except MissingContent:  # the same block in features.blocks says so; here: silent
+            continue
+    if not parts:
+        logging.warning(
+            "features.cold_blocks=%s: this dataset has none of them, so the %d items without a "
+            "training interaction share one 'interactions' row.",
+            names,
+            int(cold.sum()),
+        )
+        return raw
+    content = np.concatenate(parts, axis=1)
+    _check_finite(content, "cold_blocks", "in its input (e.g. a NaN genome relevance)")
+    ridge = Ridge(alpha=float(cfg.get("cold_ridge", 1.0)))
+    ridge.fit(content[~cold], raw[~cold, :-1])
+    out = raw.copy()
+    out[cold, :-1] = ridge.predict(content[cold])
+    out[:, -1] = 0.0  # every row is now a point in the warm items' space
+    logging.info(
+        "features: %d items without a training interaction get 'interactions' rows predicted "
+        "from %s (ridge regression fitted on %d items).",
+        int(cold.sum()),
+        list(names),
+        int((~cold).sum()),
+    )
+    return out
 
 
 def _weight(cfg: ml_collections.ConfigDict, name: str) -> float:

@@ -1,7 +1,8 @@
 """Every dataset config x generative variant resolves its item features on a fixture of its layout.
 
-The features a config names must exist in its release (ML-100K and ML-1M have no user tags, a
-`user item item ...` file has no content at all: its codes come from the `interactions` block).
+The generative variants' codes come from the `interactions` block; the content blocks a config
+names (its `cold_blocks`, which predict the rows of items without training users) must exist in
+its release (ML-100K and ML-1M have no user tags, a `user item item ...` file has no content).
 Each fixture is a few users in the layout the config reads, written here.
 """
 
@@ -102,6 +103,14 @@ def _sequence_layout(d: Path) -> Path:  # configs/custom.py on a `user item item
     return f
 
 
+BASE = ("genres", "year", "title")
+CONTENT = {  # what each release ships
+    "ml100k": BASE,
+    "ml1m": BASE,
+    "ml20m": BASE + ("tags", "genome"),
+    "ml25m": BASE + ("tags", "genome"),
+    "ml_latest_small": BASE + ("tags",),
+}
 LAYOUTS = {
     "custom": (_sequence_layout, "user_sequence"),
     "ml100k": (_100k_layout, "auto"),
@@ -136,10 +145,17 @@ def test_config_features_resolve_on_its_layout(name, variant, tmp_path, caplog):
     built = [b for b, _, _ in out.blocks]
     assert out.matrix.shape[0] == data.n_items + 1 == N_ITEMS + 1
     assert np.isfinite(out.matrix).all() and out.matrix[1:].any()
-    if name == "custom":  # no content: collaborative embeddings, said so
-        assert built == ["interactions"] and "has none of them" in caplog.text
-    else:  # the config names what its release ships: nothing is skipped
-        assert built == list(c.features.blocks) and "skipped" not in caplog.text
+    # codes from the items' training users; cold items' rows from the content the config names
+    assert built == ["interactions"] and "skipped" not in caplog.text
+    cold = c.features.cold_blocks
+    if name == "custom":  # no content at all: no cold block resolves
+        for block in cold:
+            with pytest.raises(features.MissingContent):
+                features.raw_block(block, c.features, data, items)
+    else:  # the config names what its release ships: every cold block resolves
+        assert cold == CONTENT[name]
+        for block in cold:
+            assert np.isfinite(features.raw_block(block, c.features, data, items)).all()
     # the model's side features resolve too (a sequence file has none: read without them)
     ids = tmp_path / "ids.npz"
     random_codes(data.n_items, 2, 4, 0).save(ids)

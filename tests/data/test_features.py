@@ -313,6 +313,58 @@ def test_interactions_alone_warns_when_untrained_items_share_a_row(caplog):
     assert "2 items have no training interaction" in caplog.text and "cold start" in caplog.text
 
 
+def _cold_items():
+    """Content for _interaction_data's items 10..60: genres and a year (item 60 is cold)."""
+    return ItemInfo(
+        item_ids=np.arange(1, 7) * 10,
+        titles=[""] * 6,
+        years=np.array([1990, 1990, 2000, 2000, 1990, 2000], np.int32),
+        genres=[("A",), ("A", "B"), ("B",), ("B", "C"), ("C",), ("A", "B")],
+        tags=[{}] * 6,
+    )
+
+
+def test_cold_items_get_interactions_rows_predicted_from_content(caplog):
+    data, items = _interaction_data(), _cold_items()
+    cfg = _cfg(["interactions"], interactions_dim=2, cold_blocks=("genres", "year", "tags"))
+    cfg.cold_ridge = 0.5
+    out = features.build_features(cfg, data, items)
+    raw = features.raw_block("interactions", cfg, data, items)  # item 6: zeros, flag 1
+    # Independent ridge regression with an unpenalised intercept (closed form, centred on the
+    # warm items 1..5) from the standardised content: genres A B C, then the 5-year buckets
+    # [1990, 1995) and [2000, 2005) (+ an all-zero "unknown year" column); no tags (skipped).
+    genres = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 1, 1], [0, 0, 1], [1, 1, 0]])
+    years = np.array([[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 1, 0], [1, 0, 0], [0, 1, 0]])
+    x = np.concatenate([_reference_standardise(genres), _reference_standardise(years)], 1)
+    y = raw[:5, :2]
+    xm, ym = x[:5].mean(0), y.mean(0)
+    xc = x[:5] - xm
+    w = np.linalg.solve(xc.T @ xc + 0.5 * np.eye(x.shape[1]), xc.T @ (y - ym))
+    want = raw[:, :2].copy()
+    want[5] = (x[5] - xm) @ w + ym
+    # the flag column is 0 for every item now, so standardisation drops it
+    np.testing.assert_allclose(out.matrix[1:, :2], _reference_standardise(want), atol=1e-6)
+    np.testing.assert_array_equal(out.matrix[:, 2], 0.0)
+    assert not np.allclose(want[5], 0.0)  # a row of its own, not the shared origin
+    assert "no training interaction" not in caplog.text  # no shared rows: no warning
+    # no cold block the dataset has: the shared row, said so
+    caplog.clear()
+    cfg.cold_blocks = ("tags",)
+    out = features.build_features(cfg, data, items)
+    np.testing.assert_allclose(out.matrix[1:], _reference_standardise(raw), atol=1e-6)
+    assert "has none of them" in caplog.text
+    for bad, match in [
+        (("interactions",), "cannot describe an item without training users"),
+        (("genres", "genres"), "list each block once"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            features.build_features(_cfg(["interactions"], cold_blocks=bad), data, items)
+    with pytest.raises(ConfigError, match="cold_ridge"):
+        features.build_features(
+            _cfg(["interactions"], cold_blocks=("genres",), cold_ridge=0.0), data, items
+        )
+
+
 def test_missing_blocks_are_skipped_and_no_content_falls_back_to_interactions(caplog):
     out = features.build_features(_cfg(["genres", "tags", "genome"]), _data(), _items(tags=False))
     assert [b for b, _, _ in out.blocks] == ["genres", "genome"]
