@@ -113,9 +113,10 @@ def build_features(
         if untrained > 1:
             logging.warning(
                 "%d items have no training interaction: with the 'interactions' block alone they "
-                "share one feature row, so their semantic ids differ only by the collision token "
-                "and carry nothing of their content. For cold start, name content blocks that "
-                "predict their rows, e.g. features.cold_blocks=('genres', 'year', 'title').",
+                "share one feature row, so their semantic ids share a prefix, are told apart by "
+                "collision handling alone and carry nothing of their content. For cold start, "
+                "name content blocks that predict their rows, e.g. "
+                "features.cold_blocks=('genres', 'year', 'title').",
                 untrained,
             )
     parts, spans, start = [], [], 0
