@@ -314,7 +314,7 @@ GENERATIVE_ABLATIONS = {
     # block), cold items' rows predicted from content. These two are what it replaced / refined:
     # codes from item content alone (the default before 2026-12-07; tags skipped where absent)
     "content": {"features.blocks": ("genres", "year", "title", "tags")},
-    # the training users alone: cold items share one row (only the collision token separates them)
+    # the training users alone: cold items share one row (collision handling alone separates them)
     "interactions": {"features.blocks": ("interactions",), "features.cold_blocks": ()},
     "k32": {"tokenize.codebook_size": 32},
     "k64": {"tokenize.codebook_size": 64},

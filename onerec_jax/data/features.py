@@ -156,11 +156,14 @@ def raw_block(
     return np.asarray(builders[name](cfg, data, items), np.float64)
 
 
-def _block_names(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
-    blocks = cfg.blocks
+def _as_names(blocks) -> tuple[str, ...]:
     if isinstance(blocks, str):  # "genres,year" from a command line
         blocks = [b.strip() for b in blocks.split(",") if b.strip()]
-    names = tuple(blocks)
+    return tuple(blocks)
+
+
+def _block_names(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+    names = _as_names(cfg.blocks)
     unknown = [b for b in names if b not in BLOCKS]
     if unknown:
         raise ConfigError(f"features.blocks: unknown block {unknown[0]!r}; valid blocks: {BLOCKS}.")
@@ -175,10 +178,7 @@ def _block_names(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 
 def _cold_block_names(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
-    blocks = cfg.get("cold_blocks", ())
-    if isinstance(blocks, str):  # "genres,year" from a command line
-        blocks = [b.strip() for b in blocks.split(",") if b.strip()]
-    names = tuple(blocks)
+    names = _as_names(cfg.get("cold_blocks", ()))
     bad = [b for b in names if b not in BLOCKS or b in ("collab", "interactions")]
     if bad:
         content = tuple(b for b in BLOCKS if b not in ("collab", "interactions"))
