@@ -105,9 +105,7 @@ def build_features(
         )
         raws["interactions"] = raw_block("interactions", cfg, data, items)
     if "interactions" in raws and cold_names:
-        raws["interactions"] = _cold_rows_from_content(
-            raws["interactions"], cold_names, cfg, data, items
-        )
+        raws["interactions"] = _cold_rows_from_content(raws, cold_names, cfg, data, items)
     if list(raws) == ["interactions"]:
         untrained = int((raws["interactions"][:, -1] > 0).sum())  # the "no training user" flag
         if untrained > 1:
@@ -194,23 +192,26 @@ def _cold_block_names(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 
 def _cold_rows_from_content(
-    raw: np.ndarray,
+    raws: dict[str, np.ndarray],
     names: tuple[str, ...],
     cfg: ml_collections.ConfigDict,
     data: SequenceData,
     items: ItemInfo,
 ) -> np.ndarray:
-    """`raw` (the interactions block) with its cold rows (flag column set) replaced by a ridge
-    regression's prediction from the content blocks `names`, fitted on the warm rows."""
+    """The interactions block of `raws` (the raw blocks built so far) with its cold rows (flag
+    column set) replaced by a ridge regression's prediction from the content blocks `names`
+    (reused from `raws` where built already), fitted on the warm rows."""
+    raw = raws["interactions"]
     cold = raw[:, -1] > 0
     if not cold.any() or cold.all():
         return raw
     parts = []
     for name in names:
         try:
-            parts.append(standardised(raw_block(name, cfg, data, items)))
+            block = raws[name] if name in raws else raw_block(name, cfg, data, items)
         except MissingContent:  # the same block in features.blocks says so; here: silent
             continue
+        parts.append(standardised(block))
     if not parts:
         logging.warning(
             "features.cold_blocks=%s: this dataset has none of them, so the %d items without a "
