@@ -188,6 +188,9 @@ def base_config() -> ml_collections.ConfigDict:
     # fills every top-k list (a narrower beam can return fewer than eval.k items)
     e.beam = 0
     e.rerank_weight = 0.0  # generative: beam items by code log-prob + this x dense log-prob
+    # generative, with rerank_weight: the dense head's best unseen items the beam missed join
+    # the re-ranked candidates, each scored by its codes' log-probability (0: the beam's alone)
+    e.dense_candidates = 0
     # generative: at most this share of each top-K list (TIGER's epsilon) goes to items without
     # a training interaction (cold items), each scored by the log-probability of its content
     # codes; they compete with the beam's items by score. 0: beam search alone (cold items

@@ -85,6 +85,10 @@ class GenerativeModel(Model):
         # generative and a dense signal).
         self.dense_weight = float(config.loss.get("dense_weight", 0.0))
         self.rerank_weight = float(config.eval.get("rerank_weight", 0.0))
+        # The dense head's own best unseen items join the beam's as candidates of the re-ranker,
+        # each scored by its codes' log-probability as the beam would have (eval.dense_candidates;
+        # 0: the beam's items alone).
+        self.dense_candidates = int(config.eval.get("dense_candidates", 0))
         self.item_log_probs = item_log_probs(info)  # a sampled dense loss's logQ
         # Beam search decodes incrementally, keeping each beam's decoder inputs per block (the
         # same scores as re-reading the whole prefix at every level, at a fraction of the work)
@@ -93,6 +97,11 @@ class GenerativeModel(Model):
             raise ConfigError(
                 f"loss.dense_weight={self.dense_weight}, eval.rerank_weight="
                 f"{self.rerank_weight}: use weights >= 0."
+            )
+        if self.dense_candidates < 0 or (self.dense_candidates and not self.rerank_weight):
+            raise ConfigError(
+                f"eval.dense_candidates={self.dense_candidates}: use 0, or a count >= 1 with "
+                "eval.rerank_weight > 0 (the dense head's candidates are re-ranked with it)."
             )
         if self.rerank_weight and not self.dense_weight:
             raise ConfigError(
@@ -259,17 +268,73 @@ class GenerativeModel(Model):
         n = max(k, beam) if self.rerank_weight else k
         variables, context = self._encoded(params, batch)
         chosen = jnp.zeros((batch["inputs"].shape[0], 0), jnp.int32)
+        seen = history if history.dtype == jnp.bool_ else seen_mask(history, self.info.n_items)
         if not (self.cold_share and len(self.cold_items)):
             items, scores = self._search(variables, context, chosen, history, beam=beam, k=n)
         else:  # the beam fills the list with warm items; cold ones compete by their codes
-            seen = history if history.dtype == jnp.bool_ else seen_mask(history, self.info.n_items)
             is_cold = np.zeros(self.info.n_items + 1, bool)
             is_cold[self.cold_items] = True
-            items, scores = self._search(variables, context, chosen, seen | is_cold, beam=beam, k=n)
+            seen_warm = seen | is_cold
+            items, scores = self._search(variables, context, chosen, seen_warm, beam=beam, k=n)
             items, scores = self._with_cold(variables, context, seen, items, scores, k)
+            seen = seen_warm  # the dense candidates leave cold items to their share too
         if self.rerank_weight:
-            items, scores = self._rerank(variables, context[2][:, 0], items, scores)
+            dense = self._dense_log_probs(variables, context[2][:, 0])  # [B, V]
+            if self.dense_candidates:
+                items, scores = self._with_dense(variables, context, seen, dense, items, scores)
+            items, scores = self._rerank(dense, items, scores)
         return items[:, :k], scores[:, :k]
+
+    def code_log_probs(self, variables, context, items):
+        """[B, N] the log-probability of each item's L + 1 codes (items [B, N], or [N] for every
+        user), each level normalised over the codes valid after the item's prefix as beam search
+        does (`loss.valid_codes_only`): an item's beam-search score, teacher-forced in one
+        decoder pass over [B, N, L + 1] tokens. Item 0 (padding) scores -inf."""
+        sem = self.info.semantic_ids
+        codes_all = jnp.asarray(np.maximum(sem.codes, 0), jnp.int32)  # [V, L+1]
+        # each item's prefix id before each level (level 0: the empty prefix)
+        prefixes_all = jnp.asarray(
+            np.concatenate([np.zeros((1, len(sem.codes)), np.int32), sem.item_prefixes()])
+        )  # [L+1, V]
+        b = context[0].shape[0]
+        items = jnp.broadcast_to(jnp.asarray(items, jnp.int32), (b, *np.shape(items)[-1:]))
+        codes = codes_all[items]  # [B, N, L+1]
+        offsets = jnp.asarray(self.offsets, jnp.int32)
+        bos = jnp.full((*items.shape, 1), seq2seq.BOS, jnp.int32)
+        tokens = jnp.concatenate([bos, codes[..., :-1] + offsets[:-1] + seq2seq.FIRST_CODE], -1)
+        logits, _ = self.module.apply(variables, *context, tokens, method=self.module.decode)
+        total = jnp.zeros(items.shape, jnp.float32)
+        for level in range(self.depth):
+            lo, size = int(self.offsets[level]), self.code_sizes[level]
+            level_logits = logits[:, :, level, lo : lo + size].astype(jnp.float32)  # [B, N, C_l]
+            if self.valid_only:  # over the codes valid after the item's prefix
+                allowed = self.valid[level, :, :size][prefixes_all[level][items]]
+                level_logits = jnp.where(allowed, level_logits, -1e30)
+            logp = jax.nn.log_softmax(level_logits, axis=-1)
+            total = total + jnp.take_along_axis(logp, codes[..., level, None], axis=-1)[..., 0]
+        return jnp.where(items > 0, total, -jnp.inf)
+
+    def _dense_log_probs(self, variables, state):
+        """[B, V] the dense head's log-softmax over every item (state [B, D] the last slot's);
+        item 0 (padding) -inf."""
+        table = self.item_table(variables["params"])  # [V, D]
+        logits = (state @ table.T).astype(jnp.float32).at[:, 0].set(-jnp.inf)
+        return logits - jax.nn.logsumexp(logits, axis=1, keepdims=True)
+
+    def _with_dense(self, variables, context, seen, dense, items, scores):
+        """The beam's candidates [B, N] plus the dense head's best eval.dense_candidates items
+        that are neither `seen` ([B, n_items + 1]) nor already among them, each scored by
+        `code_log_probs` (the score the beam gives a path): [B, N + dense_candidates]."""
+        n = min(self.dense_candidates, self.info.n_items)
+        rows = jnp.arange(items.shape[0])[:, None]
+        taken = seen.at[rows, items].set(True)  # the beam's items (and item 0) are taken
+        _, extra = jax.lax.top_k(jnp.where(taken, -jnp.inf, dense), n)  # [B, n]
+        extra = jnp.where(jnp.take_along_axis(taken, extra, axis=1), 0, extra).astype(jnp.int32)
+        extra_scores = self.code_log_probs(variables, context, extra)
+        return (
+            jnp.concatenate([items, extra], axis=1),
+            jnp.concatenate([scores, extra_scores], axis=1),
+        )
 
     def cold_scores(self, variables, context, seen, chunk: int = 128):
         """[B, N] the log-probability of each cold item's L content codes (`self.cold_items`;
@@ -324,14 +389,10 @@ class GenerativeModel(Model):
         chosen = jnp.take_along_axis(jnp.concatenate([items, cold_items], axis=1), order, axis=1)
         return jnp.where(merged > -jnp.inf, chosen, 0), merged
 
-    def _rerank(self, variables, state, items, scores):
-        """The beam's items re-ordered by code log-probability + rerank_weight x the dense
-        head's log-softmax over all items (state [B, D] the last slot's); empty slots last."""
-        table = self.item_table(variables["params"])  # [V, D]
-        logits = (state @ table.T).astype(jnp.float32).at[:, 0].set(-jnp.inf)  # [B, V]
-        dense = (
-            jnp.take_along_axis(logits, items, axis=1) - jax.nn.logsumexp(logits, axis=1)[:, None]
-        )
+    def _rerank(self, dense, items, scores):
+        """The candidates re-ordered by code log-probability + rerank_weight x the dense head's
+        log-probability (`dense` [B, V], `_dense_log_probs`); empty slots last."""
+        dense = jnp.take_along_axis(dense, items, axis=1)
         combined = jnp.where(items > 0, scores + self.rerank_weight * dense, -jnp.inf)
         combined, order = jax.lax.top_k(combined, items.shape[1])
         return jnp.where(

@@ -342,6 +342,61 @@ def test_dense_head_loss_and_rerank_by_hand():
         np.testing.assert_allclose(np.asarray(top_scores[b]), combined[order], rtol=1e-5, atol=1e-5)
 
 
+def test_dense_candidates_join_the_beam_by_hand():
+    """eval.dense_candidates: the dense head's best unseen items that the beam missed join its
+    candidates, each scored by its codes' log-probability exactly as the beam scores a path (an
+    exhaustive beam is the reference), then all are re-ranked by code + weight x dense."""
+    data = planted()
+    sem = random_codes(N_ITEMS, 2, 4, 0)
+    c = tiny("onerec_sid_dense", num_experts=0)
+    c.eval.update(beam=2, k=6, rerank_weight=2.0, dense_candidates=4)
+    model = build_model(c, info_for(data, sem, 5))
+    ds = generative_train_dataset(data, sem.codes, max_len=5, batch_size=8, seed=0)
+    batch = {k: jnp.asarray(v) for k, v in next(iter(ds)).items()}
+    params = unboxed(model.init(jax.random.key(3), batch))
+    inputs = {"inputs": batch["inputs"], "user": batch["user"]}
+    hist = jnp.asarray(np.stack([data.sequence(u)[:4] for u in range(8)]), jnp.int32)
+    items, scores = jax.jit(model.generate)(params, inputs, hist)
+
+    generate = jax.jit(model.generate, static_argnames=("k", "beam"))
+    model.rerank_weight, model.dense_candidates = 0.0, 0
+    every, every_scores = generate(params, inputs, hist, k=N_ITEMS, beam=N_ITEMS)  # exhaustive
+    narrow, _ = generate(params, inputs, hist, k=6, beam=2)  # the beam's own 6 candidates
+    variables, context = model._encoded(params, inputs)
+    direct = model.code_log_probs(variables, context, every)  # teacher-forced, same items
+    live = np.asarray(every) > 0
+    np.testing.assert_allclose(
+        np.asarray(direct)[live], np.asarray(every_scores)[live], rtol=1e-5, atol=1e-5
+    )
+    table = np.asarray(model.module.apply(variables, method=model.module.item_vectors), float)
+    dense = np.asarray(_last_state(model, params, inputs), float) @ table.T
+    dense[:, 0] = -np.inf
+    dense -= (np.log(np.exp(dense - dense.max(1, keepdims=True)).sum(1)) + dense.max(1))[:, None]
+    n_added = 0
+    for b in range(8):
+        code = {
+            int(i): float(s)
+            for i, s in zip(np.asarray(every[b]), np.asarray(every_scores[b]), strict=True)
+            if i > 0
+        }
+        beam_items = [int(i) for i in np.asarray(narrow[b]) if i > 0]
+        rest = [i for i in np.argsort(-dense[b], kind="stable") if i in code]
+        extra = [int(i) for i in rest if i not in beam_items][:4]
+        want = sorted(
+            ((i, code[i] + 2.0 * dense[b, i]) for i in beam_items + extra), key=lambda kv: -kv[1]
+        )[:6]
+        np.testing.assert_array_equal(np.asarray(items[b]), [i for i, _ in want])
+        np.testing.assert_allclose(
+            np.asarray(scores[b], float), [s for _, s in want], rtol=1e-5, atol=1e-5
+        )
+        assert not set(np.asarray(hist[b]).tolist()) & set(np.asarray(items[b]).tolist())
+        n_added += bool(set(np.asarray(items[b]).tolist()) - set(beam_items))
+    assert n_added > 0  # the dense candidates made some list
+    with pytest.raises(ConfigError, match="dense_candidates"):
+        c.eval.rerank_weight = 0.0
+        build_model(c, info_for(data, sem, 5))
+
+
 def test_dense_head_ranks_the_whole_catalogue_by_hand():
     """eval.evaluator=full_ranking on a model with a dense head ranks every unseen item by the
     last slot's state . the item vectors: rank = 1 + #unseen items scoring higher, by hand."""
