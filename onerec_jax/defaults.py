@@ -328,8 +328,11 @@ GENERATIVE_ABLATIONS = {
     "session3": {"model.session_items": 3},  # session-wise: the next 3 items
     "bidir": {"model.encoder_causal": False},  # the papers' bidirectional encoder (costly)
     "allcodes": {"loss.valid_codes_only": False},  # softmax over the level's whole codebook
-    # a dense item head on the encoder, trained jointly, re-ranks the beam's items
+    # a dense item head on the encoder, trained jointly, re-ranks the beam's items (the
+    # :onerec_sid default; a study of :tiger)
     "dense": {"loss.dense_weight": 1.0, "eval.rerank_weight": 1.0},
+    # the plain decoder: the beam's list by code log-probability alone, no dense head
+    "nodense": {"loss.dense_weight": 0.0, "eval.rerank_weight": 0.0, "eval.dense_candidates": 0},
 }
 
 

@@ -431,7 +431,7 @@ def test_dense_head_ranks_the_whole_catalogue_by_hand():
         np.mean(np.where(want <= 10, 1 / np.log2(want + 1), 0.0)), rel=1e-6
     )
     # Without a dense head there is nothing to rank the catalogue with.
-    c = tiny("onerec_sid")
+    c = tiny("onerec_sid_nodense")
     c.eval.evaluator = "full_ranking"
     with pytest.raises(ConfigError, match="loss.dense_weight"):
         make_evaluator(build_model(c, info_for(data, sem, 5)), data, c, mesh, rules)
@@ -452,7 +452,7 @@ def _last_state(model, params, batch):
 
 def test_rerank_needs_a_trained_dense_head():
     data = planted()
-    c = tiny("onerec_sid")
+    c = tiny("onerec_sid_nodense")
     c.eval.rerank_weight = 1.0
     with pytest.raises(ConfigError, match="loss.dense_weight"):
         build_model(c, info_for(data, random_codes(N_ITEMS, 2, 4, 0), 5))
