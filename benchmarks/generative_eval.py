@@ -10,6 +10,10 @@ the jitted `train_step` of training/train.py compiled and timed over `--steps` s
 real target items per step / median step time), then `Evaluator.evaluate(params, "test")` over
 `--users` users twice: the first pass includes compilation (one per history width), the second is
 the steady time, extrapolated linearly to 162,541 users when fewer are run.
+
+An item model among `--variants` (e.g. sasrec) is timed the same way on the same synthetic users,
+so `--variants sasrec,onerec_sid --extra data.max_len=50` compares them on the same shapes (its
+evaluation is the full ranking); `--extra KEY=VALUE ...` overrides every variant's config.
 """
 
 from __future__ import annotations
@@ -46,6 +50,13 @@ def run_variant(args, variant: str, ids_path: str) -> dict:
     c.train.num_steps = 10_000  # only shapes the learning-rate schedule
     c.data.bucket_boundaries = ()  # full-width windows: one compilation
     c.eval.beam = args.beam
+    for key, value in args.extra:
+        section, field = key.split(".")
+        c[section][field] = (
+            type(c[section][field])(value)
+            if not isinstance(c[section][field], bool)
+            else value.lower() in ("1", "true")
+        )
     if args.eval_batch:
         c.eval.batch_size = args.eval_batch
     data = synthetic_sequences(args.train_users, args.n_items, args.seed)
@@ -94,6 +105,14 @@ def main() -> None:
     p.add_argument("--train_users", type=int, default=4096)
     p.add_argument("--n_items", type=int, default=ML25M_ITEMS)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--extra",
+        nargs="+",
+        default=[],
+        type=lambda kv: tuple(kv.split("=", 1)),
+        metavar="KEY=VALUE",
+        help="config overrides for every variant (scalars), e.g. loss.name=sampled_softmax",
+    )
     args = p.parse_args()
 
     from onerec_jax.tokenize.semantic_ids import random_codes
