@@ -40,8 +40,8 @@ def config_defaults(c: ml_collections.ConfigDict) -> None:
     """`:onerec_sid`: items as code-embedding sums, a mixture-of-experts decoder, and a dense
     item head on the same encoder, trained jointly, that re-ranks the beam's items (OneRec and
     LIGER both join a generative and a dense signal). On the dev set the re-ranked beam is far
-    above the plain decoder (`:onerec_sid_nodense`; BENCHMARKS.md "The OneRec decoder's default
-    re-ranks its beam")."""
+    above the plain decoder (`:onerec_sid_nodense`; BENCHMARKS.md "`:onerec_sid` re-ranks its
+    beam by default")."""
     generative.config_defaults(c)
     c.model.mlp_dim = 128
     c.model.num_experts, c.model.experts_per_token = 4, 2
