@@ -119,21 +119,6 @@ class GenerativeModel(Model):
         bos = jnp.full((b, p, 1), seq2seq.BOS, tokens.dtype)
         return jnp.concatenate([bos, tokens[..., :-1]], axis=-1), columns, real
 
-    def _valid_columns(self, target_codes):
-        """[B, P, M, L+1] codes -> [B, P, M*(L+1), sum(C)] bool: at each decoder position, the
-        columns of the codes that extend the target's prefix toward some item (prefix tables)."""
-        total = int(sum(self.code_sizes))
-        prefix = jnp.zeros(target_codes.shape[:-1], jnp.int32)  # [B, P, M] prefix ids
-        blocks = []
-        for level, size in enumerate(self.code_sizes):
-            ok = self.loss_valid[level, :, :size][prefix]  # [B, P, M, C_l]
-            lo = int(self.offsets[level])
-            blocks.append(jnp.pad(ok, [(0, 0)] * 3 + [(lo, total - lo - size)]))
-            code = jnp.clip(target_codes[..., level], 0, size - 1)
-            prefix = jnp.maximum(self.next_prefix[level, :, :size][prefix, code], 0)
-        mask = jnp.stack(blocks, axis=-2)  # [B, P, M, L+1, sum(C)]
-        return mask.reshape(*mask.shape[:2], -1, total)
-
     def init(self, rng, batch):
         b = batch["inputs"].shape[0]
         tokens = jnp.full((b, 1, self.session_items * self.depth), seq2seq.BOS, jnp.int32)
@@ -142,30 +127,44 @@ class GenerativeModel(Model):
         )["params"]
 
     def loss(self, params, batch, rng):
-        tokens, columns, real = self._decoder_io(batch["target_codes"], batch["mask"])
+        tokens, _, real = self._decoder_io(batch["target_codes"], batch["mask"])
         drop_rng, dense_rng = jax.random.split(rng)
-        logits, stats, states = self.module.apply(
+        hidden, stats, states = self.module.apply(
             {"params": params},
             batch["inputs"],
             batch["user"],
             tokens,
             train=True,
             with_states=True,
+            hidden=True,
             rngs={"dropout": drop_rng},
         )
-        if self.valid_only:  # only the codes that continue the target's prefix to some item
-            allowed = self._valid_columns(batch["target_codes"])
-        else:  # each position sees its level's codes
-            allowed = jnp.asarray(seq2seq.level_columns(self.code_sizes, tokens.shape[-1]))
-        logits = jnp.where(allowed, logits, -1e9)
-        log_probs = jax.nn.log_softmax(logits, axis=-1)  # [B, P, Q, C]
-        nll = -jnp.take_along_axis(log_probs, columns[..., None], axis=-1)[..., 0]  # [B, P, Q]
+        # Each decoder position reads its own level's codes only, so each level's logits are
+        # computed over its C_l columns alone (the same numbers as slicing the full head).
+        target_codes = batch["target_codes"]  # [B, P, M, L+1]
+        hidden = hidden.reshape(*target_codes.shape, hidden.shape[-1])  # [B, P, M, L+1, D]
+        prefix = jnp.zeros(target_codes.shape[:-1], jnp.int32)  # [B, P, M] prefix ids
         smoothing = self.config.loss.label_smoothing
-        if smoothing > 0:  # uniform over the level's codes
-            uniform = -(log_probs * allowed).sum(-1) / jnp.maximum(allowed.sum(-1), 1)
-            nll = (1 - smoothing) * nll + smoothing * uniform
-        count = real.sum()
-        xent = (nll * real).sum() / jnp.maximum(count, 1)
+        nll = jnp.zeros(target_codes.shape[:-1], jnp.float32)  # summed over levels
+        for level, size in enumerate(self.code_sizes):
+            logits = self.module.apply(
+                {"params": params}, hidden[..., level, :], level, method=self.module.level_logits
+            )  # [B, P, M, C_l]
+            code = jnp.clip(target_codes[..., level], 0, size - 1)
+            if self.valid_only:  # only the codes that continue the target's prefix to some item
+                allowed = self.loss_valid[level, :, :size][prefix]  # [B, P, M, C_l]
+                prefix = jnp.maximum(self.next_prefix[level, :, :size][prefix, code], 0)
+            else:  # each position sees its level's codes
+                allowed = jnp.ones(logits.shape, bool)
+            log_probs = jax.nn.log_softmax(jnp.where(allowed, logits, -1e9), axis=-1)
+            level_nll = -jnp.take_along_axis(log_probs, code[..., None], axis=-1)[..., 0]
+            if smoothing > 0:  # uniform over the level's codes
+                uniform = -(log_probs * allowed).sum(-1) / jnp.maximum(allowed.sum(-1), 1)
+                level_nll = (1 - smoothing) * level_nll + smoothing * uniform
+            nll = nll + level_nll
+        nll = nll * batch["mask"]
+        count = real.sum()  # code tokens of real targets
+        xent = nll.sum() / jnp.maximum(count, 1)
         loss = xent
         metrics = {"xent": xent, "tokens": batch["mask"].sum().astype(jnp.float32)}
         if stats:
@@ -229,11 +228,11 @@ class GenerativeModel(Model):
             if cache is None:  # the whole decoder input again
                 logits, _ = self.module.apply(variables, *context, dec, method=self.module.decode)
                 return level_slice(logits[:, :, -1], level)
-            # only the positions the cache lacks (the decoder's inputs per block are kept)
-            logits, cache = self.module.apply(
-                variables, *context, dec, cache, method=self.module.decode_step
+            # only the positions the cache lacks (the decoder's inputs per block are kept), and
+            # only this level's columns of the head
+            return self.module.apply(
+                variables, *context, dec, cache, level, method=self.module.decode_step
             )
-            return level_slice(logits, level), cache
 
         cache = None
         if self.decoder_cache:  # [B, W, 0, D] per decoder block before the first level

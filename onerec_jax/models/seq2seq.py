@@ -301,9 +301,21 @@ class EncoderDecoder(nn.Module):
             x = block(x, mask, positions, train=train)
         return self.encoder_norm(x), valid
 
-    def decode(self, memory, memory_mask, context, tokens, *, train: bool = False):
+    def level_logits(self, hidden, level: int):
+        """hidden [..., D] (`decode(..., hidden=True)`) -> [..., C_level] float32: the head's
+        logits of one level's codes only, `self.head(hidden)[..., lo:lo + C_level]` computed
+        without the other levels' columns (a decoder position only ever reads its own level)."""
+        lo, size = int(code_offsets(self.code_sizes)[level]), int(self.code_sizes[level])
+        params = self.head.variables["params"]
+        kernel = nn.meta.unbox(params["kernel"])[:, lo : lo + size].astype(self.dtype)
+        bias = nn.meta.unbox(params["bias"])[lo : lo + size].astype(self.dtype)
+        return (jnp.dot(hidden.astype(self.dtype), kernel) + bias).astype(jnp.float32)
+
+    def decode(self, memory, memory_mask, context, tokens, *, train: bool = False, hidden=False):
         """memory [B, S, D], memory_mask [B, P|1, S], context [B, P|1, D] (`slot_states`),
-        tokens [B, P, Q] (BOS first) -> (logits [B, P, Q, sum(code_sizes)] float32, MoE stats)."""
+        tokens [B, P, Q] (BOS first) -> (logits [B, P, Q, sum(code_sizes)] float32, MoE stats);
+        with `hidden`, the normalised states [B, P, Q, D] the head reads instead of logits
+        (`level_logits` then computes each level's columns alone)."""
         q = tokens.shape[-1]
         x = self.token_embedding(tokens) + self.decoder_positions[:q].astype(self.dtype)
         x = x + self.context_projection(context)[:, :, None, :]
@@ -312,14 +324,17 @@ class EncoderDecoder(nn.Module):
         for block in self.decoder_blocks:
             x, s = block(x, tokens, memory, memory_mask, train=train)
             stats.append(s)
+        if hidden:
+            return self.decoder_norm(x), merge_stats(stats)
         logits = self.head(self.decoder_norm(x)).astype(jnp.float32)
         return logits, merge_stats(stats)
 
-    def decode_step(self, memory, memory_mask, context, tokens, cache):
+    def decode_step(self, memory, memory_mask, context, tokens, cache, level=None):
         """Incremental `decode` (inference): tokens [B, W, Q] the decoder input so far, of which
         `cache` (one [B, W, P, D] array per decoder block: its inputs at the first P positions,
-        P < Q) holds the first P -> (logits [B, W, sum(code_sizes)] of the last position, the
-        cache extended to all Q positions)."""
+        P < Q) holds the first P -> (logits [B, W, sum(code_sizes)] of the last position, or
+        [B, W, C_level] of that level's codes alone with `level`, the cache extended to all Q
+        positions)."""
         p, q = cache[0].shape[2], tokens.shape[-1]
         new = tokens[..., p:]
         x = self.token_embedding(new) + self.decoder_positions[p:q].astype(self.dtype)
@@ -328,17 +343,22 @@ class EncoderDecoder(nn.Module):
         for block, prev in zip(self.decoder_blocks, cache, strict=True):
             extended.append(jnp.concatenate([prev, x], axis=2))
             x, _ = block(x, new, memory, memory_mask, train=False, prev=prev)
-        logits = self.head(self.decoder_norm(x[:, :, -1])).astype(jnp.float32)
-        return logits, extended
+        last = self.decoder_norm(x[:, :, -1])
+        if level is not None:
+            return self.level_logits(last, level), extended
+        return self.head(last).astype(jnp.float32), extended
 
-    def __call__(self, inputs, user, tokens, *, train: bool, with_states: bool = False):
+    def __call__(
+        self, inputs, user, tokens, *, train: bool, with_states: bool = False, hidden=False
+    ):
         """tokens [B, P, Q]: P = 1 (the whole history) or T (causal: slot p reads slots <= p).
-        Returns (logits, MoE stats), plus the slot states [B, P, D] with `with_states`."""
+        Returns (logits, MoE stats), plus the slot states [B, P, D] with `with_states`; with
+        `hidden`, the decoder's normalised states in place of the logits (`decode`)."""
         memory, valid = self.encode(inputs, user, train=train)
         p, t = tokens.shape[1], inputs.shape[1]
         mask = self.memory_mask(valid, p, t)
         states = self.slot_states(memory, p, t)
-        logits, stats = self.decode(memory, mask, states, tokens, train=train)
+        logits, stats = self.decode(memory, mask, states, tokens, train=train, hidden=hidden)
         return (logits, stats, states) if with_states else (logits, stats)
 
     def item_vectors(self):
