@@ -106,6 +106,9 @@ def base_config() -> ml_collections.ConfigDict:
     # OneRec: "items"; "semantic_ids" is how old runs named the onerec_sid model (read as it).
     m.head = "items"
     m.decoder_layers = 2  # decoder blocks (num_layers is the encoder's)
+    # Causal generative encoders: the decoder trains on the last this many target positions of
+    # each window (0: all); a dense head (loss.dense_weight) still trains on every position.
+    m.decoder_slots = 0
     m.session_items = 1  # M: next items generated per example (1 = next-item recommendation)
     # Causal encoder: one pass over a training window trains a target at every slot (as SASRec),
     # ~max_len times cheaper per target than False: TIGER's bidirectional encoder, one example

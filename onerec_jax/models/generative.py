@@ -44,6 +44,13 @@ class GenerativeModel(Model):
         # Each item's prefix ids: beam search prunes prefixes whose items the user has all seen.
         self.item_prefixes = jnp.asarray(sem.item_prefixes())
         self.session_items = int(config.model.session_items)
+        # The decoder's training positions per window: the last model.decoder_slots (0: all)
+        self.decoder_slots = int(config.model.get("decoder_slots", 0))
+        if self.decoder_slots < 0:
+            raise ConfigError(
+                f"model.decoder_slots={self.decoder_slots}: use 0 (every target position of a "
+                "window) or a count >= 1 (the decoder trains on the last that many)."
+            )
         self.k = int(config.eval.k)
         self.beam = int(config.eval.beam) or self.k  # 0: as wide as the list
         if self.beam < 1 or self.k < 1:
@@ -110,14 +117,14 @@ class GenerativeModel(Model):
             )
 
     def _decoder_io(self, target_codes, mask):
-        """[B, P, M, L+1] codes, [B, P, M] mask -> decoder tokens, target columns, token mask,
-        each [B, P, M*(L+1)]: tokens are BOS then the targets' code tokens shifted right."""
+        """[B, P, M, L+1] codes, [B, P, M] mask -> decoder tokens and token mask, each
+        [B, P, M*(L+1)]: tokens are BOS then the targets' code tokens shifted right."""
         b, p = target_codes.shape[:2]
-        columns = (target_codes + self.offsets).reshape(b, p, -1)  # column in the logits
+        columns = (target_codes + self.offsets).reshape(b, p, -1)  # code id over all levels
         real = jnp.repeat(mask, self.depth, axis=-1).reshape(b, p, -1)
         tokens = jnp.where(real, columns + seq2seq.FIRST_CODE, seq2seq.PAD)
         bos = jnp.full((b, p, 1), seq2seq.BOS, tokens.dtype)
-        return jnp.concatenate([bos, tokens[..., :-1]], axis=-1), columns, real
+        return jnp.concatenate([bos, tokens[..., :-1]], axis=-1), real
 
     def init(self, rng, batch):
         b = batch["inputs"].shape[0]
@@ -127,7 +134,13 @@ class GenerativeModel(Model):
         )["params"]
 
     def loss(self, params, batch, rng):
-        tokens, _, real = self._decoder_io(batch["target_codes"], batch["mask"])
+        # The decoder trains on the last model.decoder_slots target positions of each window
+        # (0: all of them); the dense head on every position.
+        slots = self.decoder_slots if 0 < self.decoder_slots < batch["mask"].shape[1] else 0
+        target_codes, mask = batch["target_codes"], batch["mask"]  # [B, P, M, L+1], [B, P, M]
+        tokens, real = self._decoder_io(target_codes, mask)
+        if slots:  # the module decodes the last `slots` positions of `tokens`
+            target_codes, mask, real = (x[:, -slots:] for x in (target_codes, mask, real))
         drop_rng, dense_rng = jax.random.split(rng)
         hidden, stats, states = self.module.apply(
             {"params": params},
@@ -137,11 +150,11 @@ class GenerativeModel(Model):
             train=True,
             with_states=True,
             hidden=True,
+            decoder_slots=slots,
             rngs={"dropout": drop_rng},
         )
         # Each decoder position reads its own level's codes only, so each level's logits are
         # computed over its C_l columns alone (the same numbers as slicing the full head).
-        target_codes = batch["target_codes"]  # [B, P, M, L+1]
         hidden = hidden.reshape(*target_codes.shape, hidden.shape[-1])  # [B, P, M, L+1, D]
         prefix = jnp.zeros(target_codes.shape[:-1], jnp.int32)  # [B, P, M] prefix ids
         smoothing = self.config.loss.label_smoothing
@@ -162,11 +175,11 @@ class GenerativeModel(Model):
                 uniform = -(log_probs * allowed).sum(-1) / jnp.maximum(allowed.sum(-1), 1)
                 level_nll = (1 - smoothing) * level_nll + smoothing * uniform
             nll = nll + level_nll
-        nll = nll * batch["mask"]
+        nll = nll * mask
         count = real.sum()  # code tokens of real targets
         xent = nll.sum() / jnp.maximum(count, 1)
         loss = xent
-        metrics = {"xent": xent, "tokens": batch["mask"].sum().astype(jnp.float32)}
+        metrics = {"xent": xent, "tokens": mask.sum().astype(jnp.float32)}
         if stats:
             m = self.config.model
             loss = loss + m.moe_aux_weight * stats["load_balance_loss"]

@@ -246,23 +246,24 @@ class EncoderDecoder(nn.Module):
         return np.concatenate([[-1], slots]) if self.user_buckets else slots
 
     def slot_states(self, memory, positions: int, length: int):
-        """[B, P, D] the encoder state of each target position's own (most recent) slot: the
-        decoder's query context, which tells it where "now" is in the window (P = 1: the last
-        slot, the whole history). With code tokens, the mean of the slot's L+1 token states,
-        whose residual streams hold the item's code embeddings."""
+        """[B, P, D] the encoder state of each of the last P history slots (P = 1: the last
+        slot, the whole history; P = T: every slot of a causal encoder): the decoder's query
+        context, which tells it where "now" is in the window. With code tokens, the mean of the
+        slot's L+1 token states, whose residual streams hold the item's code embeddings."""
         if self.encoder_input == "codes":
             depth = len(self.code_sizes)
             per_slot = memory[:, memory.shape[1] - length * depth :]  # without the user token
             memory = per_slot.reshape(memory.shape[0], length, depth, -1).mean(2)  # [B, T, D]
-        return memory[:, -1:] if positions == 1 else memory[:, :positions]
+        return memory[:, length - positions : length]
 
     def memory_mask(self, valid, positions: int, length: int):
-        """[B, P, S]: what decoder position p reads. With a causal encoder and P = T target
-        positions (one per history slot), slots <= p; otherwise (P = 1) every real token."""
+        """[B, P, S]: what the decoder position of each of the last P history slots reads:
+        slot p reads the memory of slots <= p (P = 1: the last slot reads every real token)."""
         if positions == 1:
             return valid[:, None, :]
         slots = self.memory_slots(length)
-        return valid[:, None, :] & jnp.asarray(slots[None, :] <= np.arange(positions)[:, None])
+        rows = np.arange(length - positions, length)[:, None]
+        return valid[:, None, :] & jnp.asarray(slots[None, :] <= rows)
 
     def encode(self, inputs, user, *, train: bool = False):
         """inputs [B, T] left-padded item ids, user [B] -> (memory [B, S, D], mask [B, S])."""
@@ -349,16 +350,29 @@ class EncoderDecoder(nn.Module):
         return self.head(last).astype(jnp.float32), extended
 
     def __call__(
-        self, inputs, user, tokens, *, train: bool, with_states: bool = False, hidden=False
+        self,
+        inputs,
+        user,
+        tokens,
+        *,
+        train: bool,
+        with_states: bool = False,
+        hidden=False,
+        decoder_slots: int = 0,
     ):
         """tokens [B, P, Q]: P = 1 (the whole history) or T (causal: slot p reads slots <= p).
         Returns (logits, MoE stats), plus the slot states [B, P, D] with `with_states`; with
-        `hidden`, the decoder's normalised states in place of the logits (`decode`)."""
+        `hidden`, the decoder's normalised states in place of the logits (`decode`). With
+        0 < `decoder_slots` < P, the decoder runs on the last `decoder_slots` positions only
+        (logits [B, decoder_slots, Q, ...]); the states are still every position's."""
         memory, valid = self.encode(inputs, user, train=train)
         p, t = tokens.shape[1], inputs.shape[1]
-        mask = self.memory_mask(valid, p, t)
         states = self.slot_states(memory, p, t)
-        logits, stats = self.decode(memory, mask, states, tokens, train=train, hidden=hidden)
+        k = decoder_slots if 0 < decoder_slots < p else p
+        mask = self.memory_mask(valid, k, t)
+        logits, stats = self.decode(
+            memory, mask, states[:, p - k :], tokens[:, p - k :], train=train, hidden=hidden
+        )
         return (logits, stats, states) if with_states else (logits, stats)
 
     def item_vectors(self):

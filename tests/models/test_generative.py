@@ -73,11 +73,15 @@ def unboxed(params):
     )
 
 
-@pytest.mark.parametrize("per_target,valid_only", [(False, True), (True, False)])
-def test_loss_is_the_level_restricted_cross_entropy(per_target, valid_only):
+@pytest.mark.parametrize(
+    "per_target,valid_only,slots", [(False, True, 0), (True, False, 0), (False, True, 2)]
+)
+def test_loss_is_the_level_restricted_cross_entropy(per_target, valid_only, slots):
+    """`slots` (model.decoder_slots): the decoder trains on the last 2 of the 5 positions only;
+    the reference is the decoder run over every position, its earlier positions left out."""
     data = planted()
     sem = random_codes(N_ITEMS, 2, 4, 0)
-    c = tiny("tiger", session_items=2, encoder_causal=not per_target)
+    c = tiny("tiger", session_items=2, encoder_causal=not per_target, decoder_slots=slots)
     c.loss.update(label_smoothing=0.1, valid_codes_only=valid_only)
     model = build_model(c, info_for(data, sem, 5))
     ds = generative_train_dataset(
@@ -103,8 +107,9 @@ def test_loss_is_the_level_restricted_cross_entropy(per_target, valid_only):
     logits = np.asarray(logits, np.float64)
     allowed = level_columns(sizes, dec.shape[-1])
     total, count = 0.0, 0
+    first = p_ - slots if slots else 0  # the decoder's first training position
     for b in range(b_):
-        for p in range(p_):
+        for p in range(first, p_):
             for q in range(dec.shape[-1]):
                 if not real[b, p, q]:
                     continue
@@ -119,7 +124,8 @@ def test_loss_is_the_level_restricted_cross_entropy(per_target, valid_only):
                 target = list(cols_q).index(cols[b, p, q])
                 total += 0.9 * -logp[target] + 0.1 * -logp.mean()
                 count += 1
-    assert count == depth * mask.sum() and count > 0
+    assert count == depth * mask[:, first:].sum() and count > 0
+    assert float(metrics["tokens"]) == mask[:, first:].sum()
     assert float(metrics["xent"]) == pytest.approx(total / count, rel=1e-5)
     assert float(loss) == pytest.approx(total / count, rel=1e-5)  # dense decoder: no MoE term
 
@@ -309,6 +315,12 @@ def test_dense_head_loss_and_rerank_by_hand():
     xent = (logz - logits[np.arange(len(h)), targets])[real].mean()
     assert float(metrics["dense_xent"]) == pytest.approx(xent, rel=1e-5)
     assert float(loss) == pytest.approx(float(metrics["xent"]) + 0.5 * xent, rel=1e-5)
+    # model.decoder_slots narrows the decoder's positions, never the dense head's
+    model.decoder_slots = 2
+    _, narrow = model.loss(params, batch, jax.random.key(1))
+    assert float(narrow["dense_xent"]) == pytest.approx(xent, rel=1e-5)
+    assert float(narrow["tokens"]) < float(metrics["tokens"])
+    model.decoder_slots = 0
 
     hist = jnp.zeros((batch["inputs"].shape[0], 1), jnp.int32)
     items, scores = jax.jit(model.generate)(params, batch, hist)
