@@ -297,11 +297,13 @@ class GenerativeModel(Model):
             items, scores = self._rerank(dense, items, scores)
         return items[:, :k], scores[:, :k]
 
-    def code_log_probs(self, variables, context, items):
-        """[B, N] the log-probability of each item's L + 1 codes (items [B, N], or [N] for every
-        user), each level normalised over the codes valid after the item's prefix as beam search
-        does (`loss.valid_codes_only`): an item's beam-search score, teacher-forced in one
-        decoder pass over [B, N, L + 1] tokens. Item 0 (padding) scores -inf."""
+    def code_log_probs(self, variables, context, items, levels: int | None = None):
+        """[B, N] the log-probability of each item's first `levels` codes (default all L + 1;
+        items [B, N], or [N] for every user), each level normalised over the codes valid after
+        the item's prefix as beam search does (`loss.valid_codes_only`): with every level, an
+        item's beam-search score, teacher-forced in one decoder pass over [B, N, levels] tokens.
+        Item 0 (padding) scores -inf."""
+        levels = self.depth if levels is None else levels
         sem = self.info.semantic_ids
         codes_all = jnp.asarray(np.maximum(sem.codes, 0), jnp.int32)  # [V, L+1]
         # each item's prefix id before each level (level 0: the empty prefix)
@@ -310,15 +312,19 @@ class GenerativeModel(Model):
         )  # [L+1, V]
         b = context[0].shape[0]
         items = jnp.broadcast_to(jnp.asarray(items, jnp.int32), (b, *np.shape(items)[-1:]))
-        codes = codes_all[items]  # [B, N, L+1]
-        offsets = jnp.asarray(self.offsets, jnp.int32)
+        codes = codes_all[items][..., :levels]  # [B, N, levels]
+        offsets = jnp.asarray(self.offsets[:levels], jnp.int32)
         bos = jnp.full((*items.shape, 1), seq2seq.BOS, jnp.int32)
         tokens = jnp.concatenate([bos, codes[..., :-1] + offsets[:-1] + seq2seq.FIRST_CODE], -1)
-        logits, _ = self.module.apply(variables, *context, tokens, method=self.module.decode)
+        hidden, _ = self.module.apply(
+            variables, *context, tokens, hidden=True, method=self.module.decode
+        )
         total = jnp.zeros(items.shape, jnp.float32)
-        for level in range(self.depth):
-            lo, size = int(self.offsets[level]), self.code_sizes[level]
-            level_logits = logits[:, :, level, lo : lo + size].astype(jnp.float32)  # [B, N, C_l]
+        for level in range(levels):
+            size = self.code_sizes[level]
+            level_logits = self.module.apply(
+                variables, hidden[:, :, level], level, method=self.module.level_logits
+            )  # [B, N, C_l]
             if self.valid_only:  # over the codes valid after the item's prefix
                 allowed = self.valid[level, :, :size][prefixes_all[level][items]]
                 level_logits = jnp.where(allowed, level_logits, -1e30)
@@ -351,39 +357,17 @@ class GenerativeModel(Model):
     def cold_scores(self, variables, context, seen, chunk: int = 128):
         """[B, N] the log-probability of each cold item's L content codes (`self.cold_items`;
         the collision token, which only numbers the items sharing them, left out), each level
-        normalised as beam search does; -inf where `seen` ([B, n_items + 1] bool). Teacher-forced
-        over [B, chunk, L] decoder inputs at a time."""
-        levels = self.depth - 1
-        sem = self.info.semantic_ids
-        codes_all = np.maximum(sem.codes, 0)
-        # each item's prefix id before each level (level 0: the empty prefix)
-        prefixes = np.concatenate([np.zeros((1, len(codes_all)), np.int32), sem.item_prefixes()])
-        offsets = np.asarray(self.offsets[:levels])
-        b = seen.shape[0]
-        out = []
-        for start in range(0, len(self.cold_items), chunk):
-            items = self.cold_items[start : start + chunk]
-            codes = codes_all[items, :levels]  # [c, L]
-            tokens = np.concatenate(
-                [
-                    np.full((len(items), 1), seq2seq.BOS),
-                    codes[:, :-1] + offsets[:-1] + seq2seq.FIRST_CODE,
-                ],
-                axis=1,
-            ).astype(np.int32)
-            tokens = jnp.broadcast_to(jnp.asarray(tokens)[None], (b, *tokens.shape))  # [B, c, L]
-            logits, _ = self.module.apply(variables, *context, tokens, method=self.module.decode)
-            total = jnp.zeros((b, len(items)), jnp.float32)
-            for level in range(levels):
-                lo, size = int(self.offsets[level]), self.code_sizes[level]
-                level_logits = logits[:, :, level, lo : lo + size]  # [B, c, C_l]
-                if self.valid_only:  # over the codes valid after the item's prefix
-                    allowed = self.valid[level, :, :size][jnp.asarray(prefixes[level, items])]
-                    level_logits = jnp.where(allowed[None], level_logits, -jnp.inf)
-                logp = jax.nn.log_softmax(level_logits, axis=-1)  # [B, c, C_l]
-                total = total + logp[:, np.arange(len(items)), codes[:, level]]
-            out.append(total)
-        scores = jnp.concatenate(out, axis=1)
+        normalised as beam search does (`code_log_probs`); -inf where `seen` ([B, n_items + 1]
+        bool). Teacher-forced over [B, chunk, L] decoder inputs at a time."""
+        scores = jnp.concatenate(
+            [
+                self.code_log_probs(
+                    variables, context, self.cold_items[start : start + chunk], self.depth - 1
+                )
+                for start in range(0, len(self.cold_items), chunk)
+            ],
+            axis=1,
+        )
         return jnp.where(seen[:, self.cold_items], -jnp.inf, scores)
 
     def _with_cold(self, variables, context, seen, items, scores, k: int):
