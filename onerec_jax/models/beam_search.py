@@ -10,6 +10,8 @@ tables (`PrefixTables.stacked()`), so every returned path is a real item:
   every item scores -inf at every level too, so it never takes a beam slot that a prefix still
   leading to unseen items could use. Every live beam then ends in at least one unseen item, and
   a search with `beam >= k` returns k items whenever the user has k unseen ones;
+- the first level is one `step_fn` call per row (W = 1: every beam holds the empty prefix),
+  broadcast to the beam;
 - intermediate levels keep the `beam` best prefixes over `beam x C_l` expansions; the last level
   takes the top `k` over all `beam x C_L` expansions, so `k` may exceed `beam`. Full paths map to
   distinct items, so the result never repeats an item.
@@ -160,7 +162,7 @@ def beam_search(
 
     Args:
       step_fn: `(context, tokens [B, W, level] int32, level) -> logits [B, W, C_level]`, where
-        W = beam and `level` is a Python int (level 0: tokens is [B, W, 0]). Tokens of dead
+        W = beam and `level` is a Python int (level 0: tokens is [B, 1, 0], W = 1). Tokens of dead
         beams are arbitrary in-range codes; their logits are ignored.
       context: any pytree (e.g. encoder memory), passed to `step_fn` untouched.
       valid: [L + 1, P, C] bool, `PrefixTables.stacked()[0]` (jnp or np).
@@ -217,9 +219,25 @@ def beam_search(
         """Candidate scores and children [B, W * C_level], flat index = beam_index * C + code."""
         size = code_sizes[level]
         allowed = valid[level, :, :size][prefix]  # [B, W, C]
-        logp, new_cache = _level_logprobs(
-            step_fn, context, tokens, level, size, allowed if renormalize else None, cache
-        )
+        if level == 0:  # every beam holds the empty prefix: one step per row, not W
+            first = jax.tree.map(lambda x: x[:, :1], cache)
+            logp, new_cache = _level_logprobs(
+                step_fn,
+                context,
+                tokens[:, :1],
+                0,
+                size,
+                allowed[:, :1] if renormalize else None,
+                first,
+            )
+            logp = jnp.broadcast_to(logp, (batch, beam, size))
+            new_cache = jax.tree.map(
+                lambda x: jnp.broadcast_to(x, (batch, beam, *x.shape[2:])), new_cache
+            )
+        else:
+            logp, new_cache = _level_logprobs(
+                step_fn, context, tokens, level, size, allowed if renormalize else None, cache
+            )
         children = next_prefix[level, :, :size][prefix]  # [B, W, C]
         if live is not None and level < depth - 1:  # children that still lead to unseen items
             # (after the log-probabilities: a user's history never renormalises the model)
