@@ -334,6 +334,8 @@ GENERATIVE_ABLATIONS = {
     # a dense item head on the encoder, trained jointly, re-ranks the beam's items (the
     # :onerec_sid default; a study of :tiger)
     "dense": {"loss.dense_weight": 1.0, "eval.rerank_weight": 1.0},
+    # :onerec_sid's former data shape: 50 items in the encoder, the decoder on every position
+    "len50": {"data.max_len": 50, "data.bucket_boundaries": (8, 16, 32), "model.decoder_slots": 0},
     # the plain decoder: the beam's list by code log-probability alone, no dense head
     "nodense": {"loss.dense_weight": 0.0, "eval.rerank_weight": 0.0, "eval.dense_candidates": 0},
 }
