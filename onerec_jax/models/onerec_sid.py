@@ -44,13 +44,6 @@ def config_defaults(c: ml_collections.ConfigDict) -> None:
     beam by default")."""
     generative.config_defaults(c)
     c.model.mlp_dim = 128
-    # The item models' 200 most recent items in the encoder (one token per item here), the
-    # decoder trained on the last 50 target positions of each window, the dense head on all 200.
-    # Dev set, 3 seeds: validation above the former max_len 50 with the decoder on every
-    # position (`:onerec_sid_len50`), test level with it, at the same cost per target position
-    # (BENCHMARKS.md "`:onerec_sid` reads 200 items").
-    c.data.max_len, c.data.bucket_boundaries = 200, (32, 64, 128)
-    c.model.decoder_slots = 50
     c.model.num_experts, c.model.experts_per_token = 4, 2
     c.loss.dense_weight, c.eval.rerank_weight = 1.0, 1.0
 
