@@ -219,25 +219,20 @@ def beam_search(
         """Candidate scores and children [B, W * C_level], flat index = beam_index * C + code."""
         size = code_sizes[level]
         allowed = valid[level, :, :size][prefix]  # [B, W, C]
-        if level == 0:  # every beam holds the empty prefix: one step per row, not W
-            first = jax.tree.map(lambda x: x[:, :1], cache)
-            logp, new_cache = _level_logprobs(
-                step_fn,
-                context,
-                tokens[:, :1],
-                0,
-                size,
-                allowed[:, :1] if renormalize else None,
-                first,
-            )
-            logp = jnp.broadcast_to(logp, (batch, beam, size))
-            new_cache = jax.tree.map(
-                lambda x: jnp.broadcast_to(x, (batch, beam, *x.shape[2:])), new_cache
-            )
-        else:
-            logp, new_cache = _level_logprobs(
-                step_fn, context, tokens, level, size, allowed if renormalize else None, cache
-            )
+        width = 1 if level == 0 else beam  # level 0: every beam holds the empty prefix
+        logp, new_cache = _level_logprobs(
+            step_fn,
+            context,
+            tokens[:, :width],
+            level,
+            size,
+            allowed[:, :width] if renormalize else None,
+            jax.tree.map(lambda x: x[:, :width], cache),
+        )
+        logp = jnp.broadcast_to(logp, (batch, beam, size))  # one step per row, for every beam
+        new_cache = jax.tree.map(
+            lambda x: jnp.broadcast_to(x, (batch, beam, *x.shape[2:])), new_cache
+        )
         children = next_prefix[level, :, :size][prefix]  # [B, W, C]
         if live is not None and level < depth - 1:  # children that still lead to unseen items
             # (after the log-probabilities: a user's history never renormalises the model)

@@ -43,6 +43,12 @@ class GenerativeModel(Model):
         self.valid, self.next_prefix = jnp.asarray(valid), jnp.asarray(next_prefix)
         # Each item's prefix ids: beam search prunes prefixes whose items the user has all seen.
         self.item_prefixes = jnp.asarray(sem.item_prefixes())
+        # Teacher-forced code scores (`code_log_probs`): each item's codes, and its prefix id
+        # before each level (level 0: the empty prefix) [L+1, V]
+        self.item_codes = jnp.asarray(np.maximum(sem.codes, 0), jnp.int32)  # [V, L+1]
+        self.prefixes_before = jnp.concatenate(
+            [jnp.zeros((1, len(sem.codes)), jnp.int32), self.item_prefixes]
+        )
         self.session_items = int(config.model.session_items)
         # The decoder's training positions per window: the last model.decoder_slots (0: all)
         self.decoder_slots = int(config.model.get("decoder_slots", 0))
@@ -304,15 +310,9 @@ class GenerativeModel(Model):
         item's beam-search score, teacher-forced in one decoder pass over [B, N, levels] tokens.
         Item 0 (padding) scores -inf."""
         levels = self.depth if levels is None else levels
-        sem = self.info.semantic_ids
-        codes_all = jnp.asarray(np.maximum(sem.codes, 0), jnp.int32)  # [V, L+1]
-        # each item's prefix id before each level (level 0: the empty prefix)
-        prefixes_all = jnp.asarray(
-            np.concatenate([np.zeros((1, len(sem.codes)), np.int32), sem.item_prefixes()])
-        )  # [L+1, V]
         b = context[0].shape[0]
         items = jnp.broadcast_to(jnp.asarray(items, jnp.int32), (b, *np.shape(items)[-1:]))
-        codes = codes_all[items][..., :levels]  # [B, N, levels]
+        codes = self.item_codes[items][..., :levels]  # [B, N, levels]
         offsets = jnp.asarray(self.offsets[:levels], jnp.int32)
         bos = jnp.full((*items.shape, 1), seq2seq.BOS, jnp.int32)
         tokens = jnp.concatenate([bos, codes[..., :-1] + offsets[:-1] + seq2seq.FIRST_CODE], -1)
@@ -326,7 +326,7 @@ class GenerativeModel(Model):
                 variables, hidden[:, :, level], level, method=self.module.level_logits
             )  # [B, N, C_l]
             if self.valid_only:  # over the codes valid after the item's prefix
-                allowed = self.valid[level, :, :size][prefixes_all[level][items]]
+                allowed = self.valid[level, :, :size][self.prefixes_before[level][items]]
                 level_logits = jnp.where(allowed, level_logits, -1e30)
             logp = jax.nn.log_softmax(level_logits, axis=-1)
             total = total + jnp.take_along_axis(logp, codes[..., level, None], axis=-1)[..., 0]
