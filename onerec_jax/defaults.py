@@ -121,6 +121,12 @@ def base_config() -> ml_collections.ConfigDict:
     m.moe_aux_weight = 0.01  # load-balancing loss weight (Switch Transformer)
     m.moe_z_weight = 1e-3  # router z-loss weight (ST-MoE)
     m.item_id_embedding = True  # OneRec semantic-id encoder: add an item-id embedding
+    # Generative encoders: "learned" positions added to the inputs, or "rotary" (the item models')
+    m.encoder_positions = "learned"
+    # OneRec semantic-id encoder: its code embeddings (and the dense head's) a table of their own,
+    # not the decoder's input tokens; and the dense head's item vectors with genres and year
+    m.separate_item_codes = False
+    m.table_side_features = False
     m.user_tokens = 0  # TIGER: hashed user-id buckets prepended to the history (0: none)
 
     c.loss = lo = ml_collections.ConfigDict()
@@ -136,6 +142,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Generative models: weight of a jointly trained dense item head (next-item softmax over
     # the encoder's slot states; 0: none), which eval.rerank_weight uses to re-rank the beam
     lo.dense_weight = 0.0
+    # Generative models: weight of the decoder's code cross-entropy (0 with a dense head: the
+    # encoder trained by the dense head alone, a study of what the decoder's loss costs it)
+    lo.decoder_weight = 1.0
     # Generative models: each level's softmax over the codes that continue the prefix to some item
     # (as constrained beam search decodes); False: over the level's whole codebook.
     lo.valid_codes_only = True

@@ -97,6 +97,7 @@ class GenerativeModel(Model):
         # head's log-probability of the item (eval.rerank_weight; OneRec and LIGER both join a
         # generative and a dense signal).
         self.dense_weight = float(config.loss.get("dense_weight", 0.0))
+        self.decoder_weight = float(config.loss.get("decoder_weight", 1.0))
         self.rerank_weight = float(config.eval.get("rerank_weight", 0.0))
         # The dense head's own best unseen items join the beam's as candidates of the re-ranker,
         # each scored by its codes' log-probability as the beam would have (eval.dense_candidates;
@@ -106,10 +107,15 @@ class GenerativeModel(Model):
         # Beam search decodes incrementally, keeping each beam's decoder inputs per block (the
         # same scores as re-reading the whole prefix at every level, at a fraction of the work)
         self.decoder_cache = True
-        if self.dense_weight < 0 or self.rerank_weight < 0:
+        if self.dense_weight < 0 or self.rerank_weight < 0 or self.decoder_weight < 0:
             raise ConfigError(
                 f"loss.dense_weight={self.dense_weight}, eval.rerank_weight="
-                f"{self.rerank_weight}: use weights >= 0."
+                f"{self.rerank_weight}, loss.decoder_weight={self.decoder_weight}: use weights "
+                ">= 0."
+            )
+        if not (self.decoder_weight or self.dense_weight):
+            raise ConfigError(
+                "loss.decoder_weight=0 and loss.dense_weight=0: nothing is trained; set one > 0."
             )
         if self.dense_candidates < 0 or (self.dense_candidates and not self.rerank_weight):
             raise ConfigError(
@@ -184,7 +190,7 @@ class GenerativeModel(Model):
         nll = nll * mask
         count = real.sum()  # code tokens of real targets
         xent = nll.sum() / jnp.maximum(count, 1)
-        loss = xent
+        loss = self.decoder_weight * xent
         metrics = {"xent": xent, "tokens": mask.sum().astype(jnp.float32)}
         if stats:
             m = self.config.model
@@ -526,6 +532,9 @@ def build(config: ml_collections.ConfigDict, info: DataInfo, **module_fields) ->
         experts_per_token=m.experts_per_token,
         expert_capacity=m.expert_capacity,
         expert_group_size=m.expert_group_size,
+        positions=m.get("encoder_positions", "learned"),
+        separate_item_codes=bool(m.get("separate_item_codes", False)),
+        table_side_features=bool(m.get("table_side_features", False)),
         dtype=compute_dtype(config.train.compute_dtype),
         **module_fields,
     )

@@ -159,6 +159,13 @@ class EncoderDecoder(nn.Module):
     n_year_buckets: int = 1
     user_buckets: int = 0  # "codes": hashed user tokens (TIGER), 0 = none
     causal: bool = True  # encoder attends to earlier items only (every slot trains a target)
+    positions: str = "learned"  # the encoder's: "learned" (added to the inputs) or "rotary"
+    # "items": the encoder's and the dense head's code embeddings are a table of their own, not
+    # the decoder's input tokens (False: one table for both)
+    separate_item_codes: bool = False
+    # "items": the dense head's item vectors hold the genre and year embeddings too, as the
+    # encoder's inputs do (False: codes and id embedding only)
+    table_side_features: bool = False
     dtype: jnp.dtype = jnp.float32
 
     def setup(self):
@@ -171,10 +178,19 @@ class EncoderDecoder(nn.Module):
         self.token_embedding = nn.Embed(
             FIRST_CODE + n_codes, self.dim, dtype=self.dtype, embedding_init=embed_init
         )
+        if self.separate_item_codes and self.encoder_input == "items":
+            self.item_code_embedding = nn.Embed(
+                FIRST_CODE + n_codes, self.dim, dtype=self.dtype, embedding_init=embed_init
+            )
         depth = len(self.code_sizes)
         enc_len = self.max_len * depth + 1 if self.encoder_input == "codes" else self.max_len
         pos_init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("length", "embed"))
-        self.encoder_positions = self.param("encoder_positions", pos_init, (enc_len, self.dim))
+        if self.positions == "learned":
+            self.encoder_positions = self.param("encoder_positions", pos_init, (enc_len, self.dim))
+        elif self.positions != "rotary":
+            raise ConfigError(
+                f"model.encoder_positions={self.positions!r}: use 'learned' or 'rotary'."
+            )
         self.decoder_positions = self.param(
             "decoder_positions", pos_init, (self.session_items * depth, self.dim)
         )
@@ -201,7 +217,7 @@ class EncoderDecoder(nn.Module):
                 "rmsnorm",
                 True,
                 self.activation,
-                False,
+                self.positions == "rotary",
                 self.dtype,
                 name=f"encoder_{i}",
             )
@@ -277,21 +293,12 @@ class EncoderDecoder(nn.Module):
                 x = jnp.concatenate([u[:, None], x], axis=1)
                 valid = jnp.concatenate([jnp.ones((b, 1), bool), valid], axis=1)
         else:
-            x = self.token_embedding(self._code_tokens(inputs)).sum(-2)  # [B, T, D]
-            real = (inputs > 0)[..., None]
-            if self.item_ids:
-                x = x + self.id_embedding(inputs)
-            if self.item_genres is not None:
-                genres = jnp.asarray(self.item_genres)[inputs]
-                genres = genres / jnp.maximum(genres.sum(-1, keepdims=True), 1.0)
-                x = x + (genres @ self.genre_embedding).astype(self.dtype)
-            if self.item_year_bucket is not None:
-                years = jnp.asarray(self.item_year_bucket)[inputs]
-                x = x + self.year_embedding[years].astype(self.dtype)
-            x, valid = x * real, inputs > 0
+            x = self.embed_items(inputs, side=True)  # [B, T, D]
+            x, valid = x * (inputs > 0)[..., None], inputs > 0
         length = x.shape[1]
         # Positions count back from the most recent token, as in the item models.
-        x = x + self.encoder_positions[layers.positions_from_end(length)].astype(self.dtype)
+        if self.positions == "learned":
+            x = x + self.encoder_positions[layers.positions_from_end(length)].astype(self.dtype)
         x = self.dropout_layer(x, deterministic=not train) * valid[..., None]
         mask = valid[:, None, None, :]  # [B, 1, 1, S] real keys
         if self.causal:  # a token reads the tokens of its own and earlier history slots
@@ -375,14 +382,29 @@ class EncoderDecoder(nn.Module):
         )
         return (logits, stats, states) if with_states else (logits, stats)
 
-    def item_vectors(self):
-        """[V, D] every item as the encoder reads it (its code embeddings summed, plus its
-        id embedding when `item_ids`); row 0 (padding) zero: the dense head's item table."""
-        items = jnp.arange(self.vocab_size)
-        x = self.token_embedding(self._code_tokens(items)).sum(-2)
+    def embed_items(self, items, side: bool):
+        """[...] item ids -> [..., D]: the sum of the item's code embeddings, plus its id
+        embedding (`item_ids`), plus (`side`) its genre and year embeddings: an "items" encoder's
+        input. The code embeddings are the decoder's input tokens unless
+        `separate_item_codes`."""
+        table = self.item_code_embedding if self.separate_item_codes else self.token_embedding
+        x = table(self._code_tokens(items)).sum(-2)
         if self.item_ids:
             x = x + self.id_embedding(items)
-        return x.at[0].set(0.0)
+        if side and self.item_genres is not None:
+            genres = jnp.asarray(self.item_genres)[items]
+            genres = genres / jnp.maximum(genres.sum(-1, keepdims=True), 1.0)
+            x = x + (genres @ self.genre_embedding).astype(self.dtype)
+        if side and self.item_year_bucket is not None:
+            years = jnp.asarray(self.item_year_bucket)[items]
+            x = x + self.year_embedding[years].astype(self.dtype)
+        return x
+
+    def item_vectors(self):
+        """[V, D] every item as the encoder reads it (`embed_items`; its genre and year only
+        with `table_side_features`); row 0 (padding) zero: the dense head's item table."""
+        items = jnp.arange(self.vocab_size)
+        return self.embed_items(items, side=self.table_side_features).at[0].set(0.0)
 
 
 def merge_stats(per_layer: list[dict]) -> dict:

@@ -130,12 +130,15 @@ def test_loss_is_the_level_restricted_cross_entropy(per_target, valid_only, slot
     assert float(loss) == pytest.approx(total / count, rel=1e-5)  # dense decoder: no MoE term
 
 
-@pytest.mark.parametrize("variant", ["tiger", "onerec_sid"])
-def test_causal_slots_never_read_later_items(variant):
+@pytest.mark.parametrize(
+    ("variant", "positions"),
+    [("tiger", "learned"), ("onerec_sid", "learned"), ("onerec_sid", "rotary")],
+)
+def test_causal_slots_never_read_later_items(variant, positions):
     """Window training: slot p's target is the input at p + 1, so slot p must not see it."""
     data = planted()
     sem = random_codes(N_ITEMS, 2, 4, 0)
-    c = tiny(variant, user_tokens=7, num_experts=0)
+    c = tiny(variant, user_tokens=7, num_experts=0, encoder_positions=positions)
     model = build_model(c, info_for(data, sem, 6))
     inputs = jnp.array([[0, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6]], jnp.int32)
     user = jnp.array([0, 1], jnp.int32)
@@ -315,6 +318,10 @@ def test_dense_head_loss_and_rerank_by_hand():
     xent = (logz - logits[np.arange(len(h)), targets])[real].mean()
     assert float(metrics["dense_xent"]) == pytest.approx(xent, rel=1e-5)
     assert float(loss) == pytest.approx(float(metrics["xent"]) + 0.5 * xent, rel=1e-5)
+    model.decoder_weight = 0.25  # loss.decoder_weight scales the code cross-entropy alone
+    weighted, _ = model.loss(params, batch, jax.random.key(1))
+    assert float(weighted) == pytest.approx(0.25 * float(metrics["xent"]) + 0.5 * xent, rel=1e-5)
+    model.decoder_weight = 1.0
     # model.decoder_slots narrows the decoder's positions, never the dense head's
     model.decoder_slots = 2
     _, narrow = model.loss(params, batch, jax.random.key(1))
@@ -352,6 +359,59 @@ def test_dense_head_loss_and_rerank_by_hand():
         order = np.argsort(-combined, kind="stable")[:5]
         np.testing.assert_array_equal(np.asarray(top[b]), wi[order])
         np.testing.assert_allclose(np.asarray(top_scores[b]), combined[order], rtol=1e-5, atol=1e-5)
+
+
+def test_item_table_options_by_hand():
+    """model.table_side_features puts each item's genre and year embeddings in the dense head's
+    table, as in the encoder's inputs; model.separate_item_codes gives the encoder and that table
+    code embeddings of their own, which the decoder's input tokens never change; with
+    model.encoder_positions="rotary" the encoder has no learned position table."""
+    data = planted()
+    sem = random_codes(N_ITEMS, 2, 4, 0)
+    c = tiny(
+        "onerec_sid",
+        num_experts=0,
+        separate_item_codes=True,
+        table_side_features=True,
+        encoder_positions="rotary",
+    )
+    genres = (np.arange((N_ITEMS + 1) * 3).reshape(-1, 3) % 4 == 0).astype(np.float32)
+    years = np.arange(N_ITEMS + 1, dtype=np.int32) % 3
+    info = dataclasses.replace(info_for(data, sem, 5), item_genres=genres, item_year_bucket=years)
+    c.model.side_features = ("genres", "year")
+    model = build_model(c, info)
+    ds = generative_train_dataset(data, sem.codes, max_len=5, batch_size=8, seed=0)
+    batch = {k: jnp.asarray(v) for k, v in next(iter(ds)).items()}
+    params = unboxed(model.init(jax.random.key(0), batch))
+    assert "encoder_positions" not in params
+    table = np.asarray(model.item_table(params), float)
+    emb = np.asarray(params["item_code_embedding"]["embedding"], float)
+    ids = np.asarray(params["id_embedding"]["embedding"], float)
+    genre_emb, year_emb = (
+        np.asarray(params[k], float) for k in ("genre_embedding", "year_embedding")
+    )
+    offsets = np.cumsum((0, *sem.codebook_sizes[:-1]))
+    for item in range(1, N_ITEMS + 1):
+        g = genres[item] / max(genres[item].sum(), 1.0)
+        want = emb[sem.codes[item] + offsets + 2].sum(0) + ids[item] + g @ genre_emb
+        want = want + year_emb[years[item]]
+        np.testing.assert_allclose(table[item], want, rtol=1e-5, atol=1e-5)
+    assert not table[0].any()
+
+    # The decoder's token table moves neither the encoder nor the item table.
+    def moved(params):  # every decoder input token's embedding shifted
+        tokens = params["token_embedding"]["embedding"]
+        return {**params, "token_embedding": {"embedding": tokens + 1.0}}
+
+    base = np.asarray(_last_state(model, params, batch))
+    np.testing.assert_allclose(np.asarray(_last_state(model, moved(params), batch)), base, 1e-6)
+    np.testing.assert_allclose(np.asarray(model.item_table(moved(params))), table, 1e-6)
+    # ... while with one table for both (the default) the same shift moves the encoder.
+    c.model.separate_item_codes = False
+    shared = build_model(c, info)
+    params = unboxed(shared.init(jax.random.key(0), batch))
+    change = _last_state(shared, moved(params), batch) - _last_state(shared, params, batch)
+    assert np.abs(np.asarray(change)).max() > 1e-3
 
 
 def test_dense_candidates_join_the_beam_by_hand():
