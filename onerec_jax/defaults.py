@@ -215,6 +215,11 @@ def base_config() -> ml_collections.ConfigDict:
     # (full_ranking for scoring models, topk_list for generative ones), or "topk_list" to
     # rank any model's targets within its top-k list
     e.evaluator = ""
+    # the ranking that validates during training (early stopping, the checkpoint kept), if not
+    # eval.evaluator's: e.g. "full_ranking" for a generative model with a dense head, its dense
+    # ranking of the catalogue, a fraction of a beam search's cost. The kept checkpoint is then
+    # validated and tested once by eval.evaluator. "": eval.evaluator throughout.
+    e.select_evaluator = ""
     e.valid_users = 0  # validate on this many users (a fixed random sample; 0: all); test: all
     # with a rating head: rank by next-item logit + rating_alpha x predicted rating (0: logit)
     e.rating_alpha = 0.0

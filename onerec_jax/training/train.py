@@ -66,20 +66,42 @@ def train_and_evaluate(
     with sharding.use_mesh(mesh, rules):
         setup = make_setup(config, data, items, mesh, rules)
         evaluator = make_evaluator(setup.model, data, config, mesh, rules)
+        selector = selection_evaluator(setup.model, data, config, mesh, rules) or evaluator
         ckpt = checkpointing.Checkpointer(workdir / "checkpoints", metric=SELECT_METRIC)
         logger = MetricLogger(workdir, enabled=is_main)
         data_iter = iter(train_batches(setup, config.seed))
         state, record = _start(setup, ckpt, data_iter, workdir, init_params)
         pop_val = popularity_validation(setup, mesh, rules)
         steps, stopped_early = _train_loop(
-            setup, state, record, data_iter, evaluator, ckpt, logger, pop_val
+            setup, state, record, data_iter, selector, ckpt, logger, pop_val
         )
         results = _finish(
-            setup, record, evaluator, ckpt, logger, workdir, steps, stopped_early, pop_val
+            setup,
+            record,
+            evaluator,
+            ckpt,
+            logger,
+            workdir,
+            steps,
+            stopped_early,
+            pop_val,
+            selected_by=None if selector is evaluator else selector,
         )
     logger.close()
     ckpt.close()
     return results
+
+
+def selection_evaluator(model, data, config: ml_collections.ConfigDict, mesh, rules):
+    """The evaluator of eval.select_evaluator (validation during training), or None when it is
+    empty or names eval.evaluator's own ranking."""
+    name = config.eval.get("select_evaluator", "")
+    if not name or name == (config.eval.get("evaluator", "") or model.evaluator):
+        return None
+    sc = config.copy_and_resolve_references()
+    with sc.unlocked():
+        sc.eval.evaluator = name
+    return make_evaluator(model, data, sc, mesh, rules)
 
 
 def popularity_validation(setup: TrainSetup, mesh, rules) -> float | None:
@@ -230,8 +252,12 @@ def _finish(
     steps: int,
     stopped_early: bool,
     pop_val: float | None = None,
+    selected_by=None,
 ) -> dict:
-    """Tests the best validated checkpoint once; writes and returns results.json."""
+    """Tests the best validated checkpoint once; writes and returns results.json. With
+    `selected_by` (the evaluator that validated during training), that checkpoint is validated
+    again by `evaluator`, whose numbers are the results' "val"; the selecting ranking's are
+    "select_val"."""
     ckpt.wait()
     best_step = ckpt.best_step()
     if best_step is None:
@@ -240,8 +266,13 @@ def _finish(
     test, _ = evaluator.evaluate(params, "test")
     if record.best_step == best_step and record.best_val is not None:
         best_val = record.best_val  # recorded when that checkpoint was validated
-    else:  # e.g. Orbax kept another step of equal score
+    elif selected_by is not None:  # e.g. Orbax kept another step of equal score
+        best_val, _ = selected_by.evaluate(params, "valid")
+    else:
         best_val, _ = evaluator.evaluate(params, "valid")
+    select_val = None
+    if selected_by is not None:
+        select_val, best_val = best_val, evaluator.evaluate(params, "valid")[0]
     c, data = setup.config, setup.data
     results = {
         "model": c.model.name,
@@ -269,6 +300,9 @@ def _finish(
         "val": best_val,
         "test": test,
     }
+    if select_val is not None:  # eval.select_evaluator's validation of the kept checkpoint
+        results["protocol"]["selected_by"] = selected_by.protocol
+        results["select_val"] = select_val
     if jax.process_index() == 0:
         (workdir / "results.json").write_text(json.dumps(results, indent=2))
         logger.write(best_step, {f"test/{k}": v for k, v in test.items() if "@" in k or k == "mrr"})

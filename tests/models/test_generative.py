@@ -239,6 +239,9 @@ def test_end_to_end_tokenizes_trains_and_reports_beam_ranking(variant, tmp_path,
     )
     c.optim.warmup_steps = 2
     c.eval.update(batch_size=2048, beam=5, k=10, valid_users=300)  # one batch: few compilations
+    # validation during training by the dense head's full ranking; the kept checkpoint is then
+    # validated and tested by the beam
+    c.eval.select_evaluator = "full_ranking"
     c.mesh.num_devices = 1
     jax.clear_caches()
     results = modes.train(c, tmp_path / "run")  # tokenizes first: model.semantic_ids is empty
@@ -246,8 +249,16 @@ def test_end_to_end_tokenizes_trains_and_reports_beam_ranking(variant, tmp_path,
     assert saved["model"]["semantic_ids"] == str(tmp_path / "run" / "semantic_ids")
     assert (tmp_path / "run" / "semantic_ids" / "semantic_ids.npz").is_file()
     assert results["protocol"]["ranking"] == "beam search, width 5"
+    assert results["protocol"]["selected_by"] == "full"
     assert results["val"]["n_users"] == 300 and results["test"]["n_users"] == 2000
     assert 0.0 <= results["test"]["ndcg@10"] <= results["test"]["hr@10"] <= 1.0
+    best = max(results["history"], key=lambda h: h[2])  # (step, seconds, val NDCG@10, CPU-s)
+    assert results["select_val"]["ndcg@10"] == best[2]
+    assert "lists_short" in results["val"] and "lists_short" not in results["select_val"]
+    # the test numbers are the beam's on the kept checkpoint: --mode eval recomputes them
+    again = modes.evaluate(c, tmp_path / "run")
+    assert again["best_step"] == results["best_step"]
+    assert again["test"]["ndcg@10"] == pytest.approx(results["test"]["ndcg@10"], abs=1e-6)
 
     # --mode recommend from the same run: valid unseen items, best first, the model's top list
     rec = Recommender.from_run(tmp_path / "run")
