@@ -145,6 +145,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Generative models: weight of the decoder's code cross-entropy (0 with a dense head: the
     # encoder trained by the dense head alone, a study of what the decoder's loss costs it)
     lo.decoder_weight = 1.0
+    # Generative models: the share of the decoder's gradient that reaches the encoder through its
+    # memory and slot states (1: all; 0 with a dense head: the dense head alone shapes the
+    # encoder, and the decoder learns to read it; the shared code embeddings still learn from
+    # both unless model.separate_item_codes)
+    lo.decoder_encoder_grad = 1.0
     # Generative models: each level's softmax over the codes that continue the prefix to some item
     # (as constrained beam search decodes); False: over the level's whole codebook.
     lo.valid_codes_only = True
@@ -355,6 +360,16 @@ GENERATIVE_ABLATIONS = {
         "data.max_len": 200,
         "data.bucket_boundaries": (32, 64, 128),
         "model.decoder_slots": 50,
+    },
+    # the item head's data: every 200-item window (the decoder at the last 50 positions of each,
+    # the dense head at all), validated during training by the dense head's full ranking and
+    # tested by the re-ranked beam
+    "all200": {
+        "data.max_len": 200,
+        "data.bucket_boundaries": (32, 64, 128),
+        "data.windows": "all",
+        "model.decoder_slots": 50,
+        "eval.select_evaluator": "full_ranking",
     },
     # the plain decoder: the beam's list by code log-probability alone, no dense head
     "nodense": {"loss.dense_weight": 0.0, "eval.rerank_weight": 0.0, "eval.dense_candidates": 0},

@@ -98,6 +98,13 @@ class GenerativeModel(Model):
         # generative and a dense signal).
         self.dense_weight = float(config.loss.get("dense_weight", 0.0))
         self.decoder_weight = float(config.loss.get("decoder_weight", 1.0))
+        # The share of the decoder's gradient that reaches the encoder (0: the dense head alone
+        # trains the encoder, and the decoder reads its states as they are)
+        self.decoder_grad = float(config.loss.get("decoder_encoder_grad", 1.0))
+        if not 0.0 <= self.decoder_grad <= 1.0:
+            raise ConfigError(
+                f"loss.decoder_encoder_grad={self.decoder_grad}: use a share in [0, 1]."
+            )
         self.rerank_weight = float(config.eval.get("rerank_weight", 0.0))
         # The dense head's own best unseen items join the beam's as candidates of the re-ranker,
         # each scored by its codes' log-probability as the beam would have (eval.dense_candidates;
@@ -163,6 +170,7 @@ class GenerativeModel(Model):
             with_states=True,
             hidden=True,
             decoder_slots=slots,
+            decoder_grad=self.decoder_grad,
             rngs={"dropout": drop_rng},
         )
         # Each decoder position reads its own level's codes only, so each level's logits are

@@ -366,19 +366,28 @@ class EncoderDecoder(nn.Module):
         with_states: bool = False,
         hidden=False,
         decoder_slots: int = 0,
+        decoder_grad: float = 1.0,
     ):
         """tokens [B, P, Q]: P = 1 (the whole history) or T (causal: slot p reads slots <= p).
         Returns (logits, MoE stats), plus the slot states [B, P, D] with `with_states`; with
         `hidden`, the decoder's normalised states in place of the logits (`decode`). With
         0 < `decoder_slots` < P, the decoder runs on the last `decoder_slots` positions only
-        (logits [B, decoder_slots, Q, ...]); the states are still every position's."""
+        (logits [B, decoder_slots, Q, ...]); the states are still every position's.
+        `decoder_grad`: the share of the decoder's gradient that reaches the encoder through the
+        memory and slot states (values unchanged; 0: the encoder learns from other losses only)."""
         memory, valid = self.encode(inputs, user, train=train)
         p, t = tokens.shape[1], inputs.shape[1]
         states = self.slot_states(memory, p, t)
         k = decoder_slots if 0 < decoder_slots < p else p
         mask = self.memory_mask(valid, k, t)
+        read = lambda x: scale_grad(x, decoder_grad)  # noqa: E731
         logits, stats = self.decode(
-            memory, mask, states[:, p - k :], tokens[:, p - k :], train=train, hidden=hidden
+            read(memory),
+            mask,
+            read(states[:, p - k :]),
+            tokens[:, p - k :],
+            train=train,
+            hidden=hidden,
         )
         return (logits, stats, states) if with_states else (logits, stats)
 
@@ -405,6 +414,14 @@ class EncoderDecoder(nn.Module):
         with `table_side_features`); row 0 (padding) zero: the dense head's item table."""
         items = jnp.arange(self.vocab_size)
         return self.embed_items(items, side=self.table_side_features).at[0].set(0.0)
+
+
+def scale_grad(x: jax.Array, share: float) -> jax.Array:
+    """x in the forward pass; its gradient times `share` in the backward pass."""
+    if share == 1.0:
+        return x
+    frozen = jax.lax.stop_gradient(x)
+    return frozen if share == 0.0 else frozen + share * (x - frozen)
 
 
 def merge_stats(per_layer: list[dict]) -> dict:

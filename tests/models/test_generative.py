@@ -425,6 +425,37 @@ def test_item_table_options_by_hand():
     assert np.abs(np.asarray(change)).max() > 1e-3
 
 
+@pytest.mark.parametrize("share", [0.0, 0.5])
+def test_decoder_encoder_grad_scales_what_the_decoder_teaches_the_encoder(share):
+    """loss.decoder_encoder_grad: the decoder's loss is unchanged, and its gradient reaches the
+    encoder's parameters times the share (0: none); the decoder's own gradient is unchanged."""
+    data = planted()
+    sem = random_codes(N_ITEMS, 2, 4, 0)
+    grads, losses = {}, {}
+    for value in (1.0, share):
+        c = tiny("onerec_sid_nodense", num_experts=0, separate_item_codes=True)
+        c.loss.decoder_encoder_grad = value
+        model = build_model(c, info_for(data, sem, 5))
+        ds = generative_train_dataset(data, sem.codes, max_len=5, batch_size=8, seed=0)
+        batch = {k: jnp.asarray(v) for k, v in next(iter(ds)).items()}
+        params = unboxed(model.init(jax.random.key(0), batch))
+        losses[value], grads[value] = jax.value_and_grad(
+            lambda p, m=model, b=batch: m.loss(p, b, jax.random.key(1))[0]
+        )(params)
+    assert float(losses[share]) == pytest.approx(float(losses[1.0]), rel=1e-6)
+    for name in ("encoder_0", "id_embedding", "item_code_embedding", "encoder_norm"):
+        for full, scaled in zip(
+            jax.tree.leaves(grads[1.0][name]), jax.tree.leaves(grads[share][name]), strict=True
+        ):
+            assert np.abs(np.asarray(full)).max() > 0
+            np.testing.assert_allclose(np.asarray(scaled), share * np.asarray(full), atol=1e-7)
+    for name in ("decoder_0", "token_embedding", "head"):
+        for full, scaled in zip(
+            jax.tree.leaves(grads[1.0][name]), jax.tree.leaves(grads[share][name]), strict=True
+        ):
+            np.testing.assert_allclose(np.asarray(scaled), np.asarray(full), rtol=1e-5, atol=1e-7)
+
+
 def test_dense_candidates_join_the_beam_by_hand():
     """eval.dense_candidates: the dense head's best unseen items that the beam missed join its
     candidates, each scored by its codes' log-probability exactly as the beam scores a path (an
