@@ -66,14 +66,14 @@ def train_and_evaluate(
     with sharding.use_mesh(mesh, rules):
         setup = make_setup(config, data, items, mesh, rules)
         evaluator = make_evaluator(setup.model, data, config, mesh, rules)
-        selector = selection_evaluator(setup.model, data, config, mesh, rules) or evaluator
+        selector = selection_evaluator(setup.model, data, config, mesh, rules)  # or None
         ckpt = checkpointing.Checkpointer(workdir / "checkpoints", metric=SELECT_METRIC)
         logger = MetricLogger(workdir, enabled=is_main)
         data_iter = iter(train_batches(setup, config.seed))
         state, record = _start(setup, ckpt, data_iter, workdir, init_params)
         pop_val = popularity_validation(setup, mesh, rules)
         steps, stopped_early = _train_loop(
-            setup, state, record, data_iter, selector, ckpt, logger, pop_val
+            setup, state, record, data_iter, selector or evaluator, ckpt, logger, pop_val
         )
         results = _finish(
             setup,
@@ -85,7 +85,7 @@ def train_and_evaluate(
             steps,
             stopped_early,
             pop_val,
-            selected_by=None if selector is evaluator else selector,
+            selected_by=selector,
         )
     logger.close()
     ckpt.close()
@@ -266,10 +266,8 @@ def _finish(
     test, _ = evaluator.evaluate(params, "test")
     if record.best_step == best_step and record.best_val is not None:
         best_val = record.best_val  # recorded when that checkpoint was validated
-    elif selected_by is not None:  # e.g. Orbax kept another step of equal score
-        best_val, _ = selected_by.evaluate(params, "valid")
-    else:
-        best_val, _ = evaluator.evaluate(params, "valid")
+    else:  # e.g. Orbax kept another step of equal score
+        best_val, _ = (selected_by or evaluator).evaluate(params, "valid")
     select_val = None
     if selected_by is not None:
         select_val, best_val = best_val, evaluator.evaluate(params, "valid")[0]
