@@ -127,6 +127,9 @@ def base_config() -> ml_collections.ConfigDict:
     # not the decoder's input tokens; and the dense head's item vectors with genres and year
     m.separate_item_codes = False
     m.table_side_features = False
+    # Generative decoders: code logits = decoder state . the code's input-token embedding + bias
+    # (the output table tied to the input one), not a head of their own
+    m.tie_code_head = False
     m.user_tokens = 0  # TIGER: hashed user-id buckets prepended to the history (0: none)
 
     c.loss = lo = ml_collections.ConfigDict()
@@ -349,7 +352,9 @@ GENERATIVE_ABLATIONS = {
     "beam50": {"eval.beam": 50},
     "session3": {"model.session_items": 3},  # session-wise: the next 3 items
     "bidir": {"model.encoder_causal": False},  # the papers' bidirectional encoder (costly)
-    "allcodes": {"loss.valid_codes_only": False},  # softmax over the level's whole codebook
+    "allcodes": {"loss.valid_codes_only": False},
+    # the decoder's code head tied to its input-token embeddings (model.tie_code_head)
+    "tied": {"model.tie_code_head": True},  # softmax over the level's whole codebook
     # a dense item head on the encoder, trained jointly, re-ranks the beam's items (the
     # :onerec_sid default; a study of :tiger)
     "dense": {"loss.dense_weight": 1.0, "eval.rerank_weight": 1.0},

@@ -543,6 +543,7 @@ def build(config: ml_collections.ConfigDict, info: DataInfo, **module_fields) ->
         positions=m.get("encoder_positions", "learned"),
         separate_item_codes=bool(m.get("separate_item_codes", False)),
         table_side_features=bool(m.get("table_side_features", False)),
+        tie_code_head=bool(m.get("tie_code_head", False)),
         dtype=compute_dtype(config.train.compute_dtype),
         **module_fields,
     )

@@ -166,6 +166,10 @@ class EncoderDecoder(nn.Module):
     # "items": the dense head's item vectors hold the genre and year embeddings too, as the
     # encoder's inputs do (False: codes and id embedding only)
     table_side_features: bool = False
+    # the decoder's code logits are its state . the code's input-token embedding (+ a bias per
+    # code), the output table tied to the input one as in the item models (False: a head of its
+    # own)
+    tie_code_head: bool = False
     dtype: jnp.dtype = jnp.float32
 
     def setup(self):
@@ -243,9 +247,16 @@ class EncoderDecoder(nn.Module):
         self.context_projection = nn.Dense(
             self.dim, dtype=self.dtype, kernel_init=layers.dense_init(("embed", None))
         )
-        self.head = nn.Dense(
-            n_codes, dtype=self.dtype, kernel_init=layers.dense_init(("embed", "vocab"))
-        )
+        if self.tie_code_head:
+            self.head_bias = self.param(
+                "head_bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+                (n_codes,),
+            )
+        else:
+            self.head = nn.Dense(
+                n_codes, dtype=self.dtype, kernel_init=layers.dense_init(("embed", "vocab"))
+            )
         self.dropout_layer = nn.Dropout(self.dropout)
 
     def _code_tokens(self, items: jax.Array) -> jax.Array:
@@ -314,10 +325,27 @@ class EncoderDecoder(nn.Module):
         logits of one level's codes only, `self.head(hidden)[..., lo:lo + C_level]` computed
         without the other levels' columns (a decoder position only ever reads its own level)."""
         lo, size = int(code_offsets(self.code_sizes)[level]), int(self.code_sizes[level])
-        params = self.head.variables["params"]
-        kernel = nn.meta.unbox(params["kernel"])[:, lo : lo + size].astype(self.dtype)
-        bias = nn.meta.unbox(params["bias"])[lo : lo + size].astype(self.dtype)
+        kernel, bias = self._head_weights()
+        kernel, bias = kernel[:, lo : lo + size], bias[lo : lo + size]
         return (jnp.dot(hidden.astype(self.dtype), kernel) + bias).astype(jnp.float32)
+
+    def _head_weights(self):
+        """(kernel [D, sum(code_sizes)], bias [sum(code_sizes)]) of the code head: the input
+        tokens' code rows, transposed, with `tie_code_head`; else the head's own Dense."""
+        if self.tie_code_head:
+            n_codes = int(sum(self.code_sizes))
+            table = self.token_embedding.embedding[FIRST_CODE : FIRST_CODE + n_codes]
+            return table.T.astype(self.dtype), self.head_bias.astype(self.dtype)
+        params = self.head.variables["params"]
+        kernel = nn.meta.unbox(params["kernel"]).astype(self.dtype)
+        return kernel, nn.meta.unbox(params["bias"]).astype(self.dtype)
+
+    def _code_head(self, x):
+        """[..., D] -> [..., sum(code_sizes)] float32 logits of every level's codes."""
+        if not self.tie_code_head:  # called, not read: this creates the head's parameters
+            return self.head(x).astype(jnp.float32)
+        kernel, bias = self._head_weights()
+        return (jnp.dot(x.astype(self.dtype), kernel) + bias).astype(jnp.float32)
 
     def decode(self, memory, memory_mask, context, tokens, *, train: bool = False, hidden=False):
         """memory [B, S, D], memory_mask [B, P|1, S], context [B, P|1, D] (`slot_states`),
@@ -334,8 +362,7 @@ class EncoderDecoder(nn.Module):
             stats.append(s)
         if hidden:
             return self.decoder_norm(x), merge_stats(stats)
-        logits = self.head(self.decoder_norm(x)).astype(jnp.float32)
-        return logits, merge_stats(stats)
+        return self._code_head(self.decoder_norm(x)), merge_stats(stats)
 
     def decode_step(self, memory, memory_mask, context, tokens, cache, level=None):
         """Incremental `decode` (inference): tokens [B, W, Q] the decoder input so far, of which
@@ -354,7 +381,7 @@ class EncoderDecoder(nn.Module):
         last = self.decoder_norm(x[:, :, -1])
         if level is not None:
             return self.level_logits(last, level), extended
-        return self.head(last).astype(jnp.float32), extended
+        return self._code_head(last), extended
 
     def __call__(
         self,

@@ -425,6 +425,46 @@ def test_item_table_options_by_hand():
     assert np.abs(np.asarray(change)).max() > 1e-3
 
 
+def test_tied_code_head_by_hand():
+    """model.tie_code_head: the decoder's logits are its normalised state . the code's input-
+    token embedding + a bias per code (no head of its own), in training (`decode`), per level
+    (`level_logits`) and in the beam's incremental steps (`decode_step`); the loss's gradient
+    reaches the token table through the output side."""
+    data = planted()
+    sem = random_codes(N_ITEMS, 2, 4, 0)
+    c = tiny("onerec_sid_nodense", num_experts=0)
+    c.model.tie_code_head = True
+    model = build_model(c, info_for(data, sem, 5))
+    ds = generative_train_dataset(data, sem.codes, max_len=5, batch_size=8, seed=0)
+    batch = {k: jnp.asarray(v) for k, v in next(iter(ds)).items()}
+    params = unboxed(model.init(jax.random.key(0), batch))
+    assert "head" not in params
+    params["head_bias"] = jnp.arange(params["head_bias"].shape[0], dtype=jnp.float32) / 10
+    module = model.module
+    tokens, _ = model._decoder_io(batch["target_codes"], batch["mask"])
+    logits, _ = module.apply(
+        {"params": params}, batch["inputs"], batch["user"], tokens, train=False
+    )
+    hidden, _ = module.apply(
+        {"params": params}, batch["inputs"], batch["user"], tokens, train=False, hidden=True
+    )
+    n_codes = sum(sem.codebook_sizes)
+    table = np.asarray(params["token_embedding"]["embedding"], np.float64)[2 : 2 + n_codes]
+    want = np.asarray(hidden, np.float64) @ table.T + np.arange(n_codes) / 10
+    np.testing.assert_allclose(np.asarray(logits), want, rtol=1e-4, atol=1e-4)
+    lo = sem.codebook_sizes[0]
+    level1 = module.apply({"params": params}, hidden, 1, method=module.level_logits)
+    np.testing.assert_allclose(
+        np.asarray(level1), want[..., lo : lo + sem.codebook_sizes[1]], rtol=1e-4, atol=1e-4
+    )
+    grads = jax.grad(lambda p: model.loss(p, batch, jax.random.key(1))[0])(params)
+    assert np.abs(np.asarray(grads["head_bias"])).max() > 0
+    # Untied (the default): a head of its own.
+    c.model.tie_code_head = False
+    untied = build_model(c, info_for(data, sem, 5))
+    assert "head" in unboxed(untied.init(jax.random.key(0), batch))
+
+
 @pytest.mark.parametrize("share", [0.0, 0.5])
 def test_decoder_encoder_grad_scales_what_the_decoder_teaches_the_encoder(share):
     """loss.decoder_encoder_grad: the decoder's loss is unchanged, and its gradient reaches the
